@@ -1,0 +1,68 @@
+"""Latent DiffiT-XL/2 on ImageNet-256 SD-VAE latents (paper Table 1: FID 1.73, IS 276.49).
+
+Encode:  python -m diffit_jax.encode --config=configs/imagenet256_latent.py --vae=VAE_DIR --dst=data/in256_latents
+Train:   python -m diffit_jax.main --config=configs/imagenet256_latent.py --workdir=runs/in256
+Summary: python -m diffit_jax.main --config=configs/imagenet256_latent.py --dry_run
+Sample:  python -m diffit_jax.sample --config=configs/imagenet256_latent.py --workdir=runs/in256
+Target:  FID-50K 1.73 / sFID 4.54 / IS 276.49 / P 0.80 / R 0.62 (ADM evaluator against
+         VIRTUAL_imagenet256_labeled.npz), 250-step DDPM, power-cosine guidance.
+
+Official (release + paper App. I.2): XL/2 with depth 28 (the paper's "30" contradicts
+the released code and the 561 M count), global-window TMSA, label dropout 0.1, ADM
+diffusion with 1000 linear steps, eps prediction and learned-range variance trained
+with the hybrid MSE + VLB loss; lr 3e-4, batch 256, EMA 0.9999; sampling with 250
+DDPM steps and guidance on the first 3 latent channels, power-cosine schedule with
+exponent 4 and scale 4.4 (the released scripts; the paper's best was 4.6).
+Not reported (our choices): AdamW with weight decay 0 (the DiT/MDT lineage), no
+warm-up, no clipping, fp32, uniform timesteps, 1M steps (the length of the paper's
+TMSA ablation, Fig. 7b), center crop + random flip (DiT), sd-vae-ft-ema.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="latent", variant="XL/2", input_size=32, in_channels=4, num_classes=1000,
+      learn_sigma=True, window_size=0, mlp_ratio=4.0, remat=False, scan_unroll=1,
+      dtype="float32"))
+
+  config.diffusion = ml_collections.ConfigDict(dict(
+      name="adm", num_timesteps=1000, beta_schedule="linear", prediction="eps",
+      learn_sigma=True, class_dropout_prob=0.1))
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="latents:data/in256_latents", image_size=256, channels=4, random_flip=True,
+      data_dir="", num_workers=4))
+  config.vae = ""  # a converted SD VAE (python -m diffit_jax.convert vae), for decoding
+
+  config.batch_size = 256
+  config.num_train_steps = 1_000_000
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      warmup_steps=0, grad_clip_norm=0.0))
+  config.ema = ml_collections.ConfigDict(dict(decay=0.9999, halflife_kimg=0.0, rampup_ratio=0.0))
+
+  config.sampler = ml_collections.ConfigDict(dict(
+      name="ddpm", num_steps=250, eta=0.0, clip_denoised=False,
+      guidance=ml_collections.ConfigDict(dict(
+          scale=4.4, schedule="power_cosine", power=4.0, channels=3))))
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 10_000
+  config.sample_every_steps = 50_000
+  config.keep_checkpoints = 3
+  config.eval = ml_collections.ConfigDict(dict(every_steps=0, num_samples=50_000))
+
+  if arg == "runlocal":
+    config.model.update(variant="S/2", input_size=8)
+    config.batch_size = 8
+    config.num_train_steps = 20
+    config.log_every_steps = 5
+    config.checkpoint_every_steps = 10
+    config.sample_every_steps = 20
+    config.sampler.num_steps = 10
+  return config

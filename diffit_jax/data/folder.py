@@ -1,0 +1,384 @@
+"""Image-folder builder: any folder of images -> an ArrayRecord tfds dataset.
+
+For FFHQ and custom data. Layout rules:
+  * `SRC/<class>/**/<image>`: each sub-folder of SRC holding images is a class; sorted
+    sub-folder names map to ids 0, 1, ... and are saved as the `label` feature's names.
+  * images directly in SRC and no class sub-folders, or `unconditional=True` (e.g. FFHQ,
+    whose images sit in numbered chunk folders): one unconditional dataset, no `label`.
+
+Images are converted to RGB (or grey with `channels=1`) and, with `resolution`, brought to
+`resolution x resolution` by ADM's center crop (`transforms.center_crop_arr`). Without
+`resolution` all images must share one size (the most common one is taken). Unreadable
+files and odd-sized images (another size when not resizing; shorter side below `resolution`
+unless `allow_upscale`) are reported by name and skipped, or with `strict=True` the build is
+rejected. The dataset is written with a TensorFlow-free tfds builder
+(`file_format="array_record"`) into a temporary sibling folder that is renamed into place
+only when complete, so a failed build never leaves a half-written dataset.
+
+Read the result with `tfds.builder_from_directory(dst).as_data_source()`, or train on it with
+`config.data.name = "folder:<dst>"` (see `pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import os
+import re
+import shutil
+import types
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import tensorflow_datasets as tfds
+import tqdm
+from PIL import Image
+
+from diffit_jax.data import transforms
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+SPLIT = "train"
+VERSION = "1.0.0"
+
+
+class FolderDatasetError(ValueError):
+  """A folder cannot be built into a dataset; `problems` lists (file, reason) pairs."""
+
+  def __init__(self, message: str, problems: list[tuple[str, str]] = ()):
+    self.problems = list(problems)
+    if self.problems:
+      message += "\n" + "\n".join(f"  {path}: {reason}" for path, reason in self.problems)
+    super().__init__(message)
+
+
+@dataclasses.dataclass
+class BuildReport:
+  """What a build did; `summary()` is the text the CLI prints."""
+  dataset_dir: str
+  num_written: int
+  image_shape: tuple[int, int, int]
+  class_names: list[str]  # Empty for an unconditional dataset.
+  class_counts: list[int]  # Images written per class.
+  skipped: list[tuple[str, str]]  # (path relative to the source, reason).
+  ignored: list[str]  # Non-image files and image-free sub-folders, relative paths.
+
+  def summary(self, max_listed: int = 50) -> str:
+    lines = [f"Wrote {self.num_written} images of shape {self.image_shape} (H, W, C) to "
+             f"{self.dataset_dir}"]
+    if self.class_names:
+      counts = ", ".join(f"{n} ({k})" for n, k in zip(self.class_names, self.class_counts))
+      lines.append(f"{len(self.class_names)} classes (id order): {counts}")
+      if len(self.class_names) > 10 and all(n.isdigit() for n in self.class_names):
+        lines.append("Hint: numbered sub-folders (like FFHQ's) are usually chunks, not classes; "
+                     "pass --unconditional to ignore them.")
+    else:
+      lines.append("Unconditional (no class sub-folders).")
+    lines.append(f"Skipped {len(self.skipped)} images" + (":" if self.skipped else "."))
+    lines += [f"  {path}: {reason}" for path, reason in self.skipped[:max_listed]]
+    if len(self.skipped) > max_listed:
+      lines.append(f"  ... and {len(self.skipped) - max_listed} more (see metadata.json).")
+    if self.ignored:
+      shown = ", ".join(self.ignored[:10]) + (" ..." if len(self.ignored) > 10 else "")
+      lines.append(f"Ignored {len(self.ignored)} non-image entries: {shown}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Plan:
+  """Everything the tfds builder needs, decided before anything is written."""
+  src: str
+  files: list[tuple[str, int]]  # (relative path, label); label 0 when unconditional.
+  class_names: list[str]
+  image_shape: tuple[int, int, int]
+  resolution: int | None
+  strict: bool
+  metadata: dict[str, Any]
+  num_threads: int
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  class_counts: list[int] = dataclasses.field(default_factory=list)
+
+
+def _is_image(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(root: str, top: str) -> tuple[list[str], list[str]]:
+  """Returns (image paths, other files) under `root`, relative to `top`, sorted."""
+  images, others = [], []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for name in sorted(filenames):
+      if name.startswith("."):
+        continue
+      rel = os.path.relpath(os.path.join(dirpath, name), top)
+      (images if _is_image(name) else others).append(rel)
+  return images, others
+
+
+def scan_folder(src: str, unconditional: bool = False
+                ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+  """Lists the images of a source folder with their labels.
+
+  Args:
+    src: the source folder.
+    unconditional: ignore sub-folders as classes; take every image below `src`.
+
+  Returns:
+    (files, class_names, ignored): files as (path relative to `src`, label id) pairs;
+    class names in id order (empty when unconditional); ignored entries (non-image files,
+    image-free sub-folders, loose images beside class sub-folders) as relative paths.
+
+  Raises:
+    FileNotFoundError: `src` is not a folder.
+    FolderDatasetError: `src` holds no images.
+  """
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"Source folder {src} does not exist or is not a folder.")
+  if unconditional:
+    images, ignored = _walk_images(src, src)
+    files, class_names = [(p, 0) for p in images], []
+  else:
+    entries = sorted(e for e in os.listdir(src) if not e.startswith("."))
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(src, e))]
+    top_files = [e for e in entries if not os.path.isdir(os.path.join(src, e))]
+    per_class, ignored = {}, []
+    for d in subdirs:
+      images, others = _walk_images(os.path.join(src, d), src)
+      ignored += others
+      if images:
+        per_class[d] = images
+      else:
+        ignored.append(d + os.sep)
+    if per_class:
+      class_names = sorted(per_class)
+      files = [(p, i) for i, n in enumerate(class_names) for p in per_class[n]]
+      ignored += top_files  # Loose files beside class folders belong to no class.
+    else:
+      class_names = []
+      files = [(e, 0) for e in top_files if _is_image(e)]
+      ignored += [e for e in top_files if not _is_image(e)]
+  if not files:
+    raise FolderDatasetError(
+        f"No images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+        "directly or in class sub-folders).")
+  return files, class_names, sorted(ignored)
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: int) -> Iterator[Any]:
+  """Maps `fn` over `items` on a thread pool, in order, with a bounded number in flight."""
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    window = collections.deque()
+    for item in items:
+      window.append(pool.submit(fn, item))
+      if len(window) >= 4 * num_threads:
+        yield window.popleft().result()
+    while window:
+      yield window.popleft().result()
+
+
+def _probe(path: str) -> tuple[tuple[int, int] | None, str | None]:
+  """Reads an image's header: ((width, height), None) or (None, reason it is unreadable)."""
+  try:
+    with Image.open(path) as im:
+      size = im.size
+      im.verify()  # Structure and checksums, without decoding the pixels.
+    return size, None
+  except Exception as e:  # PIL raises many types for bad files.
+    return None, f"unreadable ({type(e).__name__}: {e})"
+
+
+def _size_problem(size: tuple[int, int], expected: tuple[int, int] | None,
+                  resolution: int | None, allow_upscale: bool) -> str | None:
+  w, h = size
+  if resolution is None:
+    if size != expected:
+      return (f"size {w}x{h} (WxH) differs from the dataset's {expected[0]}x{expected[1]} "
+              "(pass --resolution to resize every image)")
+  elif min(size) < resolution and not allow_upscale:
+    return (f"too small: {w}x{h}, shorter side below --resolution={resolution} "
+            "(pass --allow_upscale to upscale it)")
+  return None
+
+
+def _load(path: str, channels: int, resolution: int | None) -> bytes:
+  """Decodes, converts and resizes one image; returns it PNG-encoded."""
+  with Image.open(path) as im:
+    im.load()  # Decodes everything: truncated files fail here.
+    im = im.convert("L" if channels == 1 else "RGB")
+  if resolution is not None:
+    im = Image.fromarray(transforms.center_crop_arr(im, resolution))
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """TensorFlow-free tfds builder over a `_Plan`; one subclass per dataset name."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, *, plan: _Plan, **kwargs):
+    self._plan = plan
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {"image": tfds.features.Image(shape=self._plan.image_shape, encoding_format="png")}
+    if self._plan.class_names:
+      features["label"] = tfds.features.ClassLabel(names=self._plan.class_names)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"Images from {self._plan.src}, built by `python -m diffit_jax.data build`.",
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(self._plan.metadata))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {SPLIT: self._generate_examples()}
+
+  def _generate_examples(self):
+    plan = self._plan
+    h, w, c = plan.image_shape
+    counts = [0] * max(1, len(plan.class_names))
+
+    def load(item):
+      rel, label = item
+      try:
+        return rel, label, _load(os.path.join(plan.src, rel), c, plan.resolution), None
+      except Exception as e:  # Decoding errors come in many types.
+        return rel, label, None, f"unreadable ({type(e).__name__}: {e})"
+
+    for rel, label, png, problem in _ordered_map(load, plan.files, plan.num_threads):
+      if problem is None:
+        with Image.open(io.BytesIO(png)) as im:
+          if (im.height, im.width) != (h, w):  # Guards the fixed feature shape.
+            problem = f"decoded size {im.width}x{im.height} differs from its header"
+      if problem is not None:
+        if plan.strict:
+          raise FolderDatasetError("Build rejected (--strict):", [(rel, problem)])
+        plan.skipped.append((rel, problem))
+        continue
+      counts[label] += 1
+      example = {"image": png}
+      if plan.class_names:
+        example["label"] = label
+      yield rel, example
+    plan.class_counts = counts if plan.class_names else []
+    # Saved with the dataset info once generation is done.
+    self.info.metadata["skipped"] = [list(s) for s in plan.skipped]
+    self.info.metadata["class_counts"] = plan.class_counts
+
+
+def _dataset_name(dst: str, name: str | None) -> str:
+  raw = name or os.path.basename(os.path.normpath(dst))
+  clean = re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_")
+  if not clean or not clean[0].isalpha():
+    clean = "folder_" + clean
+  return clean
+
+
+def build_folder_dataset(
+    src: str,
+    dst: str,
+    *,
+    resolution: int | None = None,
+    strict: bool = False,
+    name: str | None = None,
+    channels: int = 3,
+    unconditional: bool = False,
+    allow_upscale: bool = False,
+    overwrite: bool = False,
+    num_threads: int | None = None,
+) -> BuildReport:
+  """Builds an ArrayRecord tfds dataset (split "train") from a folder of images.
+
+  Args:
+    src: source folder (class sub-folders, or images directly; see module docstring).
+    dst: the dataset directory to create (it will hold dataset_info.json and the shards).
+    resolution: bring every image to resolution x resolution with ADM's center crop; None
+      keeps the size, which must then be the same for all images.
+    strict: reject the whole build on any unreadable or odd-sized image instead of
+      skipping it.
+    name: dataset name stored in the info (default: from `dst`'s base name).
+    channels: 3 (RGB) or 1 (grey).
+    unconditional: ignore sub-folders as classes.
+    allow_upscale: with `resolution`, upscale images whose shorter side is below it
+      instead of skipping them.
+    overwrite: replace an existing `dst`.
+    num_threads: decoding threads (default: CPU count, at most 16).
+
+  Returns:
+    A `BuildReport` (counts, classes, skipped files with reasons).
+
+  Raises:
+    FileNotFoundError: `src` does not exist.
+    FileExistsError: `dst` exists and not `overwrite`.
+    FolderDatasetError: no images, no usable image, or (with `strict`) any bad image.
+  """
+  if channels not in (1, 3):
+    raise ValueError(f"channels must be 1 or 3, got {channels}.")
+  if resolution is not None and resolution <= 0:
+    raise ValueError(f"resolution must be positive, got {resolution}.")
+  src, dst = os.path.abspath(src), os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} already exists; choose another --dst or pass --overwrite.")
+  if dst == src or dst.startswith(src + os.sep):
+    raise ValueError(f"--dst {dst} must not lie inside the source folder {src}.")
+  num_threads = num_threads or min(16, os.cpu_count() or 1)
+  files, class_names, ignored = scan_folder(src, unconditional)
+
+  # Pass 1: headers only. Finds unreadable and odd-sized files before anything is written.
+  probes = list(tqdm.tqdm(
+      _ordered_map(lambda f: _probe(os.path.join(src, f[0])), files, num_threads),
+      total=len(files), desc="Checking images", unit=" images", leave=False))
+  sizes = collections.Counter(size for size, _ in probes if size is not None)
+  expected = sizes.most_common(1)[0][0] if sizes and resolution is None else None
+  good, problems = [], []
+  for (rel, label), (size, problem) in zip(files, probes):
+    problem = problem or _size_problem(size, expected, resolution, allow_upscale)
+    if problem:
+      problems.append((rel, problem))
+    else:
+      good.append((rel, label))
+  if strict and problems:
+    raise FolderDatasetError(
+        f"Build rejected (--strict): {len(problems)} of {len(files)} images are unusable; fix "
+        "or remove them, or drop --strict to skip them:", problems)
+  if not good:
+    raise FolderDatasetError(f"None of the {len(files)} images in {src} is usable:", problems)
+
+  side_h, side_w = (resolution, resolution) if resolution else (expected[1], expected[0])
+  plan = _Plan(
+      src=src, files=good, class_names=class_names, image_shape=(side_h, side_w, channels),
+      resolution=resolution, strict=strict, num_threads=num_threads, skipped=list(problems),
+      metadata={"source": src, "resolution": resolution, "channels": channels,
+                "center_crop": "adm" if resolution else None, "allow_upscale": allow_upscale})
+
+  dataset_name = _dataset_name(dst, name)
+  builder_cls = types.new_class(
+      "FolderDataset", (_FolderBuilder,), {"skip_registration": True},
+      lambda ns: ns.update(name=dataset_name))
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  tmp = f"{dst}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    builder = builder_cls(plan=plan, data_dir=tmp, file_format="array_record")
+    builder.download_and_prepare()
+    num_written = sum(plan.class_counts) if class_names else builder.info.splits[SPLIT].num_examples
+    if num_written == 0:
+      raise FolderDatasetError(f"None of the {len(files)} images in {src} is usable:", plan.skipped)
+    if os.path.exists(dst):  # overwrite: swap in, then drop the old dataset.
+      old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(dst, old)
+      os.rename(builder.data_dir, dst)
+      shutil.rmtree(old)
+    else:
+      os.rename(builder.data_dir, dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return BuildReport(
+      dataset_dir=dst, num_written=num_written, image_shape=plan.image_shape,
+      class_names=class_names, class_counts=plan.class_counts, skipped=plan.skipped,
+      ignored=ignored)

@@ -1,0 +1,545 @@
+"""JIT-compiled, data-parallel samplers for ADM (latent DiffiT) and EDM (image DiffiT) models.
+
+This module owns sampling: ADM's ancestral DDPM sampler on a respaced chain with learned
+variance [DDPM Alg. 2, IDDPM Sec. 4], DDIM [DDIM Eq. 12], EDM's Heun sampler [EDM Alg. 1,
+with Alg. 2's optional churn], Euler, and DPM-Solver++(2M) [Lu et al. 2022, Alg. 2], each with
+classifier-free guidance (`guidance.py`). `make_sampler(config, apply_fn, shape)` returns one
+`jax.jit`-compiled function per configuration whose whole loop is a `lax.fori_loop` (no host
+round trips), with the batch sharded over the mesh axis "data".
+
+Model-function contract. `apply_fn(params, x, t_in, y) -> out` is a pure function:
+  * x: (B, H, W, C) float32, NHWC.
+  * t_in: (B,) time input. ADM formulation: the ORIGINAL int32 timestep in [0, T_0) (also on
+    a respaced chain). EDM formulation: float32 c_noise = ln(sigma) / 4.
+  * y: (B,) int32 labels (null class = num_classes for the unconditional half of guidance),
+    or None for an unconditional model.
+  * out: ADM: (B, H, W, 2C) when var_type="learned_range" (prediction then variance values in
+    [-1, 1]) else (B, H, W, C); EDM: the raw network F, (B, H, W, C).
+`params` is an argument of the compiled function, not a constant baked into it; pass it
+already placed on the mesh (replicated, or FSDP-sharded). For a Flax NNX model use
+`nnx_apply_fn(model)`, which returns `(apply_fn, state)` via `nnx.split` / `nnx.merge`.
+
+Randomness. The key of sample i is fold_in(key(seed), sample_indices[i]); its initial noise
+uses fold_in(key_i, 0) and step j's noise fold_in(key_i, j + 1). A sample therefore depends
+only on (seed, its global index, its label), never on the batch size or the device count.
+
+The ODE samplers (heun, euler, dpmpp_2m) run in EDM's "VE" coordinates x = x_0 + sigma n.
+For an ADM model they use the chain's own noise levels sigma_k = sqrt(1 / alpha_bar_k - 1) at
+the kept timesteps (x_ve = x_t / sqrt(alpha_bar)), so the network is only ever evaluated at
+timesteps it was trained on; on that grid Euler is exactly DDIM with eta = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffit_jax.diffusion import edm as edm_lib
+from diffit_jax.diffusion.gaussian import (GaussianSchedule, get_named_beta_schedule,
+                                           p_mean_variance, predict_eps_from_x0)
+from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
+from diffit_jax.diffusion.respace import create_schedule
+
+# apply_fn(params, x (B,H,W,C), t_in (B,), y (B,) or None) -> (B,H,W,K); see the module docstring.
+ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+
+ADM_SAMPLERS = ("ddpm", "ddim", "heun", "euler", "dpmpp_2m")
+EDM_SAMPLERS = ("heun", "euler", "dpmpp_2m")
+FORMULATIONS = ("adm", "edm")
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Everything that fixes a compiled sampler. Defaults: no guidance, 250-step ADM DDPM.
+
+  Attributes:
+    name: "ddpm", "ddim", "heun", "euler" or "dpmpp_2m" (EDM: the last three).
+    num_steps: sampling steps N (ADM: respaced chain length unless `respacing` is set).
+    respacing: ADM `space_timesteps` string ("250", "ddim50", "10,15,20"); "" = str(num_steps).
+    formulation: "adm" (discrete ADM/IDDPM model; latent DiffiT) or "edm" (image DiffiT).
+    beta_schedule, diffusion_steps: the ADM training process ("linear", 1000).
+    pred_type: ADM model prediction, "eps", "x0" or "v".
+    var_type: ADM variance, "learned_range" (2C outputs), "fixed_small" or "fixed_large".
+    clip_denoised: clip ADM's x_0 prediction to [-1, 1] (False for latents, as DiffiT).
+    eta: DDIM noise scale (0 = deterministic).
+    sigma_min, sigma_max, rho: EDM discretization [EDM Eq. 5].
+    sigma_data: EDM preconditioning data std.
+    s_churn, s_tmin, s_tmax, s_noise: EDM Alg. 2 stochasticity (EDM heun/euler only).
+    guidance_scale: classifier-free guidance w (1 = off).
+    guidance_schedule: "constant" or "power_cosine" (ADM only).
+    guidance_power: power-cosine exponent.
+    guidance_channels: guide the first k output channels (3 = DiffiT's official); None = all
+      prediction channels (variance channels are never guided).
+    guidance_interval: (lo, hi): guide only where lo < sigma <= hi; None = always.
+    num_classes: number of classes (the null label); None for an unconditional model.
+  """
+  name: str = "ddpm"
+  num_steps: int = 250
+  respacing: str = ""
+  formulation: str = "adm"
+  beta_schedule: str = "linear"
+  diffusion_steps: int = 1000
+  pred_type: str = "eps"
+  var_type: str = "learned_range"
+  clip_denoised: bool = False
+  eta: float = 0.0
+  sigma_min: float = edm_lib.SIGMA_MIN
+  sigma_max: float = edm_lib.SIGMA_MAX
+  rho: float = edm_lib.RHO
+  sigma_data: float = edm_lib.SIGMA_DATA
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = float("inf")
+  s_noise: float = 1.0
+  guidance_scale: float = 1.0
+  guidance_schedule: str = "constant"
+  guidance_power: float = 4.0
+  guidance_channels: int | None = 3
+  guidance_interval: tuple[float, float] | None = None
+  num_classes: int | None = 1000
+
+  @classmethod
+  def from_config(cls, config: Any) -> "SamplerConfig":
+    """Accepts a SamplerConfig, a mapping, or an `ml_collections.ConfigDict`."""
+    if isinstance(config, cls):
+      return config
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    if not isinstance(config, Mapping):
+      raise TypeError(f"Expected a SamplerConfig, mapping or ConfigDict, got {type(config)}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+      raise ValueError(f"Unknown sampler config keys {unknown}; valid keys: {sorted(fields)}.")
+    config = dict(config)
+    if config.get("guidance_interval") is not None:
+      config["guidance_interval"] = tuple(config["guidance_interval"])
+    return cls(**config)
+
+  @property
+  def guidance(self) -> Guidance:
+    return Guidance(
+        scale=float(self.guidance_scale), schedule=self.guidance_schedule,
+        power=float(self.guidance_power), channels=self.guidance_channels,
+        interval=self.guidance_interval,
+        null_class=self.num_classes if self.num_classes is not None else -1,
+        num_timesteps=self.diffusion_steps)
+
+  @property
+  def nfe(self) -> int:
+    """Batched network evaluations per sample (a guided one costs a doubled batch)."""
+    return 2 * self.num_steps - 1 if self.name == "heun" else self.num_steps
+
+
+# The released DiffiT sampling settings [DiffiT Sec. 5.8, App. I.2; OFFICIAL_CHECKPOINT.md].
+OFFICIAL_256 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=4.4,
+                             guidance_schedule="power_cosine", guidance_power=4.0,
+                             guidance_channels=3)
+OFFICIAL_512 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=1.49,
+                             guidance_schedule="constant", guidance_channels=3)
+# Image space: EDM's deterministic Heun sampler, 18 steps (35 NFE) on CIFAR-10 [DiffiT App. I.1].
+EDM_HEUN_18 = SamplerConfig(name="heun", formulation="edm", num_steps=18, num_classes=None)
+
+
+def _validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
+  """Raises a ValueError naming the bad setting and the fix."""
+  if cfg.formulation not in FORMULATIONS:
+    raise ValueError(f"Unknown formulation {cfg.formulation!r}; use one of {FORMULATIONS}.")
+  allowed = ADM_SAMPLERS if cfg.formulation == "adm" else EDM_SAMPLERS
+  if cfg.name not in allowed:
+    hint = (" ('ddpm' and 'ddim' need the discrete ADM formulation)"
+            if cfg.name in ADM_SAMPLERS else "")
+    raise ValueError(f"Unknown sampler {cfg.name!r} for formulation {cfg.formulation!r}; "
+                     f"choose one of {allowed}{hint}.")
+  if cfg.num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}.")
+  if cfg.eta < 0:
+    raise ValueError(f"eta must be >= 0, got {cfg.eta}.")
+  if cfg.s_churn < 0:
+    raise ValueError(f"s_churn must be >= 0, got {cfg.s_churn}.")
+  if cfg.s_churn > 0 and (cfg.formulation == "adm" or cfg.name == "dpmpp_2m"):
+    raise ValueError("s_churn > 0 (EDM Alg. 2) needs a continuous-sigma EDM model with the heun "
+                     "or euler sampler; for a stochastic ADM sampler use name='ddpm' or "
+                     "'ddim' with eta > 0.")
+  if len(shape) != 3:
+    raise ValueError(f"shape must be (H, W, C) without the batch, got {shape}.")
+  g = cfg.guidance
+  if g.active:
+    if cfg.num_classes is None:
+      raise ValueError("Classifier-free guidance needs a class-conditional model: set "
+                       "num_classes, or guidance_scale=1 for an unconditional model.")
+    if g.schedule not in ("constant", "power_cosine"):
+      raise ValueError(f"Unknown guidance_schedule {g.schedule!r}; use 'constant' or "
+                       "'power_cosine'.")
+    if g.schedule == "power_cosine" and cfg.formulation != "adm":
+      raise ValueError("The power-cosine guidance schedule is defined on ADM timesteps; with "
+                       "formulation='edm' use guidance_schedule='constant' (optionally with "
+                       "guidance_interval).")
+    if g.channels is not None and not 1 <= g.channels <= shape[-1]:
+      raise ValueError(f"guidance_channels={g.channels} must be in [1, {shape[-1]}] for "
+                       f"{shape[-1]}-channel samples, or None for all channels.")
+
+
+def _constrain(x: jax.Array, mesh: Mesh) -> jax.Array:
+  """Keeps x's batch axis sharded over "data" (Auto or Explicit mesh axes)."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  if mesh.axis_types and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single steps of the ADM samplers (public for parity tests against diffusers).
+# ----------------------------------------------------------------------------------------------
+
+
+def ddpm_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
+              noise: jax.Array, *, pred_type: str = "eps", var_type: str = "learned_range",
+              clip_denoised: bool = False) -> tuple[jax.Array, jax.Array]:
+  """One ancestral step x_t -> x_{t-1} ~ N(mu_theta, Sigma_theta) [DDPM Alg. 2, IDDPM Eq. 15].
+
+  Args:
+    schedule: the (respaced) diffusion.
+    model_output: the model's output at (x, t).
+    x: (B, H, W, C) current sample.
+    t: respaced step index (scalar or (B,)); no noise is added at t = 0.
+    noise: standard normal noise of x's shape.
+    pred_type, var_type, clip_denoised: as in `p_mean_variance`.
+
+  Returns:
+    (x_{t-1}, x_0 prediction).
+  """
+  out = p_mean_variance(schedule, model_output, x, t, pred_type=pred_type, var_type=var_type,
+                        clip_denoised=clip_denoised)
+  std = jnp.where(jnp.asarray(t) > 0, jnp.exp(0.5 * out.log_variance), 0.0)
+  if std.ndim == 1:
+    std = std.reshape(std.shape + (1,) * (x.ndim - 1))  # (B,) -> (B, 1, 1, 1)
+  return out.mean + std * noise, out.pred_x0
+
+
+def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
+              noise: jax.Array | None, *, eta: float = 0.0, pred_type: str = "eps",
+              var_type: str = "learned_range", clip_denoised: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+  """One DDIM step [DDIM Eq. 12] with sigma_t(eta) [DDIM Eq. 16], as ADM's `ddim_sample`.
+
+  x_{t-1} = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1} - sigma_t^2) eps_hat + sigma_t z.
+
+  Args:
+    schedule: the (respaced) diffusion.
+    model_output: the model's output at (x, t).
+    x: (B, H, W, C) current sample.
+    t: respaced step index, a scalar.
+    noise: standard normal noise of x's shape (unused, may be None, when eta = 0).
+    eta: 0 for the deterministic DDIM, 1 for DDPM-like variance.
+    pred_type, var_type, clip_denoised: as in `p_mean_variance`.
+
+  Returns:
+    (x_{t-1}, x_0 prediction).
+  """
+  out = p_mean_variance(schedule, model_output, x, t, pred_type=pred_type, var_type=var_type,
+                        clip_denoised=clip_denoised)
+  eps = predict_eps_from_x0(schedule, x, t, out.pred_x0)
+  alpha_bar = schedule.alphas_cumprod[t]
+  alpha_bar_prev = schedule.alphas_cumprod_prev[t]
+  sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+           * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
+  x_prev = (out.pred_x0 * jnp.sqrt(alpha_bar_prev)
+            + jnp.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
+  if eta > 0:
+    x_prev = x_prev + jnp.where(t > 0, sigma, 0.0) * noise
+  return x_prev, out.pred_x0
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler loops. Each takes (params, y, normal) with normal(step) -> per-sample noise.
+# ----------------------------------------------------------------------------------------------
+
+
+def _network(apply_fn: ApplyFn, guidance: Guidance, prediction_channels: int):
+  """net(params, x, t_in, y, w) -> output; one doubled-batch forward when guidance is on."""
+  def net(params, x, t_in, y, w):
+    t_in = jnp.broadcast_to(t_in, x.shape[:1])
+    if guidance.active:
+      return cfg_forward(apply_fn, params, x, t_in, y, w, channels=guidance.channels,
+                         null_class=guidance.null_class,
+                         prediction_channels=prediction_channels)
+    return apply_fn(params, x, t_in, y).astype(jnp.float32)
+  return net
+
+
+def _adm_loops(cfg: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, ...]):
+  """The ADM model as (schedule, model_out(params, x_t, t, y), denoise, sigmas, init scale)."""
+  schedule = create_schedule(cfg.beta_schedule, cfg.diffusion_steps,
+                             cfg.respacing or str(cfg.num_steps))
+  steps = schedule.num_timesteps
+  guidance = cfg.guidance
+  net = _network(apply_fn, guidance, shape[-1])
+  # Noise levels of the kept steps, from the float64 schedule (VE coordinates).
+  alpha_bar64 = np.cumprod(1.0 - get_named_beta_schedule(cfg.beta_schedule,
+                                                          cfg.diffusion_steps))
+  alpha_bar64 = alpha_bar64[np.asarray(schedule.timestep_map)]
+  sigmas_kept = np.sqrt(1.0 / alpha_bar64 - 1.0)                          # (N,) increasing
+
+  def model_out(params, x_t, t, y):
+    """Model output at respaced step t (a traced scalar), guided."""
+    t_orig = schedule.timestep_map[t]
+    w = None
+    if guidance.active:
+      w = guidance_weight(guidance, t=t_orig, sigma=jnp.asarray(sigmas_kept, jnp.float32)[t])
+    return net(params, x_t, t_orig, y, w)
+
+  def denoise(params, x_ve, i, sigma, y):
+    """D(x_ve; sigma_i) at ODE grid point i (respaced step N-1-i); sigma is implied by i."""
+    del sigma
+    t = steps - 1 - i
+    x_t = x_ve * schedule.sqrt_alphas_cumprod[t]
+    out = model_out(params, x_t, t, y)
+    return p_mean_variance(schedule, out, x_t, t, pred_type=cfg.pred_type,
+                           var_type=cfg.var_type, clip_denoised=cfg.clip_denoised).pred_x0
+
+  sigmas = np.append(sigmas_kept[::-1], 0.0)                              # (N+1,) decreasing
+  init_scale = float(np.sqrt(1.0 + sigmas[0] ** 2))  # x_T ~ N(0, I) is x_ve ~ N(0, 1+sigma^2)
+  return schedule, model_out, denoise, sigmas, init_scale
+
+
+def _edm_loops(cfg: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, ...]):
+  """The EDM model as (denoise, sigmas, init scale)."""
+  guidance = cfg.guidance
+  net = _network(apply_fn, guidance, shape[-1])
+
+  def denoise(params, x, i, sigma, y):
+    del i
+    w = guidance_weight(guidance, sigma=sigma) if guidance.active else None
+    net_fn = lambda x_in, c_noise, yy: net(params, x_in, c_noise, yy, w)
+    return edm_lib.edm_denoise(net_fn, x, sigma, y, sigma_data=cfg.sigma_data)
+
+  sigmas = edm_lib.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+  return denoise, sigmas, float(sigmas[0])
+
+
+def _ve_sampler(cfg: SamplerConfig, denoise, sigmas: np.ndarray, init_scale: float):
+  """Heun / Euler / DPM-Solver++(2M) on the VE grid `sigmas` (N+1,), ending at 0."""
+  steps = len(sigmas) - 1
+  sig = jnp.asarray(sigmas, jnp.float32)                                  # (N+1,)
+  # EDM Alg. 2 churn: gamma_i = min(S_churn / N, sqrt(2) - 1) on S_tmin <= sigma_i <= S_tmax.
+  in_range = (sigmas[:-1] >= cfg.s_tmin) & (sigmas[:-1] <= cfg.s_tmax)
+  gammas = np.where(in_range, min(cfg.s_churn / steps, np.sqrt(2) - 1), 0.0)    # (N,)
+  # sqrt(sigma_hat^2 - sigma_i^2) in float64: in float32 it can round below 0 when gamma = 0.
+  churn_std = jnp.asarray(sigmas[:-1] * np.sqrt((1 + gammas) ** 2 - 1), jnp.float32)
+  gammas = jnp.asarray(gammas, jnp.float32)
+  churn = cfg.s_churn > 0
+
+  def run_heun_euler(params, y, normal):
+    heun = cfg.name == "heun"
+
+    def body(i, x):
+      s_cur, s_next = sig[i], sig[i + 1]
+      # 1. Raise the noise to sigma_hat = (1 + gamma_i) sigma_i [EDM Alg. 2, lines 4-6].
+      s_hat = s_cur * (1 + gammas[i])
+      if churn:
+        x = x + churn_std[i] * cfg.s_noise * normal(i + 1)
+      # 2. Euler step dx/dsigma = (x - D(x; sigma)) / sigma [EDM Alg. 1, lines 4-5].
+      d = (x - denoise(params, x, i, s_hat, y)) / s_hat
+      x_next = x + (s_next - s_hat) * d
+      if not heun:
+        return x_next
+
+      # 3. Second-order correction unless sigma_{i+1} = 0 [EDM Alg. 1, lines 6-8].
+      def correct(x_next):
+        d_next = (x_next - denoise(params, x_next, i + 1, s_next, y)) / s_next
+        return x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
+      return jax.lax.cond(i < steps - 1, correct, lambda z: z, x_next)
+
+    x = normal(0) * init_scale
+    return jax.lax.fori_loop(0, steps, body, x)
+
+  # DPM-Solver++(2M) in log-sigma time lambda = -log sigma (k-diffusion `sample_dpmpp_2m`):
+  # x_{i+1} = (sigma_{i+1} / sigma_i) x_i - expm1(-h_i) D_i', with the multistep
+  # D_i' = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1}, r_i = h_{i-1} / h_i; first order at the
+  # first step and at the last (sigma_N = 0), where the update is x = D.
+  with np.errstate(divide="ignore"):
+    log_sig = np.log(sigmas)                                              # (N+1,), -inf last
+  h = log_sig[:-1] - log_sig[1:]                                          # (N,) inf last
+  ratio = sigmas[1:] / sigmas[:-1]                                        # (N,) 0 last
+  gain = -np.expm1(-h)                                                    # (N,) 1 last
+  half_inv_r = np.zeros(steps)
+  if steps > 2:
+    half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
+  ratio_j, gain_j, c_j = (jnp.asarray(a, jnp.float32) for a in (ratio, gain, half_inv_r))
+
+  def run_dpmpp_2m(params, y, normal):
+    def body(i, carry):
+      x, old_denoised = carry
+      denoised = denoise(params, x, i, sig[i], y)
+      denoised_d = (1 + c_j[i]) * denoised - c_j[i] * old_denoised
+      return ratio_j[i] * x + gain_j[i] * denoised_d, denoised
+
+    x = normal(0) * init_scale
+    x, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
+    return x
+
+  return run_dpmpp_2m if cfg.name == "dpmpp_2m" else run_heun_euler
+
+
+def _adm_chain_sampler(cfg: SamplerConfig, schedule: GaussianSchedule, model_out):
+  """Ancestral DDPM or DDIM over the respaced chain t = N-1, ..., 0."""
+  steps = schedule.num_timesteps
+  kwargs = dict(pred_type=cfg.pred_type, var_type=cfg.var_type, clip_denoised=cfg.clip_denoised)
+
+  def run(params, y, normal):
+    def body(i, x):
+      t = steps - 1 - i
+      out = model_out(params, x, t, y)
+      if cfg.name == "ddpm":
+        x, _ = ddpm_step(schedule, out, x, t, normal(i + 1), **kwargs)
+      else:
+        noise = normal(i + 1) if cfg.eta > 0 else None
+        x, _ = ddim_step(schedule, out, x, t, noise, eta=cfg.eta, **kwargs)
+      return x
+
+    return jax.lax.fori_loop(0, steps, body, normal(0))
+  return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point.
+# ----------------------------------------------------------------------------------------------
+
+
+class Sampler:
+  """A compiled sampler: `sampler(params, labels, sample_indices, seed) -> (B, H, W, C)`.
+
+  Attributes:
+    config: the `SamplerConfig`.
+    shape: (H, W, C) of one sample.
+    mesh: the mesh whose "data" axis shards the batch.
+    nfe: network evaluations per sample (guided ones run on a doubled batch).
+    jitted: the underlying `jax.jit` function of (params, labels, sample_indices, seed); its
+      batch must be a multiple of the "data" axis size (`__call__` pads for you).
+  """
+
+  def __init__(self, config: SamplerConfig, shape: tuple[int, ...], mesh: Mesh, jitted):
+    self.config, self.shape, self.mesh, self.jitted = config, shape, mesh, jitted
+    self.nfe = config.nfe
+
+  def __call__(self, params: Any, labels: Any, sample_indices: Any, seed: int) -> jax.Array:
+    """Draws one batch of samples.
+
+    Args:
+      params: network parameters, placed on `mesh` (replicated or sharded).
+      labels: (B,) int class labels, or None for an unconditional model.
+      sample_indices: (B,) int global indices of the samples (e.g. arange(start, start + B));
+        they, with the seed, fix each sample's noise.
+      seed: integer seed.
+
+    Returns:
+      (B, H, W, C) float32 samples, batch sharded over "data" (replicated when B is not a
+      multiple of the "data" axis size).
+    """
+    indices = np.asarray(sample_indices, dtype=np.int32) if not isinstance(
+        sample_indices, jax.Array) else sample_indices.astype(jnp.int32)
+    if indices.ndim != 1:
+      raise ValueError(f"sample_indices must be 1-D, got shape {indices.shape}.")
+    batch = indices.shape[0]
+    if labels is None and self.config.guidance.active:
+      raise ValueError("Classifier-free guidance needs class labels; pass labels or set "
+                       "guidance_scale=1.")
+    if labels is not None:
+      labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else np.asarray(
+          labels, dtype=np.int32)
+      if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},) like sample_indices, got "
+                         f"{labels.shape}.")
+    # Pad to a multiple of the data axis by repeating the last sample; dropped below.
+    pad = -batch % self.mesh.shape[DATA_AXIS]
+    xp = jnp if isinstance(indices, jax.Array) else np
+    if pad:
+      indices = xp.concatenate([indices, xp.repeat(indices[-1:], pad)])
+      if labels is not None:
+        lp = jnp if isinstance(labels, jax.Array) else np
+        labels = lp.concatenate([labels, lp.repeat(labels[-1:], pad)])
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    indices = jax.device_put(indices, sharding)
+    if labels is not None:
+      labels = jax.device_put(labels, sharding)
+    seed = jnp.asarray(np.uint32(seed & 0xFFFFFFFF) if isinstance(seed, int) else seed,
+                       jnp.uint32)
+    samples = self.jitted(params, labels, indices, seed)
+    if pad:  # a ragged batch cannot stay evenly sharded: replicate, then drop the padding
+      samples = jax.device_put(samples, NamedSharding(self.mesh, P()))[:batch]
+    return samples
+
+
+def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
+                 mesh: Mesh | None = None) -> Sampler:
+  """Builds the compiled sampler a config describes.
+
+  Args:
+    config: `SamplerConfig`, a mapping or a ConfigDict with `SamplerConfig` fields.
+    apply_fn: `apply_fn(params, x, t_in, y)`; see the module docstring for the contract.
+    shape: (H, W, C) of one sample (C = prediction channels; 4 for SD latents).
+    mesh: mesh with a "data" axis; by default a 1-D mesh over all devices.
+
+  Returns:
+    A `Sampler`; call it as `sampler(params, labels, sample_indices, seed)`.
+  """
+  cfg = SamplerConfig.from_config(config)
+  shape = tuple(int(s) for s in shape)
+  _validate(cfg, shape)
+  if mesh is None:
+    mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,))
+  if DATA_AXIS not in mesh.shape:
+    raise ValueError(f"The mesh needs a {DATA_AXIS!r} axis, got axes {tuple(mesh.shape)}.")
+
+  if cfg.formulation == "adm":
+    schedule, model_out, denoise, sigmas, init_scale = _adm_loops(cfg, apply_fn, shape)
+    if cfg.name in ("ddpm", "ddim"):
+      run = _adm_chain_sampler(cfg, schedule, model_out)
+    else:
+      run = _ve_sampler(cfg, denoise, sigmas, init_scale)
+  else:
+    denoise, sigmas, init_scale = _edm_loops(cfg, apply_fn, shape)
+    run = _ve_sampler(cfg, denoise, sigmas, init_scale)
+
+  def sample(params, labels, sample_indices, seed):
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(sample_indices)  # (B,) keys
+
+    def normal(step):
+      draw = lambda k: jax.random.normal(jax.random.fold_in(k, step), shape, jnp.float32)
+      return _constrain(jax.vmap(draw)(keys), mesh)                         # (B, H, W, C)
+
+    return _constrain(run(params, labels, normal), mesh)
+
+  jitted = jax.jit(sample, out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
+  return Sampler(cfg, shape, mesh, jitted)
+
+
+def nnx_apply_fn(model: Any) -> tuple[ApplyFn, Any]:
+  """`(apply_fn, state)` for a Flax NNX model called as `model(x, t, y)`.
+
+  Splits the model once (`nnx.split`) so the state is an ordinary pytree argument of the
+  compiled sampler and merges it back inside (`nnx.merge`), as the NNX performance guide
+  recommends. Put the model in eval mode (`model.eval()`) first so dropout is off.
+
+  Args:
+    model: an `nnx.Module`.
+
+  Returns:
+    (apply_fn(state, x, t, y), state).
+  """
+  from flax import nnx  # local import: the rest of this package is free of networks
+
+  graphdef, state = nnx.split(model)
+
+  def apply_fn(state, x, t, y):
+    return nnx.merge(graphdef, state)(x, t, y)
+
+  return apply_fn, state

@@ -1,0 +1,161 @@
+"""Time-dependent multi-head self-attention (TMSA) and the DiffiT transformer block.
+
+TMSA (paper Eqs. 3-6): every token's queries, keys and values are the sum of a
+spatial projection of the token and a temporal projection of the time token,
+
+    q = x_s W_qs + x_t W_qt,  k = x_s W_ks + x_t W_kt,  v = x_s W_vs + x_t W_vt,
+
+followed by softmax(q k^T / sqrt(d) + B) v with B a learned Swin-style relative
+position bias (one table per block, one column per head). Attention runs inside
+non-overlapping windows of the 2-D token grid (paper §3.2 "Local Attention"; no
+shift); a window as large as the grid is global attention, which is what the
+latent model uses. The block (Eqs. 7-8) is pre-norm with affine-free LayerNorms
+(eps 1e-6), as in the official release.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LN_EPS = 1e-6
+
+
+def relative_position_index(window_size: int) -> np.ndarray:
+  """Swin relative position index for a `w x w` window (OFFICIAL_CHECKPOINT.md, step 4).
+
+  For tokens m = (r1, c1), n = (r2, c2) in row-major order,
+  index[m, n] = (r1 - r2 + w - 1) * (2w - 1) + (c1 - c2 + w - 1).
+
+  Returns:
+    (w*w, w*w) int32 NumPy array with values in [0, (2w-1)^2).
+  """
+  w = window_size
+  rows, cols = np.meshgrid(np.arange(w), np.arange(w), indexing="ij")
+  coords = np.stack([rows.reshape(-1), cols.reshape(-1)])  # (2, w*w)
+  rel = coords[:, :, None] - coords[:, None, :] + (w - 1)  # (2, w*w, w*w)
+  return (rel[0] * (2 * w - 1) + rel[1]).astype(np.int32)
+
+
+def window_partition(x: jax.Array, window_size: int) -> jax.Array:
+  """Splits a token grid into non-overlapping windows.
+
+  Args:
+    x: (B, H, W, C) with H and W multiples of `window_size`.
+
+  Returns:
+    (B, num_windows, window_size**2, C), windows in row-major order.
+  """
+  b, h, w, c = x.shape
+  ws = window_size
+  if h % ws or w % ws:
+    raise ValueError(f"a {h}x{w} token grid cannot be split into {ws}x{ws} windows; "
+                     "choose a window size that divides the grid.")
+  x = x.reshape(b, h // ws, ws, w // ws, ws, c)  # (B, nH, ws, nW, ws, C)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, nH, nW, ws, ws, C)
+  return x.reshape(b, (h // ws) * (w // ws), ws * ws, c)  # (B, nWin, ws*ws, C)
+
+
+def window_merge(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Inverse of `window_partition`: (B, num_windows, ws*ws, C) -> (B, H, W, C)."""
+  b, _, t, c = x.shape
+  ws = int(round(t ** 0.5))
+  x = x.reshape(b, height // ws, width // ws, ws, ws, c)  # (B, nH, nW, ws, ws, C)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, nH, ws, nW, ws, C)
+  return x.reshape(b, height, width, c)  # (B, H, W, C)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `rng` is None (inference) or `rate` is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _linear(in_features, out_features, *, dtype, rngs):
+  # Official init for every Linear: xavier-uniform weight, zero bias.
+  return nnx.Linear(in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(),
+                    bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+
+
+class TMSA(nnx.Module):
+  """Time-dependent multi-head self-attention in windows (Eqs. 3-6).
+
+  Parameter names follow the official release: `qkv` (spatial), `qkv_temb`
+  (temporal), `proj`, `relative_position_bias_table` ((2w-1)^2, heads).
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, time_dim: int, window_size: int,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by {num_heads} heads.")
+    self.num_heads = num_heads
+    self.window_size = window_size
+    self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.qkv_temb = _linear(time_dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
+    # Official init: trunc_normal(std=0.02).
+    self.relative_position_bias_table = nnx.Param(nnx.initializers.truncated_normal(0.02)(
+        rngs.params(), ((2 * window_size - 1) ** 2, num_heads), jnp.float32))
+
+  def relative_position_bias(self) -> jax.Array:
+    """B of Eq. 6 for one window: (heads, w*w, w*w)."""
+    index = relative_position_index(self.window_size)  # (T, T), a compile-time constant
+    bias = self.relative_position_bias_table[...][index.reshape(-1)]  # (T*T, heads)
+    t = index.shape[0]
+    return bias.reshape(t, t, self.num_heads).transpose(2, 0, 1)  # (heads, T, T)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """Args: x: (B, H, W, C) normalised tokens on their grid; c: (B, Dt) time token."""
+    b, h, w, dim = x.shape
+    heads, head_dim = self.num_heads, dim // self.num_heads
+    windows = window_partition(x, self.window_size)  # (B, nWin, T, C)
+    _, n_win, t, _ = windows.shape
+    # Eqs. 3-5: spatial projection + temporal projection broadcast over all tokens.
+    qkv = self.qkv(windows) + self.qkv_temb(c)[:, None, None, :]  # (B, nWin, T, 3C)
+    qkv = qkv.reshape(b * n_win, t, 3, heads, head_dim)  # (B*nWin, T, 3, heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B*nWin, T, heads, hd)
+    bias = self.relative_position_bias().astype(q.dtype)[None]  # (1, heads, T, T)
+    # Eq. 6: softmax(q k^T / sqrt(d) + B) v.
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5)
+    out = self.proj(out.reshape(b, n_win, t, dim))  # (B, nWin, T, C)
+    return window_merge(out, h, w)  # (B, H, W, C)
+
+
+class Mlp(nnx.Module):
+  """Linear -> GELU(tanh) -> Linear (timm `Mlp`, names `fc1`/`fc2` as in the release)."""
+
+  def __init__(self, dim: int, hidden_dim: int, *, dropout_rate: float = 0.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden_dim, dtype=dtype, rngs=rngs)
+    self.fc2 = _linear(hidden_dim, dim, dtype=dtype, rngs=rngs)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    h = nnx.gelu(self.fc1(x), approximate=True)
+    return self.fc2(dropout(h, self.dropout_rate, rng))
+
+
+class DiffiTBlock(nnx.Module):
+  """x = x + TMSA(LN(x), x_t); x = x + MLP(LN(x))  (Eqs. 7-8, affine-free LN, eps 1e-6)."""
+
+  def __init__(self, dim: int, num_heads: int, *, time_dim: int, window_size: int,
+               mlp_ratio: float = 4.0, dropout_rate: float = 0.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    norm = partial(nnx.LayerNorm, dim, epsilon=LN_EPS, use_scale=False, use_bias=False,
+                   dtype=dtype, rngs=rngs)
+    self.norm1 = norm()
+    self.attn = TMSA(dim, num_heads, time_dim=time_dim, window_size=window_size, dtype=dtype,
+                     rngs=rngs)
+    self.norm2 = norm()
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Args: x: (B, H, W, C) token grid; c: (B, Dt) time token; rng: dropout key or None."""
+    x = x + self.attn(self.norm1(x), c)
+    return x + self.mlp(self.norm2(x), rng)

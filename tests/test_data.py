@@ -1,0 +1,391 @@
+"""Tests for diffit_jax.data: folder builder, MNIST demo, grain pipelines, latent records."""
+
+import os
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from diffit_jax.data import __main__ as data_cli
+from diffit_jax.data import folder, latents, mnist, pipeline, transforms
+
+
+def _save(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def _noise_image(rng, h, w):
+  return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+  """cat/ (4 good + a corrupt file), dog/ (3 good + odd-sized + truncated JPEG), a loose file."""
+  rng = np.random.default_rng(0)
+  src = tmp_path / "src"
+  for i in range(4):
+    _save(str(src / "cat" / f"c{i}.png"), _noise_image(rng, 24, 20))
+  for i in range(3):
+    _save(str(src / "dog" / f"d{i}.jpg"), _noise_image(rng, 24, 20))
+  (src / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+  _save(str(src / "dog" / "odd.png"), _noise_image(rng, 8, 8))
+  _save(str(src / "dog" / "full.jpg"), _noise_image(rng, 24, 20))
+  data = (src / "dog" / "full.jpg").read_bytes()
+  # Header intact, pixels cut: passes the header check, fails when decoded.
+  (src / "dog" / "truncated.jpg").write_bytes(data[:len(data) * 8 // 10])
+  os.remove(src / "dog" / "full.jpg")
+  (src / "notes.txt").write_text("not an image")
+  return str(src)
+
+
+def _leftovers(parent):
+  return [n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder builder.
+
+
+def test_folder_build_reports_and_skips_bad_images(class_folder, tmp_path, capsys):
+  dst = str(tmp_path / "built")
+  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}"]) == 0
+  out = capsys.readouterr().out
+  for name in ("cat/corrupt.png", "dog/odd.png", "dog/truncated.jpg"):
+    assert name in out
+  assert "Wrote 7 images" in out and "cat (4), dog (3)" in out and "notes.txt" in out
+
+  builder = tfds.builder_from_directory(dst)
+  assert builder.info.features["label"].names == ["cat", "dog"]
+  assert builder.info.features["image"].shape == (24, 20, 3)
+  skipped = dict(map(tuple, builder.info.metadata["skipped"]))
+  assert set(skipped) == {"cat/corrupt.png", "dog/odd.png", "dog/truncated.jpg"}
+  assert "unreadable" in skipped["cat/corrupt.png"] and "differs" in skipped["dog/odd.png"]
+  source = builder.as_data_source(split="train")
+  labels = sorted(int(source[i]["label"]) for i in range(len(source)))
+  assert labels == [0, 0, 0, 0, 1, 1, 1]
+  assert source[0]["image"].shape == (24, 20, 3) and source[0]["image"].dtype == np.uint8
+  assert _leftovers(tmp_path) == []
+
+  assert data_cli.main(["info", dst]) == 0
+  assert "7 examples" in capsys.readouterr().out
+
+
+def test_folder_build_strict_rejects_and_writes_nothing(class_folder, tmp_path, capsys):
+  dst = str(tmp_path / "built")
+  with pytest.raises(folder.FolderDatasetError) as e:
+    folder.build_folder_dataset(class_folder, dst, strict=True)
+  assert {p for p, _ in e.value.problems} == {"cat/corrupt.png", "dog/odd.png"}
+  assert not os.path.exists(dst) and _leftovers(tmp_path) == []
+
+  # A file whose header is fine but whose pixels are cut is found during writing: still rejected.
+  os.remove(os.path.join(class_folder, "cat", "corrupt.png"))
+  os.remove(os.path.join(class_folder, "dog", "odd.png"))
+  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}", "--strict"]) == 1
+  assert "dog/truncated.jpg" in capsys.readouterr().err
+  assert not os.path.exists(dst) and _leftovers(tmp_path) == []
+
+
+def test_folder_build_unconditional_resize_and_adm_crop(tmp_path):
+  rng = np.random.default_rng(1)
+  src = tmp_path / "src"
+  _save(str(src / "a.png"), _noise_image(rng, 40, 30))
+  _save(str(src / "b.png"), _noise_image(rng, 20, 50))
+  _save(str(src / "tiny.png"), _noise_image(rng, 8, 30))  # Shorter side below 16.
+  # A 16x48 picture: red | green | red thirds. ADM crop to 16 keeps exactly the green square.
+  tri = np.zeros((16, 48, 3), np.uint8)
+  tri[..., 0] = 255
+  tri[:, 16:32] = (0, 255, 0)
+  _save(str(src / "thirds.png"), tri)
+
+  report = folder.build_folder_dataset(str(src), str(tmp_path / "ds"), resolution=16)
+  assert report.num_written == 3 and report.class_names == []
+  assert [p for p, _ in report.skipped] == ["tiny.png"] and "too small" in report.skipped[0][1]
+  builder = tfds.builder_from_directory(str(tmp_path / "ds"))
+  assert "label" not in builder.info.features.keys()
+  source = builder.as_data_source(split="train")
+  images = [source[i]["image"] for i in range(len(source))]
+  assert all(im.shape == (16, 16, 3) for im in images)
+  assert any((im == np.array([0, 255, 0], np.uint8)).all() for im in images)
+
+  # Unconditional data trains with label 0.
+  config = pipeline.get_default_data_config()
+  config.update(name=f"folder:{tmp_path / 'ds'}", image_size=16, channels=3)
+  assert pipeline.get_dataset_info(config).num_classes == 0
+  batch = next(pipeline.create_train_iterator(config, global_batch_size=2, seed=0))
+  assert batch["image"].shape == (2, 16, 16, 3) and (batch["label"] == 0).all()
+
+
+def test_folder_build_user_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    folder.build_folder_dataset(str(tmp_path / "missing"), str(tmp_path / "ds"))
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "x.txt").write_text("x")
+  with pytest.raises(folder.FolderDatasetError, match="No images found"):
+    folder.build_folder_dataset(str(tmp_path / "empty"), str(tmp_path / "ds"))
+  (tmp_path / "ds").mkdir()
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    folder.build_folder_dataset(str(tmp_path / "empty"), str(tmp_path / "ds"))
+
+
+def test_center_crop_and_channels():
+  image = Image.fromarray(np.arange(64 * 128, dtype=np.uint32).reshape(64, 128).astype(np.uint8))
+  assert transforms.center_crop_arr(image, 16).shape == (16, 16)
+  grey = np.full((4, 4, 1), 7, np.uint8)
+  np.testing.assert_array_equal(transforms.to_channels(grey, 3), np.full((4, 4, 3), 7, np.uint8))
+  rgb = np.zeros((2, 2, 3), np.uint8)
+  rgb[..., 1] = 100
+  assert (transforms.to_channels(rgb, 1) == 59).all()  # 0.587 * 100, PIL's luma.
+  assert transforms.uint8_to_unit_range(np.array([0, 255], np.uint8)).tolist() == [-1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST demo.
+
+
+def test_mnist_demo_is_real_digits():
+  images, labels = mnist.load_mnist_demo(channels=1)
+  assert images.shape == (5000, 32, 32, 1) and images.dtype == np.uint8
+  assert labels.dtype == np.int32 and np.bincount(labels).tolist() == [500] * 10
+  assert images[:, :2].max() == 0 and images[:, :, -2:].max() == 0  # The 2-pixel padding.
+  ink = images.astype(np.float32) / 255
+  assert 0.08 < ink.mean() < 0.13  # MNIST's mean ink is 0.13 at 28x28, diluted by the padding.
+  assert (ink > 0.5).mean() > 0.6 * (ink > 0.05).mean()  # Strokes, not haze: mostly bright ink.
+  per_class = [ink[labels == k].mean() for k in range(10)]
+  assert np.argmin(per_class) == 1 and np.argmax(per_class) in (0, 8)  # 1s thinnest.
+  # Same class digits look alike: each class mean image is nearest to its own digits.
+  means = np.stack([ink[labels == k].mean(0) for k in range(10)])  # (10, 32, 32, 1)
+  nearest = np.argmin(((ink[:500, None] - means[None]) ** 2).sum((2, 3, 4)), axis=1)
+  assert (nearest == labels[:500]).mean() > 0.7
+  rgb, _ = mnist.load_mnist_demo(channels=3)
+  assert rgb.shape == (5000, 32, 32, 3) and (rgb == images).all()
+  # Shuffled once, so contiguous per-process shards see every class.
+  assert len(set(labels[:100].tolist())) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline.
+
+
+def _mnist_config(**overrides):
+  config = pipeline.get_default_data_config()
+  config.update(overrides)
+  return config
+
+
+def test_pipeline_batches_shapes_range_and_values():
+  config = _mnist_config(channels=3)
+  it = pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+  batch = next(it)
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
+  # Every example is one of the source digits with its own label, scaled to [-1, 1].
+  images, labels = mnist.load_mnist_demo(channels=3)
+  flat = images.reshape(5000, -1).astype(np.float32) / 127.5 - 1
+  for image, label in zip(batch["image"], batch["label"]):
+    index = np.argmin(np.abs(flat - image.reshape(-1)).sum(1))
+    np.testing.assert_array_equal(flat[index], image.reshape(-1))
+    assert labels[index] == label
+  info = pipeline.get_dataset_info(config)
+  assert info == pipeline.DatasetInfo(5000, 10, (32, 32, 3), tuple("0123456789"))
+
+
+def test_pipeline_random_flip():
+  plain = next(pipeline.create_train_iterator(_mnist_config(), global_batch_size=64, seed=3))
+  flipped = next(pipeline.create_train_iterator(
+      _mnist_config(random_flip=True), global_batch_size=64, seed=3))
+  np.testing.assert_array_equal(plain["label"], flipped["label"])  # Same records, same order.
+  same = (plain["image"] == flipped["image"]).all((1, 2, 3))
+  mirrored = (plain["image"][:, :, ::-1] == flipped["image"]).all((1, 2, 3))
+  assert (same | mirrored).all() and 10 < mirrored.sum() < 54 and 10 < same.sum() < 54
+
+
+def test_pipeline_resume_gives_exactly_the_same_batches():
+  config = _mnist_config(random_flip=True)
+  it = pipeline.create_train_iterator(config, global_batch_size=16, seed=7)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = pipeline.create_train_iterator(config, global_batch_size=16, seed=7)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_pipeline_shards_are_disjoint_and_sized():
+  config = _mnist_config()
+  shards = []
+  for index in range(2):
+    it = pipeline.create_train_iterator(
+        config, global_batch_size=32, seed=0, shard_options=grain.sharding.ShardOptions(index, 2))
+    batches = [next(it) for _ in range(4)]
+    assert batches[0]["image"].shape == (16, 32, 32, 1)  # B_local = 32 / 2.
+    shards.append({im.tobytes() for b in batches for im in b["image"]})
+  assert len(shards[0]) > 60 and not shards[0] & shards[1]
+  with pytest.raises(ValueError, match="multiple of the number of processes"):
+    pipeline.create_train_iterator(config, global_batch_size=33, seed=0,
+                                   shard_options=grain.sharding.ShardOptions(0, 2))
+
+
+def test_pipeline_tfds_source_mocked():
+  config = _mnist_config(name="tfds:cifar10", channels=3, image_size=16, random_flip=True)
+  with tfds.testing.mock_data(num_examples=12):
+    batch = next(pipeline.create_train_iterator(config, global_batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 16, 16, 3)  # 32x32 -> 16x16 by the ADM crop.
+  assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+
+
+def test_pipeline_user_errors(tmp_path):
+  with pytest.raises(ValueError, match="Unknown tfds dataset"):
+    pipeline.get_dataset_info(_mnist_config(name="tfds:no_such_dataset_xyz"))
+  with pytest.raises(ValueError, match="not prepared in ArrayRecord"):
+    pipeline.get_dataset_info(_mnist_config(name="cifar10", data_dir=str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="diffit_jax.data build"):
+    pipeline.get_dataset_info(_mnist_config(name=f"folder:{tmp_path}"))
+  with pytest.raises(ValueError, match="not a data source"):
+    pipeline.get_dataset_info(_mnist_config(name="/some/path"))
+  with pytest.raises(ValueError, match="channels must be 1 or 3"):
+    pipeline.get_dataset_info(_mnist_config(channels=4))
+
+
+def test_pipeline_reads_a_minimal_config():
+  import ml_collections
+
+  # Only the required fields, and "" for "tfds' default data_dir", as the configs/ files write it.
+  config = ml_collections.ConfigDict(
+      dict(name="mnist_demo", image_size=32, channels=1, data_dir=""))
+  batch = next(pipeline.create_train_iterator(config, global_batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 32, 32, 1)
+
+
+def test_pipeline_with_a_worker_process_matches_in_process():
+  config = _mnist_config(random_flip=True)
+  want = [next(it) for it in [pipeline.create_train_iterator(config, global_batch_size=8, seed=1)]
+          for _ in range(2)]
+  config.num_workers = 1
+  it = pipeline.create_train_iterator(config, global_batch_size=8, seed=1)
+  got = [next(it) for _ in range(2)]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["image"], w["image"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent records.
+
+
+def _write_latents(directory, n, dtype=np.float16, num_writers=2, h=4, w=4):
+  """Writes n records over `num_writers` shards; label = record id; returns the arrays."""
+  rng = np.random.default_rng(0)
+  means = rng.normal(size=(n, 2, h, w, 4)).astype(dtype)
+  logvars = rng.normal(size=(n, 2, h, w, 4)).astype(dtype)
+  for shard in range(num_writers):
+    with latents.LatentShardWriter(directory, shard, num_writers) as writer:
+      for i in range(shard, n, num_writers):
+        writer.write(means[i], logvars[i], label=i)
+  return means, logvars
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_latent_records_round_trip(tmp_path, dtype):
+  directory = str(tmp_path / "latents")
+  means, logvars = _write_latents(directory, 10, dtype)
+  paths = latents.shard_paths(directory)
+  assert [os.path.basename(p) for p in paths] == [
+      "latents-00000-of-00002.array_record", "latents-00001-of-00002.array_record"]
+  source = grain.sources.ArrayRecordDataSource(paths)
+  records = [latents.decode_record(source[i]) for i in range(len(source))]
+  assert sorted(r["label"] for r in records) == list(range(10))
+  for r in records:
+    assert r["mean"].dtype == dtype and r["mean"].shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(r["mean"], means[r["label"]])
+    np.testing.assert_array_equal(r["logvar"], logvars[r["label"]])
+  with pytest.raises(ValueError, match="shape"):
+    latents.encode_record(means[0, 0], logvars[0, 0])
+
+
+def test_latent_shards_incomplete_or_partial_are_refused(tmp_path):
+  directory = str(tmp_path / "latents")
+  _write_latents(directory, 4, num_writers=3)
+  os.remove(os.path.join(directory, "latents-00001-of-00003.array_record"))
+  with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
+    latents.shard_paths(directory)
+  # A writer that fails leaves no shard under the final name.
+  with pytest.raises(RuntimeError):
+    with latents.LatentShardWriter(directory, 1, 3) as writer:
+      writer.write(np.zeros((2, 1, 1, 4), np.float16), np.zeros((2, 1, 1, 4), np.float16))
+      raise RuntimeError("encoder crashed")
+  assert sorted(os.listdir(directory)) == [
+      "latents-00000-of-00003.array_record", "latents-00002-of-00003.array_record"]
+
+
+def test_sample_latent_formula_numpy_and_jit():
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(0)
+  mean, logvar, noise = (rng.normal(size=(3, 4, 4, 4)).astype(np.float32) for _ in range(3))
+  oracle = (mean.astype(np.float64) + np.exp(0.5 * logvar.astype(np.float64)) * noise) * 0.18215
+  np.testing.assert_allclose(latents.sample_latent(mean, logvar, noise), oracle,
+                             rtol=1e-5, atol=1e-7)
+  mean_j, logvar_j = jnp.asarray(mean), jnp.asarray(logvar)
+  jitted = jax.jit(latents.sample_latent)(mean_j, logvar_j, jnp.asarray(noise))
+  np.testing.assert_allclose(np.asarray(jitted), oracle, rtol=1e-5, atol=1e-7)
+  assert latents.LATENT_SCALE == 0.18215
+  # The VAE's own sampler is the same formula: same key, same noise, same latent.
+  from diffit_jax.models import vae
+  key = jax.random.key(0)
+  eps = jax.random.normal(key, mean.shape, jnp.float32)
+  np.testing.assert_allclose(np.asarray(vae.to_latent(mean_j, logvar_j, key)),
+                             np.asarray(latents.sample_latent(mean_j, logvar_j, eps)),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_pipeline_latents_sample_fresh_latents_and_mirrors(tmp_path):
+  directory = str(tmp_path / "latents")
+  n = 16
+  mean = np.zeros((2, 4, 4, 4), np.float32)
+  mean[1] = 10.0  # View 1 (the mirror) is told apart by its mean.
+  for shard in range(2):
+    with latents.LatentShardWriter(directory, shard, 2) as writer:
+      for i in range(shard, n, 2):
+        writer.write(mean, np.zeros_like(mean), label=i)
+  latents.write_info(directory, num_classes=n)
+  config = _mnist_config(name=f"latents:{directory}", random_flip=True)
+  info = pipeline.get_dataset_info(config)
+  assert (info.num_examples, info.num_classes, info.example_shape) == (n, n, (4, 4, 4))
+
+  it = pipeline.create_train_iterator(config, global_batch_size=n, seed=0)
+  epoch1, epoch2 = next(it), next(it)
+  assert epoch1["image"].shape == (n, 4, 4, 4) and epoch1["image"].dtype == np.float32
+  assert sorted(epoch1["label"].tolist()) == list(range(n))
+  z = epoch1["image"] / latents.LATENT_SCALE  # mean + 1 * noise
+  mirror = z.mean((1, 2, 3)) > 5
+  assert 0 < mirror.sum() < n  # Both views are drawn.
+  noise = z - np.where(mirror[:, None, None, None], 10.0, 0.0)
+  assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2  # N(0, 1) noise, std exp(0/2).
+  order1, order2 = np.argsort(epoch1["label"]), np.argsort(epoch2["label"])
+  assert not np.allclose(epoch1["image"][order1], epoch2["image"][order2])  # Fresh each epoch.
+
+  config.random_flip = False
+  batch = next(pipeline.create_train_iterator(config, global_batch_size=n, seed=0))
+  assert (batch["image"].mean((1, 2, 3)) < 5 * latents.LATENT_SCALE).all()  # Only view 0.
+
+
+def test_pipeline_latent_shards_partition_records(tmp_path):
+  directory = str(tmp_path / "latents")
+  _write_latents(directory, 20, num_writers=3, h=2, w=2)
+  config = _mnist_config(name=f"latents:{directory}")
+  seen = []
+  for index in range(2):
+    it = pipeline.create_train_iterator(
+        config, global_batch_size=4, seed=0, num_epochs=1,
+        shard_options=grain.sharding.ShardOptions(index, 2, drop_remainder=True))
+    seen.append([int(label) for batch in it for label in batch["label"]])
+  assert len(seen[0]) == len(seen[1]) == 10
+  assert sorted(seen[0] + seen[1]) == list(range(20))
