@@ -1,7 +1,7 @@
 """End to end: `python -m diffit_jax.evaluate` on a random-weight FID Inception.
 
 The CLI runs in-process (`evaluate.main`) on 8 host CPU devices with a global batch of
-8, so the batch is sharded one image per device and the 10-image sets end in a padded
+8, so the batch is sharded one image per device and the 6-image sets fill a padded
 batch. Images are tiny (the network resizes them to 299x299 anyway).
 """
 
@@ -15,8 +15,9 @@ from flax import nnx
 from diffit_jax import evaluate
 from diffit_jax.convert import inception as convert
 from diffit_jax.evaluation import ReferenceStats
+from diffit_jax.evaluation.features import _rebatch
 
-N = 10
+N = 6  # One padded global batch of 8.
 
 
 def random_inception_params(seed=0):
@@ -75,56 +76,73 @@ def run(setup, ref, samples, out_name, *extra):
     return json.load(f)
 
 
-def test_same_distribution_scores_lower_fid_than_shifted(setup):
-  same = run(setup, "a", "b", "same.json")
-  shifted = run(setup, "a", "c", "shifted.json")
+@pytest.fixture(scope="module")
+def results(setup):
+  """The core CLI runs, shared by the tests below (each costs an Inception pass per set)."""
+  return {"same": run(setup, "a", "b", "same.json"),  # Computes and caches A's statistics.
+          "shifted": run(setup, "a", "c", "shifted.json"),
+          "self": run(setup, "a", "a", "self.json")}
+
+
+def test_same_distribution_scores_lower_fid_than_shifted(results):
+  same, shifted = results["same"], results["shifted"]
   assert 0 < same["fid"] < shifted["fid"]
-  assert same["sfid"] > 0 and shifted["sfid"] > 0  # sFID on 10 images is too noisy to order.
+  assert same["sfid"] > 0 and shifted["sfid"] > 0  # sFID on 6 images is too noisy to order.
   for result in (same, shifted):
     assert result["num_samples"] == result["num_reference"] == N
     assert result["inception_score"] >= 1.0
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
 
 
-def test_batch_against_itself(setup):
-  result = run(setup, "a", "a", "self.json")
-  # Exactly zero up to rounding: FIDs between different sets here are ~1e3.
+def test_batch_against_itself(results):
+  result = results["self"]
+  # Zero up to rounding: FIDs between different sets here are ~1e3.
   assert abs(result["fid"]) < 1e-4 and abs(result["sfid"]) < 1e-4
   assert result["precision"] == result["recall"] == 1.0
 
 
-def test_reference_cache_is_written_and_reused(setup, capsys):
+def test_reference_cache_is_written_and_reused(setup, results, capsys):
   root, _, files = setup
-  first = run(setup, "a", "b", "cache1.json")
-  cache = root / "results" / "a.inception_stats.npz"
+  cache = root / "results" / "a.inception_stats.npz"  # Written by the first run, next to --out.
   assert cache.exists()
-  stamp = os.stat(cache).st_mtime_ns
-  second = run(setup, "a", "b", "cache2.json")
-  assert os.stat(cache).st_mtime_ns == stamp and first["fid"] == second["fid"]
+  stats, meta = ReferenceStats.load(str(cache))
+  assert meta["source"] == os.path.abspath(files["a"]) and stats.pool.shape == (N, 2048)
   # The cache is itself a reference: statistics plus the pool activations for P/R.
   from_stats = run(setup, str(cache), "b", "from_stats.json")
   for key in ("fid", "sfid", "precision", "recall"):
-    assert from_stats[key] == pytest.approx(first[key], rel=1e-9, abs=1e-12)
+    assert from_stats[key] == pytest.approx(results["same"][key], rel=1e-9, abs=1e-12)
   # A cache made with other Inception weights is recomputed, not trusted.
-  stats, meta = ReferenceStats.load(str(cache))
   stats.save(str(cache), metadata={**meta, "inception": "other"})
   capsys.readouterr()
-  run(setup, "a", "b", "cache3.json")
+  recomputed = run(setup, "a", "b", "recomputed.json")
   assert "recomputing" in capsys.readouterr().out
+  assert recomputed["fid"] == pytest.approx(results["same"]["fid"], rel=1e-9)
+  assert ReferenceStats.load(str(cache))[1] == meta
 
 
-def test_precomputed_reference_statistics_win(setup):
+def test_precomputed_reference_statistics_win(setup, results):
   """As ADM: a reference batch's mu/sigma/mu_s/sigma_s are used for FID; arr_0 for P/R."""
   root, _, files = setup
-  c_stats = root / "c_stats.npz"
-  run(setup, "c", "a", "c_ref.json", f"--ref_cache={c_stats}")
-  stats, _ = ReferenceStats.load(str(c_stats))
-  adm_batch = root / "adm_like.npz"
-  np.savez(adm_batch, arr_0=np.load(files["a"])["arr_0"], mu=stats.fid.mu, sigma=stats.fid.sigma,
-           mu_s=stats.sfid.mu, sigma_s=stats.sfid.sigma)
-  result = run(setup, str(adm_batch), "c", "adm_like.json")
-  assert abs(result["fid"]) < 1e-4  # C's own statistics...
-  assert result["recall"] < 1.0  # ...while precision/recall use A's images.
+  a_stats, _ = ReferenceStats.load(str(root / "results" / "a.inception_stats.npz"))
+  adm_batch = root / "adm_like.npz"  # C's images with A's statistics.
+  np.savez(adm_batch, arr_0=np.load(files["c"])["arr_0"], mu=a_stats.fid.mu,
+           sigma=a_stats.fid.sigma, mu_s=a_stats.sfid.mu, sigma_s=a_stats.sfid.sigma)
+  result = run(setup, str(adm_batch), "a", "adm_like.json")
+  assert abs(result["fid"]) < 1e-4 and abs(result["sfid"]) < 1e-4  # A's own statistics...
+  assert result["recall"] == results["shifted"]["precision"]  # ...P/R against C's images.
+  assert result["precision"] == results["shifted"]["recall"]
+
+
+def test_rebatching_pads_and_keeps_order():
+  stream = [np.full((n, 2, 2, 3), i, np.uint8) for i, n in enumerate((3, 9, 1, 2))]
+  batches = list(_rebatch(stream, 4))
+  assert [len(b) for b in batches] == [4, 4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate(batches)[:, 0, 0, 0],
+                                np.concatenate([b[:, 0, 0, 0] for b in stream]))
+  with pytest.raises(ValueError, match="image size changed"):
+    list(_rebatch([np.zeros((1, 2, 2, 3), np.uint8), np.zeros((1, 3, 3, 3), np.uint8)], 4))
+  with pytest.raises(ValueError, match="NCHW"):
+    list(_rebatch([np.zeros((1, 3, 8, 8), np.uint8)], 4))
 
 
 def test_clear_errors_for_bad_files(setup, tmp_path, capsys):
@@ -138,6 +156,7 @@ def test_clear_errors_for_bad_files(setup, tmp_path, capsys):
       ([f"--ref={files['a']}", f"--samples={no_images}"], "has no 'arr_0' images"),
       ([f"--ref={files['a']}", f"--samples={floats}"], "must be uint8 images"),
       ([f"--ref={no_images}", f"--samples={files['a']}"], "neither images"),
+      ([f"--ref={files['a']}", f"--samples={files['b']}", "--batch_size=12"], "multiple"),
   ]
   for argv, message in cases:
     assert evaluate.main([*argv, f"--inception={ckpt}", "--no_progress"]) == 2

@@ -36,4 +36,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from diffit_jax.convert.safetensors_io import ConversionError
+  try:
+    sys.exit(main())
+  except (ConversionError, FileExistsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)  # a user error: the message, not a traceback
+    sys.exit(2)

@@ -29,6 +29,7 @@ import struct
 import zipfile
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -243,13 +244,18 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def abstract_inception() -> InceptionV3:
-  """The model with abstract (shape-only) parameters: cheap, nothing is initialised."""
+  """The model with abstract (shape-only) parameters: nothing is initialised."""
   return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
 
 
 @functools.lru_cache(maxsize=1)
+def _abstract_split() -> tuple[nnx.GraphDef, nnx.State]:
+  # Tracing the model takes seconds; load_inception reuses one trace.
+  return nnx.split(abstract_inception())
+
+
 def _flat_param_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
-  state = nnx.state(abstract_inception())
+  _, state = _abstract_split()
   return {tuple(str(k) for k in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
@@ -352,8 +358,8 @@ def load_inception(path: str) -> InceptionV3:
     raise ValueError(
         f"{path} holds a {metadata.get('model')!r} checkpoint, not the FID Inception "
         f"({MODEL_NAME!r}); create one with `python -m diffit_jax.convert inception`.")
-  model = abstract_inception()
-  graphdef, state = nnx.split(model)
+  graphdef, abstract_state = _abstract_split()
+  state = jax.tree.map(lambda x: x, abstract_state)  # A fresh State to fill; the cache stays abstract.
   params, _ = checkpoint.load_weights(path, target=nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
