@@ -39,7 +39,8 @@ def default_cache_path(ref: str, out: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m diffit_jax.evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--ref", required=True, help="reference batch .npz, statistics .npz or image folder")
+  parser.add_argument("--ref", required=True,
+                      help="reference batch .npz, statistics .npz or image folder")
   parser.add_argument("--samples", required=True, help="sample batch .npz (arr_0) or image folder")
   parser.add_argument("--inception", required=True,
                       help="Inception checkpoint from `python -m diffit_jax.convert inception`")

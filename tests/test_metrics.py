@@ -84,7 +84,8 @@ def test_frechet_distance_matches_adm(n, dim, keep_factor):
   assert (a.factor is not None) == (n <= dim)
   if not keep_factor:
     a, b = a._replace(factor=None), b._replace(factor=None)
-  expected = adm_frechet_distance(a.mu.astype(np.float64), a.sigma, b.mu.astype(np.float64), b.sigma)
+  expected = adm_frechet_distance(a.mu.astype(np.float64), a.sigma, b.mu.astype(np.float64),
+                                  b.sigma)
   np.testing.assert_allclose(metrics.frechet_distance(a, b), expected, rtol=1e-6)
   np.testing.assert_allclose(metrics.frechet_distance(b, a), expected, rtol=1e-6)
   # Mixed: only one side carries a factor.

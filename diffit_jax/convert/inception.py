@@ -359,7 +359,7 @@ def load_inception(path: str) -> InceptionV3:
         f"{path} holds a {metadata.get('model')!r} checkpoint, not the FID Inception "
         f"({MODEL_NAME!r}); create one with `python -m diffit_jax.convert inception`.")
   graphdef, abstract_state = _abstract_split()
-  state = jax.tree.map(lambda x: x, abstract_state)  # A fresh State to fill; the cache stays abstract.
+  state = jax.tree.map(lambda x: x, abstract_state)  # A fresh State; the cached one stays abstract.
   params, _ = checkpoint.load_weights(path, target=nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
@@ -376,13 +376,14 @@ def run(args: argparse.Namespace) -> int:
   """Converts `args.src` into the checkpoint folder `args.dst`; writes nothing on error."""
   if os.path.exists(args.dst) and not args.overwrite:
     raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it.")
-  sha256 = _sha256(args.src) if os.path.isfile(args.src) else ""
+  state_dict = read_torch_state_dict(args.src)
+  sha256 = _sha256(args.src)
   match = _HASH_IN_NAME.search(os.path.basename(args.src))
   if match and not sha256.startswith(match.group(1)):
     raise ValueError(
         f"{args.src}: its SHA-256 starts {sha256[:len(match.group(1))]}, but the file name says "
         f"{match.group(1)}; the download is incomplete or corrupt. Download it again.")
-  params = convert_state_dict(read_torch_state_dict(args.src))
+  params = convert_state_dict(state_dict)
   save_inception(args.dst, params, source=os.path.basename(args.src), sha256=sha256,
                  overwrite=args.overwrite)
   print(f"wrote the FID Inception ({MODEL_NAME}) to {args.dst}")

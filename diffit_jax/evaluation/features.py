@@ -59,7 +59,7 @@ def _check_images(batch: np.ndarray, warned: list[bool]) -> np.ndarray:
 
 
 def _rebatch(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
-  """Re-cuts a stream of image batches of any lengths into batches of exactly `size` (last may be short)."""
+  """Re-cuts a stream of image batches of any lengths into batches of `size` (last: fewer)."""
   buffer, count, warned = [], 0, [False]
   for batch in batches:
     batch = _check_images(batch, warned)

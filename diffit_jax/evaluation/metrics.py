@@ -100,7 +100,8 @@ def frechet_distance(stats1: FIDStatistics, stats2: FIDStatistics) -> float:
   keeps its real part, and retries with 1e-6 added to the diagonals if the square root
   is not finite. Only the trace is needed, and tr((S1 S2)^{1/2}) = sum_i sqrt(l_i) over
   the eigenvalues l_i of S1 S2, which a symmetric eigenproblem gives exactly
-  (`_trace_sqrt_product`), 3-20x faster than `sqrtm` at 2048-d. Rounding can leave
+  (`_trace_sqrt_product`), ~9x faster than `sqrtm` at 2048-d (10 s vs 90 s on 2 CPU cores) and
+  near-instant when a side has fewer samples than dimensions. Rounding can leave
   near-singular covariances (fewer samples than dimensions, dead units) with tiny
   negative eigenvalues; they are clipped to zero, the value ADM's `covmean.real`
   assigns them (the square root of a negative number is imaginary). This agrees with
@@ -115,7 +116,8 @@ def frechet_distance(stats1: FIDStatistics, stats2: FIDStatistics) -> float:
   Returns:
     The squared Fréchet distance, a Python float.
   """
-  mu1, mu2 = np.atleast_1d(stats1.mu).astype(np.float64), np.atleast_1d(stats2.mu).astype(np.float64)
+  mu1 = np.atleast_1d(stats1.mu).astype(np.float64)
+  mu2 = np.atleast_1d(stats2.mu).astype(np.float64)
   s1 = np.atleast_2d(stats1.sigma).astype(np.float64)
   s2 = np.atleast_2d(stats2.sigma).astype(np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -253,7 +255,8 @@ def manifold_radii(features: np.ndarray, *, k: int = PR_NEIGHBOURS,
 
 
 def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, *,
-                     k: int = PR_NEIGHBOURS, batch_size: int = PR_BATCH_SIZE) -> tuple[float, float]:
+                     k: int = PR_NEIGHBOURS,
+                     batch_size: int = PR_BATCH_SIZE) -> tuple[float, float]:
   """Improved precision and recall (Kynkäänniemi et al. 2019), as ADM's `compute_prec_recall`.
 
   Each set's manifold is the union of balls around its points reaching their k-th

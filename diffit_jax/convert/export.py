@@ -1,0 +1,175 @@
+"""`python -m diffit_jax.convert export --src=CHECKPOINT --dst=FILE.safetensors`: official weights out.
+
+This file owns writing a latent DiffiT in the official PyTorch layout of NVIDIA's release
+(`shared/spec/OFFICIAL_CHECKPOINT.md`), so that the official code loads it with
+`load_state_dict(..., strict=True)`: every parameter under its official key in PyTorch layout
+(Linear (in, out) -> (out, in), Conv (kh, kw, I, O) -> (O, I, kh, kw), the scanned blocks'
+leading depth axis unstacked into `blocks.{i}.*`), plus the `pos_embed` and
+`relative_position_index` buffers the official module registers. It is the inverse of
+`diffit.py` (whose key mapping it shares): export then convert gives back the same bits.
+
+Sources: a weights checkpoint from `python -m diffit_jax.convert diffit` (its config travels
+with it), or a training workdir (its newest EMA parameters, through
+`diffit_jax.checkpoint.load_ema_params`, with `--config`). Library users with parameters in
+memory call `export_params` and `write_safetensors`. The file is written to a temporary
+name and renamed, so a crash never leaves a partial `.safetensors` behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from flax import nnx, traverse_util
+
+from diffit_jax import checkpoint
+from diffit_jax.config_lib import load_config
+from diffit_jax.convert.diffit import (POS_EMBED, RPI_SUFFIX, expected_tensors,
+                                      official_buffers, param_shapes)
+from diffit_jax.convert.safetensors_io import (ConversionError, flax_conv_to_torch,
+                                               flax_linear_to_torch)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the `export` sub-command's flags."""
+  parser.add_argument("--src", required=True,
+                      help="a converted weights checkpoint (python -m diffit_jax.convert diffit) "
+                           "or a training workdir (its newest EMA weights; needs --config)")
+  parser.add_argument("--dst", required=True, help="output .safetensors file (must not exist)")
+  parser.add_argument("--config", default=None,
+                      help="experiment config of a training workdir (a weights checkpoint "
+                           "carries its own)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+
+
+def run(args: argparse.Namespace) -> int:
+  """Exports `args.src` to `args.dst`; nothing is written on error."""
+  dst = os.path.abspath(args.dst)
+  if not dst.endswith(".safetensors"):
+    raise ConversionError(f"--dst {args.dst} must end in .safetensors.")
+  if os.path.exists(dst) and not args.overwrite:
+    raise ConversionError(f"--dst {dst} already exists; choose a new file or pass --overwrite.")
+  params, config = _load_source(args.src, args.config)
+  print(f"exporting {args.src}")
+  tensors = export_params(params, config.model)
+  n = sum(v.size for k, v in tensors.items() if not _is_buffer(k))
+  print(f"  {len(tensors)} tensors, {n:,} parameters; writing {dst}")
+  write_safetensors(tensors, dst, overwrite=args.overwrite, metadata={
+      "format": "pt", "producer": "diffit_jax", "source": os.path.abspath(args.src),
+      "diffit_jax_config": json.dumps(config.to_dict(), sort_keys=True)})
+  print("done")
+  return 0
+
+
+def export_params(params: Any, model_config: Any) -> dict[str, np.ndarray]:
+  """Our latent DiffiT parameters as the official state dict.
+
+  Args:
+    params: the NNX pure dict of `LatentDiffiT`'s parameters (as `nnx.to_pure_dict` gives and
+      weights / training checkpoints store; an `nnx.State` is accepted too), numpy or jax
+      arrays (fully addressable: gather FSDP-sharded multi-host arrays first).
+    model_config: the latent `config.model` the parameters belong to.
+
+  Returns:
+    {official key: float32 array in PyTorch layout}, with `pos_embed` (1, N, D) and every
+    block's `relative_position_index` (w^2, w^2) int64.
+
+  Raises:
+    ConversionError: the parameters do not fit `model_config` (every problem listed).
+  """
+  if isinstance(params, nnx.State):
+    params = nnx.to_pure_dict(params)
+  flat = {tuple(str(p) for p in path): v
+          for path, v in traverse_util.flatten_dict(params).items()}
+  want = param_shapes(model_config)
+  have = {path: tuple(np.shape(v)) for path, v in flat.items()}
+  missing = sorted(".".join(p) for p in want if p not in have)
+  unexpected = sorted(".".join(p) for p in have if p not in want)
+  wrong = sorted(f"{'.'.join(p)}: params {have[p]}, config {want[p]}"
+                 for p in want if p in have and have[p] != want[p])
+  if missing or unexpected or wrong:
+    lines = ([f"  missing {k}" for k in missing] + [f"  unexpected {k}" for k in unexpected]
+             + [f"  wrong shape {k}" for k in wrong])
+    raise ConversionError(
+        f"the parameters do not fit config.model (variant {model_config.get('variant')!r}):\n"
+        + "\n".join(lines[:24]) + "\nPass the config the model was trained or converted with.")
+  host = {path: np.asarray(jax.device_get(v), np.float32) for path, v in flat.items()}
+  out = {}
+  for key, (path, block, _) in expected_tensors(model_config).items():
+    value = host[path] if block is None else host[path][block]  # one block of (depth, ...)
+    out[key] = _to_torch(path[-1], value)
+  out.update(official_buffers(model_config))
+  return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str, *,
+                      metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
+  """Atomically writes numpy tensors to a `.safetensors` file (temporary file, then rename).
+
+  Args:
+    tensors: {key: array}.
+    path: destination file; must not exist unless `overwrite`.
+    metadata: str -> str header metadata.
+    overwrite: replace an existing file.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; choose another destination or pass overwrite.")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                                metadata=metadata)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _load_source(src: str, config_spec: str | None) -> tuple[Any, ml_collections.ConfigDict]:
+  """(params, config) of a converted weights checkpoint or a training workdir."""
+  if not os.path.exists(src):
+    raise ConversionError(f"--src {src} does not exist; pass a converted checkpoint folder or a "
+                          "training workdir.")
+  if os.path.isfile(os.path.join(src, checkpoint.METADATA_FILE)):
+    metadata = checkpoint.load_metadata(src)
+    if metadata.get("kind") != "diffit" or "config" not in metadata:
+      raise ConversionError(f"{src} holds a {metadata.get('kind')!r} checkpoint, not a latent "
+                            "DiffiT; only latent DiffiT weights have an official layout.")
+    config = (load_config(config_spec) if config_spec
+              else ml_collections.ConfigDict(metadata["config"]))
+    params, _ = checkpoint.load_weights(src)
+  else:
+    load_ema_params = getattr(checkpoint, "load_ema_params", None)
+    if load_ema_params is None:
+      raise ConversionError(f"{src} is not a converted weights checkpoint (no "
+                            f"{checkpoint.METADATA_FILE}), and this version of diffit_jax cannot "
+                            "read training workdirs.")
+    if not config_spec:
+      raise ConversionError(f"{src} is a training workdir; pass the --config it was trained with.")
+    config = load_config(config_spec)
+    params = load_ema_params(src)[0]
+  if config.model.get("name") != "latent":
+    raise ConversionError(f"the model of {src} is {config.model.get('name')!r}; only the latent "
+                          "DiffiT has an official layout to export to.")
+  return params, config
+
+
+def _to_torch(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  """One of our parameters in PyTorch layout (inverse of `safetensors_io.torch_to_flax`)."""
+  if leaf_name == "kernel" and value.ndim == 2:
+    return flax_linear_to_torch(value)
+  if leaf_name == "kernel" and value.ndim == 4:
+    return flax_conv_to_torch(value)
+  return np.ascontiguousarray(value)
+
+
+def _is_buffer(key: str) -> bool:
+  return key == POS_EMBED or key.endswith(RPI_SUFFIX)

@@ -1,0 +1,98 @@
+"""The device mesh and how arrays are laid out on it.
+
+One mesh, built once from `config.mesh`, with two axes:
+
+  "data"  pure data parallelism: the batch is split, parameters are replicated.
+  "fsdp"  fully sharded data parallelism (ZeRO-3): the batch is split over this axis too,
+          and each large parameter (with its EMA copy and Adam moments) is split along
+          one of its dimensions, gathered by XLA when a layer needs it.
+
+The batch is always sharded over both axes, `P(("data", "fsdp"))`. Parameters follow
+one rule that depends only on an array's shape, so a parameter, its EMA copy and its
+optimizer moments always get the same layout: replicated by default; with
+`mesh.fsdp > 1`, arrays of at least `mesh.fsdp_min_size` elements are split over "fsdp"
+along their largest dimension that the axis size divides (big_vision's "fsdp" rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
+
+
+def get_default_mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: data parallel over every device (`data=-1` takes what is left)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+
+
+def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
+  """Builds the ("data", "fsdp") mesh that `config.mesh` describes.
+
+  Args:
+    mesh_config: `config.mesh` with `data` and `fsdp` axis sizes; -1 in one of them
+      means "all remaining devices". None: pure data parallelism.
+    devices: the devices to use (default: all, across every process).
+
+  Returns:
+    A mesh with Auto axes (jit propagates shardings; see ENVIRONMENT.md).
+  """
+  mesh_config = mesh_config or get_default_mesh_config()
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(mesh_config.get(DATA_AXIS, -1)), int(mesh_config.get(FSDP_AXIS, 1))]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh sets both data and fsdp to -1 ({sizes}); fix one of them.")
+  if -1 in sizes:
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if len(devices) % known:
+      raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: {len(devices)} devices "
+                       f"are not divisible by {known}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices) or min(sizes) < 1:
+    raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                     f"devices but {len(devices)} are available; set config.mesh.data=-1 to "
+                     "use whatever is left after fsdp.")
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
+  """The partition spec of one parameter-like array (see the module docstring)."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  # The largest dimension that splits evenly; ties go to the last (usually the output) axis.
+  candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  spec = [None] * len(shape)
+  spec[axis] = FSDP_AXIS
+  return P(*spec)
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, mesh_config: Any = None) -> Any:
+  """NamedShardings for every leaf of a (train-state) pytree of arrays or ShapeDtypeStructs.
+
+  Scalars and small arrays are replicated; large ones follow `param_spec`.
+  """
+  min_size = int((mesh_config or get_default_mesh_config()).get("fsdp_min_size", 2 ** 18))
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), mesh, min_size)), abstract_tree)
