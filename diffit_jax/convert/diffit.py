@@ -121,7 +121,7 @@ def convert_diffit(src: str, *, config: str | ml_collections.ConfigDict | None =
   dtypes = sorted({str(v.dtype) for k, v in state.items() if not k.endswith(RPI_SUFFIX)})
   detected, guessed = detect_model(state, src)
   print(f"  {len(state)} tensors ({', '.join(dtypes)}); detected {describe(detected)}")
-  config = _resolve_config(detected, guessed, config, src)
+  config = resolve_config(detected, guessed, config, src)
   model_config = config.model
 
   expected = expected_tensors(model_config)
@@ -277,10 +277,24 @@ def _default_config_path(input_size: int) -> str:
   return path
 
 
-def _resolve_config(detected: dict[str, Any], guessed: set[str],
-                    config: str | ml_collections.ConfigDict | None,
-                    source: str) -> ml_collections.ConfigDict:
-  """The experiment config to store: the given one (checked) or the default for the resolution."""
+def resolve_config(detected: dict[str, Any], guessed: set[str],
+                   config: str | ml_collections.ConfigDict | None = None,
+                   source: str = "the checkpoint") -> ml_collections.ConfigDict:
+  """The experiment config to store with converted weights.
+
+  Args:
+    detected, guessed: what `detect_model` returned.
+    config: a config (`path[:arg]` or ConfigDict) whose model must match `detected` (except
+      guessed fields); None loads the released config of the detected resolution
+      (`BASE_CONFIGS`) and sets its model to `detected`.
+    source: a name for the file in error messages.
+
+  Returns:
+    An unlocked copy of the config.
+
+  Raises:
+    ConversionError: the given config's model differs from the file's (every field listed).
+  """
   if config is not None:
     spec = config if isinstance(config, str) else "the given config"
     config = load_config(config) if isinstance(config, str) else config

@@ -33,7 +33,7 @@ from diffit_jax import checkpoint
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert.diffit import (POS_EMBED, RPI_SUFFIX, expected_tensors,
                                       official_buffers, param_shapes)
-from diffit_jax.convert.safetensors_io import (ConversionError, flax_conv_to_torch,
+from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, flax_conv_to_torch,
                                                flax_linear_to_torch)
 
 
@@ -88,18 +88,10 @@ def export_params(params: Any, model_config: Any) -> dict[str, np.ndarray]:
     params = nnx.to_pure_dict(params)
   flat = {tuple(str(p) for p in path): v
           for path, v in traverse_util.flatten_dict(params).items()}
-  want = param_shapes(model_config)
-  have = {path: tuple(np.shape(v)) for path, v in flat.items()}
-  missing = sorted(".".join(p) for p in want if p not in have)
-  unexpected = sorted(".".join(p) for p in have if p not in want)
-  wrong = sorted(f"{'.'.join(p)}: params {have[p]}, config {want[p]}"
-                 for p in want if p in have and have[p] != want[p])
-  if missing or unexpected or wrong:
-    lines = ([f"  missing {k}" for k in missing] + [f"  unexpected {k}" for k in unexpected]
-             + [f"  wrong shape {k}" for k in wrong])
-    raise ConversionError(
-        f"the parameters do not fit config.model (variant {model_config.get('variant')!r}):\n"
-        + "\n".join(lines[:24]) + "\nPass the config the model was trained or converted with.")
+  check_keys({".".join(p): shape for p, shape in param_shapes(model_config).items()},
+             {".".join(p): v for p, v in flat.items()}, source="the parameters",
+             hint=f"config.model is variant {model_config.get('variant')!r}; pass the config "
+                  "the model was trained or converted with.")
   host = {path: np.asarray(jax.device_get(v), np.float32) for path, v in flat.items()}
   out = {}
   for key, (path, block, _) in expected_tensors(model_config).items():

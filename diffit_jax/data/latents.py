@@ -200,7 +200,7 @@ def sample_latent(mean, logvar, noise, scale: float = LATENT_SCALE):
 
   Pure arithmetic through the array namespace of `logvar`, so one implementation serves numpy
   (the grain pipeline) and `jax.numpy` (jittable: pass jax arrays and `jax.random.normal`
-  noise; `diffit_jax.models.vae.to_latent` is the same formula with its own noise draw).
+  noise). It is the one place a latent is drawn from a posterior.
 
   Args:
     mean: posterior mean, any shape.

@@ -267,7 +267,7 @@ class AutoencoderKL(nnx.Module):
   """The SD VAE: `encode` images to a diagonal Gaussian posterior, `decode` latents to images.
 
   Images are NHWC in [-1, 1]; latents are NHWC and unscaled (multiply by `LATENT_SCALE`
-  before diffusion, see `to_latent` / `from_latent`). Parameters are stored in
+  before diffusion: `diffit_jax.data.latents.sample_latent`; `from_latent` undoes it). Parameters are stored in
   `param_dtype`; convolutions and matmuls run in `dtype` (GroupNorm statistics and the
   attention softmax in float32 regardless). Both methods return float32.
 
@@ -318,20 +318,6 @@ class AutoencoderKL(nnx.Module):
     """
     with jax.named_scope("vae_decode"):
       return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
-
-
-def to_latent(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
-  """Samples z ~ N(mean, exp(logvar)) and scales it by `LATENT_SCALE` for diffusion.
-
-  Args:
-    mean, logvar: the posterior from `AutoencoderKL.encode`, (B, h, w, C).
-    rng: a JAX PRNG key.
-
-  Returns:
-    Scaled latents (B, h, w, C), roughly unit variance for the SD VAE.
-  """
-  eps = jax.random.normal(rng, mean.shape, mean.dtype)
-  return (mean + jnp.exp(0.5 * logvar) * eps) * LATENT_SCALE
 
 
 def from_latent(z: jax.Array) -> jax.Array:
