@@ -44,7 +44,7 @@ flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest E
 flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
                     "(python -m diffit_jax.convert diffit).")
 flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae) to decode "
-                    "latents; overrides config.vae. Without one, latent samples are saved as is.")
+                    "latents; overrides config.vae. Required for latent models.")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples_eval or ./samples).")
 flags.DEFINE_integer("num_samples", 64, "Number of samples to write (any number).")
 flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).")
@@ -162,8 +162,12 @@ def make_decoder(config, vae_path: str | None, sharding):
   """A jitted map from sampler output to uint8 NHWC images."""
   # The release stores uint8 by truncation of (x + 1) * 127.5; EDM rounds.
   rounding = config.diffusion.name == "edm"
-  if config.model.name != "latent" or not vae_path:
+  if config.model.name != "latent":
     return jax.jit(lambda x: to_uint8(x, rounding=rounding))
+  if not vae_path:
+    raise ValueError("latent samples need the SD VAE to become images: pass --vae=DIR (make "
+                     "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --dst=DIR`) "
+                     "or set config.vae.")
   from diffit_jax.convert.vae import load_vae
   from diffit_jax.models.vae import from_latent
   vae = load_vae(vae_path, sharding=sharding)
@@ -198,9 +202,9 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   scfg = sampler_config(config)
   sampler = samplers.make_sampler(scfg, apply_fn, models.input_shape(config.model)[1:], mesh=mesh)
 
+  decode = make_decoder(config, vae or config.get("vae"), replicated)
   state = restore_params(state, load_sampling_weights(workdir, checkpoint_path),
                          workdir or checkpoint_path, config.model.name, replicated)
-  decode = make_decoder(config, vae or config.get("vae"), replicated)
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
   parts_dir = os.path.join(out, "parts")
   os.makedirs(parts_dir, exist_ok=True)

@@ -122,7 +122,7 @@ def main() -> None:
     full_ms, net_ms = timed((sampler, (state, labels, indices, 0)),
                             (network_only, (state, x, t, y)))
 
-    steps = config.num_steps
+    steps = config.steps
     overhead_ms = full_ms - net_ms
     results[key] = dict(
         steps=steps, nfe=config.nfe, network_batch=net_batch,

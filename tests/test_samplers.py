@@ -204,6 +204,21 @@ def test_ddim_eta0_is_euler_on_the_adm_grid():
                              np.asarray(euler(PARAMS, None, idx, 5)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("step", ["ddpm", "ddim"])
+def test_steps_accept_per_example_timesteps(step):
+  sched = respace.create_schedule("linear", 1000, "10")
+  rng = np.random.default_rng(0)
+  x, noise = (jnp.asarray(rng.standard_normal((3, 2, 2, 2)), jnp.float32) for _ in range(2))
+  out = jnp.asarray(np.tanh(rng.standard_normal((3, 2, 2, 4))), jnp.float32)
+  t = jnp.array([0, 4, 9])
+  fn = (samplers.ddpm_step if step == "ddpm"
+        else lambda *a: samplers.ddim_step(*a, eta=0.7))
+  batched, _ = fn(sched, out, x, t, noise)
+  for i in range(3):
+    single, _ = fn(sched, out[i:i + 1], x[i:i + 1], int(t[i]), noise[i:i + 1])
+    np.testing.assert_allclose(np.asarray(batched[i:i + 1]), np.asarray(single), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Guidance, determinism, compilation.
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +327,7 @@ def test_nnx_model_through_nnx_apply_fn():
     (dict(name="heun", formulation="edm", guidance_scale=2.0, guidance_schedule="power_cosine"),
      "power-cosine"),
     (dict(guidance_scale=2.0, guidance_channels=5), "guidance_channels=5"),
+    (dict(guidance_scale=2.0, guidance_channels=1, guidance_interval=(3.0, 1.0)), "lo < hi"),
     (dict(num_step=10), "Unknown sampler config keys"),
 ])
 def test_bad_configs_fail_with_a_clear_message(cfg, match):
@@ -333,6 +349,8 @@ def test_official_presets():
   assert samplers.OFFICIAL_512.guidance_scale == 1.49
   assert samplers.OFFICIAL_512.guidance_schedule == "constant"
   assert samplers.EDM_HEUN_18.nfe == 35
+  assert samplers.SamplerConfig(name="ddim", respacing="ddim25").nfe == 25
+  assert samplers.SamplerConfig(respacing="10,15,20").steps == 45
   from ml_collections import ConfigDict
   cfg = samplers.SamplerConfig.from_config(ConfigDict(dict(name="euler", num_steps=7)))
   assert cfg.name == "euler" and cfg.num_steps == 7

@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.convert diffit --src=diffit_256.safetensors --dst=DIR`: official weights in.
+"""`python -m diffit_jax.convert diffit --src=diffit_256.safetensors --dst=DIR`: weights in.
 
 This file owns converting NVIDIA's official latent DiffiT state dicts (`diffit_256.safetensors`,
 `diffit_512.safetensors`; layout and forward math in `shared/spec/OFFICIAL_CHECKPOINT.md`)
@@ -44,10 +44,8 @@ from diffit_jax.models.tmsa import relative_position_index
 BASE_CONFIGS = {32: "imagenet256_latent.py", 64: "imagenet512_latent.py"}
 VAE_FACTOR = 8  # SD-VAE: image side = 8 x latent side.
 
-# A model outside the size table of `models.latent` is stored as variant "custom" with
-# these explicit fields (see `build_diffit`).
-CUSTOM_VARIANT = "custom"
-SIZE_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
+# A model outside the size table is stored as variant "custom" with explicit sizes.
+CUSTOM_VARIANT, SIZE_FIELDS = models.CUSTOM_VARIANT, models.SIZE_FIELDS
 
 # The file's pos_embed may have been computed in float32 by other code: allow rounding.
 POS_EMBED_ATOL = 1e-4
@@ -74,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", default=None,
                       help="experiment config to store with the weights (default: chosen by the "
                            "detected resolution: configs/imagenet256_latent.py for 32x32 latents, "
-                           "configs/imagenet512_latent.py for 64x64); its model must match the file")
+                           "configs/imagenet512_latent.py for 64x64); its model must match "
+                           "the file")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
 
 
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
   print(f"writing {dst}")
   checkpoint.save_weights(dst, params, overwrite=args.overwrite, metadata={
       "kind": "diffit", "config": config.to_dict(), "source": os.path.abspath(args.src), **info})
-  print("done")
+  print(f"done; sample with: python -m diffit_jax.sample --checkpoint={dst} --vae=VAE_DIR")
   return 0
 
 
@@ -121,11 +120,13 @@ def convert_diffit(src: str, *, config: str | ml_collections.ConfigDict | None =
   dtypes = sorted({str(v.dtype) for k, v in state.items() if not k.endswith(RPI_SUFFIX)})
   detected, guessed = detect_model(state, src)
   print(f"  {len(state)} tensors ({', '.join(dtypes)}); detected {describe(detected)}")
+  if dtypes != ["float32"]:
+    print("  NOTE: parameters are stored as float32 (the file's lower precision is upcast).")
   config = resolve_config(detected, guessed, config, src)
   model_config = config.model
 
   expected = expected_tensors(model_config)
-  depth = _sizes(model_config)["depth"]
+  depth = models.latent_sizes(model_config)["depth"]
   shapes = {key: shape for key, (_, _, shape) in expected.items()}
   shapes.update(_buffer_shapes(model_config, state))
   check_keys(shapes, state, source=src, hint=(
@@ -183,7 +184,8 @@ def detect_model(state: dict[str, np.ndarray], source: str = "checkpoint"
   if not blocks:
     raise ConversionError(
         f"{source} has no `blocks.N.*` tensors; it is not a latent DiffiT state dict "
-        f"(its first keys: {sorted(state)[:5]}). Pass diffit_256.safetensors or diffit_512.safetensors.")
+        f"(its first keys: {sorted(state)[:5]}). Pass diffit_256.safetensors or "
+        "diffit_512.safetensors.")
   block_keys = lambda suffix: [f"blocks.{i}.{suffix}" for i in blocks]
 
   conv = shape("x_embedder.proj.weight", rank=4)  # (D, C, p, p)
@@ -249,7 +251,9 @@ def describe(fields: dict[str, Any]) -> str:
   """A one-line description of a detected model, e.g. 'XL/2 at 256 px (latent 32x32x4), ...'."""
   grid = fields["input_size"] // fields["patch_size"]
   window = fields["window_size"] or grid
-  return (f"{variant_name(fields)} at {fields['input_size'] * VAE_FACTOR} px (latent "
+  name = variant_name(fields)
+  name = "a custom-size model" if name == CUSTOM_VARIANT else name
+  return (f"{name} at {fields['input_size'] * VAE_FACTOR} px (latent "
           f"{fields['input_size']}x{fields['input_size']}x{fields['in_channels']}): depth "
           f"{fields['depth']}, width {fields['hidden_size']}, {fields['num_heads']} heads, patch "
           f"{fields['patch_size']}, {grid}x{grid} tokens, "
@@ -340,7 +344,7 @@ def resolve_config(detected: dict[str, Any], guessed: set[str],
 
 def model_fields(model_config: Any) -> dict[str, Any]:
   """The comparable fields of a latent `config.model` (the keys `detect_model` returns)."""
-  sizes = _sizes(model_config)
+  sizes = models.latent_sizes(model_config)
   grid = model_config.input_size // sizes["patch_size"]
   window = model_config.get("window_size") or 0
   return dict(
@@ -348,30 +352,6 @@ def model_fields(model_config: Any) -> dict[str, Any]:
       num_classes=model_config.get("num_classes", 0), learn_sigma=model_config.learn_sigma,
       mlp_ratio=model_config.get("mlp_ratio", 4.0), window_size=0 if window == grid else window,
       **sizes)
-
-
-def _sizes(model_config: Any) -> dict[str, int]:
-  """depth / hidden_size / num_heads / patch_size of a latent `config.model`."""
-  if model_config.variant == CUSTOM_VARIANT:
-    missing = [k for k in SIZE_FIELDS if model_config.get(k) is None]
-    if missing:
-      raise ValueError(f"config.model.variant={CUSTOM_VARIANT!r} needs {missing} as well.")
-    return {k: int(model_config[k]) for k in SIZE_FIELDS}
-  return models.latent_variant(model_config.variant)
-
-
-def build_diffit(model_config: Any, *, rngs: nnx.Rngs, **overrides) -> LatentDiffiT:
-  """`models.build_model` for latent configs, also for sizes outside `LATENT_SIZES`.
-
-  A `variant="custom"` config gives its sizes as explicit fields (`SIZE_FIELDS`); it arises
-  when a converted file matches no row of the size table (e.g. small test models).
-  """
-  if model_config.variant != CUSTOM_VARIANT:
-    return models.build_model(model_config, rngs=rngs, **overrides)
-  sizes = _sizes(model_config)
-  named = ml_collections.ConfigDict(model_config.to_dict())
-  named.variant = "S/2"  # only a name model_kwargs accepts; `sizes` replaces everything it sets
-  return models.build_model(named, rngs=rngs, **{**sizes, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +384,7 @@ def param_shapes(model_config: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     ConversionError: the config describes an impossible model (e.g. width not divisible by heads).
   """
   try:
-    abstract = nnx.eval_shape(lambda: build_diffit(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: models.build_model(model_config, rngs=nnx.Rngs(0)))
   except ValueError as e:
     raise ConversionError(f"cannot build the latent DiffiT the tensors describe: {e}") from e
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
@@ -431,7 +411,7 @@ def expected_tensors(model_config: Any
 def official_buffers(model_config: Any) -> dict[str, np.ndarray]:
   """The official state dict's buffers: `pos_embed` (1, N, D) float32 and every block's
   `relative_position_index` (w^2, w^2) int64 (PyTorch's index dtype)."""
-  sizes = _sizes(model_config)
+  sizes = models.latent_sizes(model_config)
   grid = model_config.input_size // sizes["patch_size"]
   window = model_config.get("window_size") or grid
   buffers = {POS_EMBED: sincos_pos_embed_2d(sizes["hidden_size"], grid)[None]}  # (1, N, D)
@@ -504,7 +484,7 @@ def load_diffit(path: str, *, dtype: str | None = None,
   config = ml_collections.ConfigDict(metadata["config"])
   if dtype is not None:
     config.model.dtype = dtype
-  abstract = nnx.eval_shape(lambda: build_diffit(config.model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                         nnx.to_pure_dict(state))

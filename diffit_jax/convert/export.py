@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.convert export --src=CHECKPOINT --dst=FILE.safetensors`: official weights out.
+"""`python -m diffit_jax.convert export --src=CHECKPOINT --dst=FILE.safetensors`: weights out.
 
 This file owns writing a latent DiffiT in the official PyTorch layout of NVIDIA's release
 (`shared/spec/OFFICIAL_CHECKPOINT.md`), so that the official code loads it with
@@ -8,9 +8,9 @@ leading depth axis unstacked into `blocks.{i}.*`), plus the `pos_embed` and
 `relative_position_index` buffers the official module registers. It is the inverse of
 `diffit.py` (whose key mapping it shares): export then convert gives back the same bits.
 
-Sources: a weights checkpoint from `python -m diffit_jax.convert diffit` (its config travels
-with it), or a training workdir (its newest EMA parameters, through
-`diffit_jax.checkpoint.load_ema_params`, with `--config`). Library users with parameters in
+Sources: a weights checkpoint from `python -m diffit_jax.convert diffit`, or a training
+workdir (the EMA parameters of its newest checkpoint, or `--step`, through
+`diffit_jax.checkpoint.load_ema_params`); either carries its config. Library users with parameters in
 memory call `export_params` and `write_safetensors`. The file is written to a temporary
 name and renamed, so a crash never leaves a partial `.safetensors` behind.
 """
@@ -41,11 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the `export` sub-command's flags."""
   parser.add_argument("--src", required=True,
                       help="a converted weights checkpoint (python -m diffit_jax.convert diffit) "
-                           "or a training workdir (its newest EMA weights; needs --config)")
+                           "or a training workdir (the EMA weights of its newest checkpoint)")
   parser.add_argument("--dst", required=True, help="output .safetensors file (must not exist)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="with a training workdir: the checkpoint step (default: the newest)")
   parser.add_argument("--config", default=None,
-                      help="experiment config of a training workdir (a weights checkpoint "
-                           "carries its own)")
+                      help="override the config stored with the weights (rarely needed)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     raise ConversionError(f"--dst {args.dst} must end in .safetensors.")
   if os.path.exists(dst) and not args.overwrite:
     raise ConversionError(f"--dst {dst} already exists; choose a new file or pass --overwrite.")
-  params, config = _load_source(args.src, args.config)
+  params, config = _load_source(args.src, args.config, args.step)
   print(f"exporting {args.src}")
   tensors = export_params(params, config.model)
   n = sum(v.size for k, v in tensors.items() if not _is_buffer(k))
@@ -89,7 +90,7 @@ def export_params(params: Any, model_config: Any) -> dict[str, np.ndarray]:
   flat = {tuple(str(p) for p in path): v
           for path, v in traverse_util.flatten_dict(params).items()}
   check_keys({".".join(p): shape for p, shape in param_shapes(model_config).items()},
-             {".".join(p): v for p, v in flat.items()}, source="the parameters",
+             {".".join(p): v for p, v in flat.items()}, source="the parameter tree",
              hint=f"config.model is variant {model_config.get('variant')!r}; pass the config "
                   "the model was trained or converted with.")
   host = {path: np.asarray(jax.device_get(v), np.float32) for path, v in flat.items()}
@@ -125,7 +126,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str, *,
       os.remove(tmp)
 
 
-def _load_source(src: str, config_spec: str | None) -> tuple[Any, ml_collections.ConfigDict]:
+def _load_source(src: str, config_spec: str | None, step: int | None
+                 ) -> tuple[Any, ml_collections.ConfigDict]:
   """(params, config) of a converted weights checkpoint or a training workdir."""
   if not os.path.exists(src):
     raise ConversionError(f"--src {src} does not exist; pass a converted checkpoint folder or a "
@@ -135,19 +137,18 @@ def _load_source(src: str, config_spec: str | None) -> tuple[Any, ml_collections
     if metadata.get("kind") != "diffit" or "config" not in metadata:
       raise ConversionError(f"{src} holds a {metadata.get('kind')!r} checkpoint, not a latent "
                             "DiffiT; only latent DiffiT weights have an official layout.")
-    config = (load_config(config_spec) if config_spec
-              else ml_collections.ConfigDict(metadata["config"]))
+    if step is not None:
+      raise ConversionError("--step applies to training workdirs, not to a weights checkpoint.")
     params, _ = checkpoint.load_weights(src)
+    saved = metadata["config"]
   else:
-    load_ema_params = getattr(checkpoint, "load_ema_params", None)
-    if load_ema_params is None:
-      raise ConversionError(f"{src} is not a converted weights checkpoint (no "
-                            f"{checkpoint.METADATA_FILE}), and this version of diffit_jax cannot "
-                            "read training workdirs.")
-    if not config_spec:
-      raise ConversionError(f"{src} is a training workdir; pass the --config it was trained with.")
+    params, saved = checkpoint.load_ema_params(src, step)  # FileNotFoundError if not a run
+  if config_spec:
     config = load_config(config_spec)
-    params = load_ema_params(src)[0]
+  elif saved:
+    config = ml_collections.ConfigDict(saved)
+  else:
+    raise ConversionError(f"{src} carries no config; pass the --config it was trained with.")
   if config.model.get("name") != "latent":
     raise ConversionError(f"the model of {src} is {config.model.get('name')!r}; only the latent "
                           "DiffiT has an official layout to export to.")

@@ -162,8 +162,11 @@ def schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = Non
   )
 
 
-def _gather(arr: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
-  """arr[t] broadcastable against x: a scalar for scalar t, (B, 1, ..., 1) for (B,) t."""
+def extract(arr: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+  """arr[t] broadcastable against x: a scalar for scalar t, (B, 1, ..., 1) for (B,) t.
+
+  ADM's `_extract_into_tensor`.
+  """
   values = arr[t]
   if values.ndim == 0:
     return values
@@ -193,8 +196,8 @@ def q_sample(schedule: GaussianSchedule, x0: jax.Array, t: jax.Array, noise: jax
   Returns:
     x_t of x0's shape.
   """
-  return (_gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
-          + _gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+  return (extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
+          + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
 
 def q_posterior_mean_variance(schedule: GaussianSchedule, x0: jax.Array, x_t: jax.Array,
@@ -204,38 +207,38 @@ def q_posterior_mean_variance(schedule: GaussianSchedule, x0: jax.Array, x_t: ja
   Returns:
     (mean of x_t's shape, variance and clipped log-variance broadcastable to it).
   """
-  mean = (_gather(schedule.posterior_mean_coef1, t, x_t) * x0
-          + _gather(schedule.posterior_mean_coef2, t, x_t) * x_t)
-  return (mean, _gather(schedule.posterior_variance, t, x_t),
-          _gather(schedule.posterior_log_variance_clipped, t, x_t))
+  mean = (extract(schedule.posterior_mean_coef1, t, x_t) * x0
+          + extract(schedule.posterior_mean_coef2, t, x_t) * x_t)
+  return (mean, extract(schedule.posterior_variance, t, x_t),
+          extract(schedule.posterior_log_variance_clipped, t, x_t))
 
 
 def predict_x0_from_eps(schedule: GaussianSchedule, x_t: jax.Array, t: jax.Array,
                         eps: jax.Array) -> jax.Array:
   """x_0 = x_t / sqrt(alpha_bar_t) - sqrt(1 / alpha_bar_t - 1) eps [DDPM Eq. 4 inverted]."""
-  return (_gather(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-          - _gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+          - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
 
 def predict_eps_from_x0(schedule: GaussianSchedule, x_t: jax.Array, t: jax.Array,
                         x0: jax.Array) -> jax.Array:
   """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-  return ((_gather(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
-          / _gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t))
+  return ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+          / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t))
 
 
 def predict_x0_from_v(schedule: GaussianSchedule, x_t: jax.Array, t: jax.Array,
                       v: jax.Array) -> jax.Array:
   """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v (Salimans & Ho 2022, v-prediction)."""
-  return (_gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-          - _gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+  return (extract(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+          - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
 
 def v_target(schedule: GaussianSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array
              ) -> jax.Array:
   """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
-  return (_gather(schedule.sqrt_alphas_cumprod, t, x0) * noise
-          - _gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+  return (extract(schedule.sqrt_alphas_cumprod, t, x0) * noise
+          - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,14 +298,14 @@ def p_mean_variance(schedule: GaussianSchedule, model_output: jax.Array, x_t: ja
   """
   pred, var_values = split_model_output(model_output, x_t, var_type)
   if var_type == "learned_range":
-    min_log = _gather(schedule.posterior_log_variance_clipped, t, x_t)
-    max_log = _gather(schedule.log_betas, t, x_t)
+    min_log = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    max_log = extract(schedule.log_betas, t, x_t)
     frac = (var_values + 1) / 2  # the model's [-1, 1] maps to [min_var, max_var]
     log_variance = frac * max_log + (1 - frac) * min_log
   elif var_type == "fixed_small":
-    log_variance = _gather(schedule.posterior_log_variance_clipped, t, x_t)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)
   else:
-    log_variance = _gather(schedule.fixed_large_log_variance, t, x_t)
+    log_variance = extract(schedule.fixed_large_log_variance, t, x_t)
 
   if pred_type == "eps":
     pred_x0 = predict_x0_from_eps(schedule, x_t, t, pred)

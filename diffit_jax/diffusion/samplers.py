@@ -21,7 +21,9 @@ already placed on the mesh (replicated, or FSDP-sharded). For a Flax NNX model u
 
 Randomness. The key of sample i is fold_in(key(seed), sample_indices[i]); its initial noise
 uses fold_in(key_i, 0) and step j's noise fold_in(key_i, j + 1). A sample therefore depends
-only on (seed, its global index, its label), never on the batch size or the device count.
+only on (seed, its global index, its label), never on the batch size or the device count
+(bit-identical for any batch on one mesh; across device counts XLA compiles a different
+per-device program, which can differ in the last float32 bits).
 
 The ODE samplers (heun, euler, dpmpp_2m) run in EDM's "VE" coordinates x = x_0 + sigma n.
 For an ADM model they use the chain's own noise levels sigma_k = sqrt(1 / alpha_bar_k - 1) at
@@ -40,10 +42,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffit_jax.diffusion import edm as edm_lib
-from diffit_jax.diffusion.gaussian import (GaussianSchedule, get_named_beta_schedule,
+from diffit_jax.diffusion.gaussian import (GaussianSchedule, extract, get_named_beta_schedule,
                                            p_mean_variance, predict_eps_from_x0)
 from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
-from diffit_jax.diffusion.respace import create_schedule
+from diffit_jax.diffusion.respace import create_schedule, space_timesteps
 
 # apply_fn(params, x (B,H,W,C), t_in (B,), y (B,) or None) -> (B,H,W,K); see the module docstring.
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
@@ -132,9 +134,16 @@ class SamplerConfig:
         num_timesteps=self.diffusion_steps)
 
   @property
+  def steps(self) -> int:
+    """Sampling steps actually taken (an ADM `respacing` string fixes its own count)."""
+    if self.formulation == "adm" and self.respacing:
+      return len(space_timesteps(self.diffusion_steps, self.respacing))
+    return self.num_steps
+
+  @property
   def nfe(self) -> int:
     """Batched network evaluations per sample (a guided one costs a doubled batch)."""
-    return 2 * self.num_steps - 1 if self.name == "heun" else self.num_steps
+    return 2 * self.steps - 1 if self.name == "heun" else self.steps
 
 
 # The released DiffiT sampling settings [DiffiT Sec. 5.8, App. I.2; OFFICIAL_CHECKPOINT.md].
@@ -181,6 +190,9 @@ def _validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
       raise ValueError("The power-cosine guidance schedule is defined on ADM timesteps; with "
                        "formulation='edm' use guidance_schedule='constant' (optionally with "
                        "guidance_interval).")
+    if g.interval is not None and not (len(g.interval) == 2 and g.interval[0] < g.interval[1]):
+      raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with lo < hi, got "
+                       f"{g.interval}.")
     if g.channels is not None and not 1 <= g.channels <= shape[-1]:
       raise ValueError(f"guidance_channels={g.channels} must be in [1, {shape[-1]}] for "
                        f"{shape[-1]}-channel samples, or None for all channels.")
@@ -217,10 +229,14 @@ def ddpm_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array,
   """
   out = p_mean_variance(schedule, model_output, x, t, pred_type=pred_type, var_type=var_type,
                         clip_denoised=clip_denoised)
-  std = jnp.where(jnp.asarray(t) > 0, jnp.exp(0.5 * out.log_variance), 0.0)
-  if std.ndim == 1:
-    std = std.reshape(std.shape + (1,) * (x.ndim - 1))  # (B,) -> (B, 1, 1, 1)
-  return out.mean + std * noise, out.pred_x0
+  nonzero = _nonzero_mask(t, x)
+  return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_x0
+
+
+def _nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
+  """1 where t > 0 else 0 (no noise is added on the last step), broadcastable to x."""
+  mask = (jnp.asarray(t) > 0).astype(x.dtype)
+  return mask if mask.ndim == 0 else mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
 def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
@@ -235,7 +251,7 @@ def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array,
     schedule: the (respaced) diffusion.
     model_output: the model's output at (x, t).
     x: (B, H, W, C) current sample.
-    t: respaced step index, a scalar.
+    t: respaced step index (scalar or (B,)); no noise is added at t = 0.
     noise: standard normal noise of x's shape (unused, may be None, when eta = 0).
     eta: 0 for the deterministic DDIM, 1 for DDPM-like variance.
     pred_type, var_type, clip_denoised: as in `p_mean_variance`.
@@ -246,14 +262,14 @@ def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array,
   out = p_mean_variance(schedule, model_output, x, t, pred_type=pred_type, var_type=var_type,
                         clip_denoised=clip_denoised)
   eps = predict_eps_from_x0(schedule, x, t, out.pred_x0)
-  alpha_bar = schedule.alphas_cumprod[t]
-  alpha_bar_prev = schedule.alphas_cumprod_prev[t]
+  alpha_bar = extract(schedule.alphas_cumprod, t, x)
+  alpha_bar_prev = extract(schedule.alphas_cumprod_prev, t, x)
   sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
            * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
   x_prev = (out.pred_x0 * jnp.sqrt(alpha_bar_prev)
             + jnp.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
   if eta > 0:
-    x_prev = x_prev + jnp.where(t > 0, sigma, 0.0) * noise
+    x_prev = x_prev + _nonzero_mask(t, x) * sigma * noise
   return x_prev, out.pred_x0
 
 
@@ -438,6 +454,9 @@ class Sampler:
       sample_indices: (B,) int global indices of the samples (e.g. arange(start, start + B));
         they, with the seed, fix each sample's noise.
       seed: integer seed.
+
+    NumPy labels and indices are placed with `device_put` (one process). With several
+    processes, pass global `jax.Array`s built by `jax.make_array_from_process_local_data`.
 
     Returns:
       (B, H, W, C) float32 samples, batch sharded over "data" (replicated when B is not a

@@ -18,6 +18,20 @@ from diffit_jax.models.latent import LATENT_SIZES, LatentDiffiT, latent_variant
 from diffit_jax.models.tmsa import TMSA, DiffiTBlock
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# A latent model outside the size table: `config.model.variant = "custom"` with the sizes
+# as explicit fields (the converter writes this for files that match no table row).
+CUSTOM_VARIANT = "custom"
+SIZE_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
+
+
+def latent_sizes(model_config: Any) -> dict[str, int]:
+  """depth / hidden_size / num_heads / patch_size of a latent `config.model`."""
+  if model_config.variant != CUSTOM_VARIANT:
+    return latent_variant(model_config.variant)
+  missing = [k for k in SIZE_FIELDS if model_config.get(k) is None]
+  if missing:
+    raise ValueError(f"config.model.variant={CUSTOM_VARIANT!r} needs {missing} as well.")
+  return {k: int(model_config[k]) for k in SIZE_FIELDS}
 
 
 def model_kwargs(model_config: Any) -> tuple[type[nnx.Module], dict]:
@@ -29,7 +43,8 @@ def model_kwargs(model_config: Any) -> tuple[type[nnx.Module], dict]:
     raise ValueError(f"config.model.dtype={dtype!r}; use one of {sorted(DTYPES)}.")
   cfg["dtype"] = DTYPES[dtype]
   if name == "latent":
-    cfg.update(latent_variant(cfg.pop("variant")))
+    cfg.update(latent_sizes(model_config))
+    cfg.pop("variant")
     cfg["window_size"] = cfg.get("window_size") or None  # 0 / None: the whole grid
     return LatentDiffiT, cfg
   if name == "image":
@@ -74,6 +89,6 @@ def forward_flops(model_config: Any, batch_size: int = 1) -> float:
   return float(jax.jit(forward).lower(state, x, t, y).cost_analysis()["flops"])
 
 
-__all__ = ["TMSA", "DiffiTBlock", "DiffiTResBlock", "LatentDiffiT", "ImageDiffiT", "LATENT_SIZES",
+__all__ = ["CUSTOM_VARIANT", "SIZE_FIELDS", "latent_sizes", "TMSA", "DiffiTBlock", "DiffiTResBlock", "LatentDiffiT", "ImageDiffiT", "LATENT_SIZES",
            "latent_variant", "build_model", "model_kwargs", "input_shape", "count_params",
            "forward_flops"]

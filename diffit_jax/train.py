@@ -1,0 +1,604 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, what `python -m diffit_jax.main` runs.
+
+Reads top to bottom in the order a run happens:
+
+  1. distributed   `jax.distributed.initialize` when the run spans several processes.
+  2. mesh          one ("data", "fsdp") mesh from `config.mesh` (`diffit_jax.sharding`).
+  3. data          this process's shard of the grain pipeline (`diffit_jax.data`).
+  4. model + opt   the network split once (`nnx.split`) into a graph and a pure dict of
+                   float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
+  5. shardings     the train state's layout: replicated, or FSDP by config.
+  6. restore       the newest finished checkpoint in WORKDIR, if any (exact resume).
+  7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed once
+                   with explicit shardings and the state donated; "jit" lets XLA partition the
+                   data-parallel step, "shard_map" writes the gradient all-reduce by hand.
+  8. loop          logging, the NaN guard, checkpoints, EMA sample grids, SIGTERM, FID.
+
+The train state (`TrainState`) holds the step, the run's base PRNG key, the float32
+weights, their EMA and the optimizer state. Step k's randomness is
+`fold_in(key, k)`: the noise levels, noise, label dropout for classifier-free guidance
+(labels replaced by the null class `num_classes` with probability
+`config.diffusion.class_dropout_prob`) and the network's dropout. Those draws are made
+for the whole global batch before the gradient computation, so the jit and shard_map
+steps see identical noise whatever the mesh (threefry is partitionable).
+
+Losses follow `config.diffusion.name`: "edm" (image-space DiffiT, EDM's preconditioned
+denoising loss) or "adm" (latent DiffiT, IDDPM's hybrid L_simple + L_vlb loss on
+pre-encoded latents). Mixed precision is `config.model.dtype = "bfloat16"`: the network
+computes in bfloat16 while weights, gradients, EMA and Adam moments stay float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffit_jax import checkpoint as checkpoint_lib
+from diffit_jax import data as data_lib
+from diffit_jax import diffusion
+from diffit_jax import logging_utils
+from diffit_jax import models
+from diffit_jax import optim
+from diffit_jax import sharding as sharding_lib
+
+STEP_IMPLS = ("jit", "shard_map")
+CONFIG_FILE = "config.json"
+SAMPLES_DIR = "samples"
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes or needs; a pytree, checkpointed whole."""
+  step: jax.Array        # () int32: optimizer steps taken
+  rng: jax.Array         # (2,) uint32: key data of the run's base key (constant)
+  params: Any            # pure dict of float32 weights (`nnx.to_pure_dict` layout)
+  ema_params: Any        # same structure: the weights sampling uses
+  opt_state: Any         # optax state over `params` (float32 moments)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the message names the steps and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Distributed initialisation.
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Calls `jax.distributed.initialize` when the run spans several processes.
+
+  The coordinator comes from `config.distributed.coordinator_address` or the environment
+  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`);
+  `config.distributed.auto=True` lets JAX detect the cluster (TPU pods, SLURM, ...).
+  Must run before anything touches a JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return
+  dist = config.get("distributed") or {}
+  address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
+  process_id = dist.get("process_id", -1)
+  if process_id is None or process_id < 0:
+    process_id = os.environ.get("JAX_PROCESS_ID")
+  if address:
+    if num_processes is None or process_id is None:
+      raise ValueError(
+          f"A coordinator address ({address}) is set but not the number of processes and this "
+          "process's id; set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/"
+          "JAX_PROCESS_ID.")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
+                               process_id=int(process_id))
+  elif dist.get("auto", False):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+# ----------------------------------------------------------------------------------------
+# Config helpers shared by the step and the sampler.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming a bad training setting and the fix."""
+  name = config.diffusion.name
+  if name not in ("edm", "adm"):
+    raise ValueError(f"config.diffusion.name={name!r}; use 'edm' (image space) or 'adm' (latent).")
+  impl = config.get("step_impl", "jit")
+  if impl not in STEP_IMPLS:
+    raise ValueError(f"config.step_impl={impl!r}; use one of {STEP_IMPLS}.")
+  p = float(config.diffusion.get("class_dropout_prob", 0.0))
+  if not 0.0 <= p < 1.0:
+    raise ValueError(f"config.diffusion.class_dropout_prob={p} must be in [0, 1).")
+  if p > 0 and not config.model.get("num_classes", 0):
+    raise ValueError("config.diffusion.class_dropout_prob > 0 needs a class-conditional model "
+                     "(config.model.num_classes > 0).")
+  for key in ("num_train_steps", "batch_size", "log_every_steps"):
+    if int(config.get(key, 0)) <= 0:
+      raise ValueError(f"config.{key}={config.get(key)} must be a positive integer.")
+  optim.validate_ema_config(config.ema)
+
+
+def _var_type(diffusion_config) -> str:
+  return "learned_range" if diffusion_config.get("learn_sigma", False) else "fixed_large"
+
+
+def _adm_schedule(diffusion_config) -> diffusion.GaussianSchedule:
+  return diffusion.create_schedule(diffusion_config.get("beta_schedule", "linear"),
+                                   int(diffusion_config.get("num_timesteps", 1000)))
+
+
+def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig:
+  """The `diffusion.SamplerConfig` that `config.sampler` (with the model and diffusion) means.
+
+  `config.sampler.guidance.channels = 0` guides every prediction channel.
+  """
+  s, dif = config.sampler, config.diffusion
+  g = s.get("guidance") or ml_collections.ConfigDict()
+  kwargs = dict(name=s.name, num_steps=int(s.num_steps),
+                guidance_scale=float(g.get("scale", 1.0)),
+                guidance_schedule=g.get("schedule", "constant"),
+                guidance_power=float(g.get("power", 4.0)),
+                guidance_channels=int(g.get("channels", 0)) or None,
+                num_classes=int(config.model.get("num_classes", 0)) or None)
+  if dif.name == "edm":
+    kwargs.update(formulation="edm", sigma_min=float(s.get("sigma_min", 0.002)),
+                  sigma_max=float(s.get("sigma_max", 80.0)), rho=float(s.get("rho", 7.0)),
+                  s_churn=float(s.get("churn", 0.0)), sigma_data=float(dif.get("sigma_data", 0.5)))
+  else:
+    kwargs.update(formulation="adm", beta_schedule=dif.get("beta_schedule", "linear"),
+                  diffusion_steps=int(dif.get("num_timesteps", 1000)),
+                  pred_type=dif.get("prediction", "eps"), var_type=_var_type(dif),
+                  eta=float(s.get("eta", 0.0)), clip_denoised=bool(s.get("clip_denoised", False)))
+  return diffusion.SamplerConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# 4-5. Model, optimizer and the initial train state.
+
+
+class Setup(NamedTuple):
+  """What `create_train_state` builds besides the state itself."""
+  graphdef: Any          # nnx.GraphDef of the network
+  tx: optax.GradientTransformation
+  shardings: TrainState  # NamedSharding per leaf of the state
+  abstract_state: TrainState  # ShapeDtypeStructs with those shardings
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, *,
+                       initialize: bool = True) -> tuple[Setup, TrainState | None]:
+  """Builds the network, optimizer and (optionally) a freshly initialised, sharded state.
+
+  The weights are created inside `jax.jit` with the state's out_shardings, so a large
+  model is never materialised whole on one device. `initialize=False` only builds the
+  abstract state (the run is about to restore a checkpoint).
+  """
+  tx = optim.create_optimizer(config.optimizer)
+
+  def init() -> TrainState:
+    model = models.build_model(config.model, rngs=nnx.Rngs(params=config.seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    key = jax.random.key_data(jax.random.key(config.seed + 1))
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+  abstract_model = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise NotImplementedError("The trainer updates nnx.Param state only, but this network also "
+                              f"holds {jax.tree.structure(rest)}.")
+  abstract = jax.eval_shape(init)
+  shardings = sharding_lib.state_shardings(abstract, mesh, config.get("mesh"))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  state = jax.jit(init, out_shardings=shardings)() if initialize else None
+  return Setup(graphdef, tx, shardings, abstract), state
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The train step.
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any) -> Callable:
+  """`loss_fn(params, x0, y, noise, level, dropout_rng) -> (loss, metrics)` for one (sub)batch.
+
+  `level` is EDM's sigma or ADM's timestep index; the per-example losses are averaged.
+  """
+  dif = config.diffusion
+
+  def loss_fn(params, x0, y, noise, level, dropout_rng):
+    model = nnx.merge(graphdef, params)
+    net = lambda x, t, labels: model(x, t, labels, rng=dropout_rng)
+    if dif.name == "edm":
+      per_example, aux = diffusion.edm_loss(
+          net, x0, y, dropout_rng, sigma=level, noise=noise,
+          sigma_data=float(dif.get("sigma_data", 0.5)))
+      metrics = {"mse": aux["mse"].mean()}
+    else:
+      per_example, aux = diffusion.adm_loss(
+          _adm_schedule(dif), net, x0, y, dropout_rng, t=level, noise=noise,
+          pred_type=dif.get("prediction", "eps"), var_type=_var_type(dif))
+      metrics = {"mse": aux["mse"].mean(), "vb": aux["vb"].mean()}
+    loss = per_example.mean()
+    return loss, {"loss": loss, **metrics}
+
+  return loss_fn
+
+
+def draw_step_randomness(config: ml_collections.ConfigDict, rng: jax.Array,
+                         batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, Any]:
+  """(noise, noise level, labels after label dropout) for the whole global batch."""
+  dif = config.diffusion
+  x0 = batch["image"]
+  b = x0.shape[0]
+  noise_rng, level_rng, label_rng = jax.random.split(rng, 3)
+  noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, H, W, C)
+  if dif.name == "edm":
+    level = diffusion.sample_training_sigmas(level_rng, b, float(dif.get("p_mean", -1.2)),
+                                             float(dif.get("p_std", 1.2)))  # (B,) sigma
+  else:
+    level = diffusion.sample_timesteps(level_rng, b, int(dif.get("num_timesteps", 1000)))  # (B,)
+  num_classes = int(config.model.get("num_classes", 0))
+  if not num_classes:
+    return noise, level, None
+  labels = batch["label"].astype(jnp.int32)  # (B,)
+  p = float(dif.get("class_dropout_prob", 0.0))
+  if p > 0:  # classifier-free guidance training: the null class is id num_classes
+    labels = jnp.where(jax.random.bernoulli(label_rng, p, (b,)), num_classes, labels)
+  return noise, level, labels
+
+
+def make_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh: Mesh
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+  `config.step_impl`:
+    "jit"        XLA partitions the global-batch step over the mesh (data parallel or
+                 FSDP, following the state's shardings).
+    "shard_map"  the data-parallel step written per device: local loss and gradients,
+                 then an explicit `pmean` all-reduce over ("data", "fsdp"). The gradients
+                 are taken with `check_vma=False`, so they are the local ones and the pmean
+                 averages them once (with vma checking, JAX would already have summed them
+                 for the replicated weights: ENVIRONMENT.md's N-times pitfall). Network
+                 dropout masks are drawn per device, so with dropout > 0 the two are equal
+                 in distribution rather than bitwise.
+  """
+  loss_fn = make_loss_fn(config, setup.graphdef)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  lr_schedule = optim.learning_rate_schedule(config.optimizer)
+  impl = config.get("step_impl", "jit")
+  axes = sharding_lib.BATCH_AXES
+
+  def local_grads(params, x0, y, noise, level, dropout_rng):
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axes))
+    (_, metrics), grads = grad_fn(params, x0, y, noise, level, dropout_rng)
+    return jax.lax.pmean(grads, axes), jax.lax.pmean(metrics, axes)  # the all-reduce
+
+  sharded_grads = jax.shard_map(
+      local_grads, mesh=mesh, in_specs=(P(), P(axes), P(axes), P(axes), P(axes), P()),
+      out_specs=(P(), P()), check_vma=False)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    draw_rng, dropout_rng = jax.random.split(rng)
+    noise, level, y = draw_step_randomness(config, draw_rng, batch)
+    if impl == "shard_map":
+      grads, metrics = sharded_grads(state.params, batch["image"], y, noise, level, dropout_rng)
+    else:
+      (_, metrics), grads = grad_fn(state.params, batch["image"], y, noise, level, dropout_rng)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = optim.ema_decay(state.step, config.ema, config.batch_size)
+    ema_params = optim.update_ema(state.ema_params, params, decay)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "learning_rate": lr_schedule(state.step), "ema_decay": decay}
+    new_state = TrainState(step=state.step + 1, rng=state.rng, params=params,
+                           ema_params=ema_params, opt_state=opt_state)
+    return new_state, metrics
+
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(setup.shardings, {"image": batch_sharding, "label": batch_sharding}),
+                 out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Loop helpers: samples, FID, NaN guard, SIGTERM.
+
+
+def _apply_fn(graphdef: Any) -> diffusion.samplers.ApplyFn:
+  """The sampler's `apply_fn(params, x, t, y)` for a pure-dict weights tree (no dropout)."""
+  return lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process sharded) array gathered whole onto every host."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class SampleWriter:
+  """EMA sample grids: `WORKDIR/samples/step_XXXXXX.png`, one row per class.
+
+  Class-conditional models show `config.sample_grid.classes` (default the first
+  min(num_classes, 10)) with `per_class` samples each; unconditional ones `num_images`.
+  Latent models are decoded with the VAE at `config.vae` when it is set; otherwise the
+  first three latent channels are shown. The same seed every time, so grids from
+  successive steps are comparable.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, graphdef: Any, mesh: Mesh, workdir: str):
+    grid = config.get("sample_grid") or ml_collections.ConfigDict()
+    num_classes = int(config.model.get("num_classes", 0))
+    if num_classes:
+      classes = list(grid.get("classes", ()) or range(min(num_classes, 10)))
+      per_class = int(grid.get("per_class", 8))
+      self.labels = np.repeat(np.asarray(classes, np.int32), per_class)
+      self.rows = len(classes)
+    else:
+      n = int(grid.get("num_images", 64))
+      self.labels, self.rows = None, max(1, int(math.sqrt(n)))
+    self.num = len(self.labels) if self.labels is not None else n
+    self.seed = int(grid.get("seed", 0))
+    self.scale = int(grid.get("scale", 1))
+    shape = models.input_shape(config.model)[1:]
+    self.sampler = diffusion.make_sampler(sampler_config(config), _apply_fn(graphdef), shape,
+                                          mesh=mesh)
+    self.decode = None
+    if config.model.name == "latent" and config.get("vae"):
+      from diffit_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
+      vae = vae_convert.load_vae(config.vae, sharding=sharding_lib.replicated(mesh))
+      vae_graphdef, vae_state = nnx.split(vae)
+      self.decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(
+          z / data_lib.LATENT_SCALE))
+      self._vae_state = vae_state
+    self.folder = os.path.join(workdir, SAMPLES_DIR)
+
+  def images(self, ema_params: Any, indices: np.ndarray, labels: np.ndarray | None,
+             seed: int) -> jax.Array:
+    """Samples (decoded to pixels for latent models), (B, H, W, C) sharded over "data"."""
+    x = self.sampler(ema_params, labels, indices, seed)
+    if self.decode is not None:
+      x = self.decode(self._vae_state, x)
+    return x
+
+  def __call__(self, ema_params: Any, step: int) -> str | None:
+    start = time.perf_counter()
+    x = _to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
+    path = os.path.join(self.folder, f"step_{step:06d}.png")
+    if jax.process_index() == 0:
+      logging_utils.save_image_grid(path, x, self.rows, scale=self.scale)
+    logging.info("Sample grid for step %d (%d images, %d NFE) in %.1f s.", step, self.num,
+                 self.sampler.nfe, time.perf_counter() - start)
+    return path
+
+
+def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
+                 ema_params: Any, step: int, evaluator: Any) -> dict[str, float]:
+  """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes)."""
+  n, batch = int(config.eval.num_samples), int(config.eval.get("batch_size", 256))
+  num_classes = int(config.model.get("num_classes", 0))
+  labels = (np.random.default_rng(step).integers(0, num_classes, n).astype(np.int32)
+            if num_classes else None)
+
+  def batches():
+    for start in range(0, n, batch):
+      idx = np.arange(start, min(start + batch, n))
+      x = _to_host(sample_writer.images(ema_params, idx, None if labels is None else labels[idx],
+                                        seed=1_000_003 + step))
+      x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+      yield np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+
+  scores = evaluator(batches(), total=n, precision_recall=False)
+  return {f"eval/{k}": float(v) for k, v in scores.items() if v is not None}
+
+
+class Preemption:
+  """Notices SIGTERM (a preempted VM) so that the loop checkpoints and exits cleanly.
+
+  One process: a Python signal handler sets a flag. Several processes: JAX's preemption
+  sync manager (started by `jax.distributed.initialize`) propagates the notice and picks
+  a step at which every process stops together (`reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is disabled
+      return False
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean_metrics(pending: list[tuple[int, dict]], last_good: int | None,
+                  ckpt_dir: str) -> dict[str, float]:
+  """Averages the metrics of the steps in `pending`; raises if any loss is not finite."""
+  steps = [s for s, _ in pending]
+  host = jax.device_get([m for _, m in pending])
+  losses = np.array([m["loss"] for m in host], np.float64)
+  bad = ~np.isfinite(losses)
+  if bad.any():
+    first = steps[int(np.argmax(bad))]
+    where = (f"the newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good
+             is not None else "no checkpoint was saved")
+    raise NonFiniteLossError(
+        f"The training loss became NaN/Inf between steps {steps[0]} and {steps[-1]} (first at "
+        f"step {first}); stopping without saving. {where}. Lower the learning rate, enable "
+        "gradient clipping (config.optimizer.grad_clip_norm) or warm-up, and rerun: the run "
+        "resumes from that checkpoint.")
+  return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes WORKDIR/config.json; warns about fields that differ from the previous run's."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = _config_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (
+        flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+    changed = sorted(k for k in set(flat(old)) | set(flat(new)) if flat(old).get(k) != flat(new).get(k))
+    if changed:
+      logging.warning("Config differs from the previous run in this workdir: %s", changed)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) the run `config` describes in `workdir`; returns the final state.
+
+  Running it again with the same workdir resumes from the newest finished checkpoint.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/Inf (the newest good checkpoint is kept).
+  """
+  # 1. Distributed initialisation, workdir and config. -----------------------------------
+  initialize_distributed(config)
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+  writer = logging_utils.MetricWriter(workdir, enabled=is_chief)
+
+  # 2. Mesh. -----------------------------------------------------------------------------
+  mesh = sharding_lib.create_mesh(config.get("mesh"))
+  batch_size = int(config.batch_size)
+  if batch_size % mesh.size:
+    raise ValueError(f"config.batch_size={batch_size} must be a multiple of the {mesh.size} "
+                     "devices the batch is split over.")
+  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
+               jax.process_count())
+
+  # 3. Data: this process's shard, checkpointable. ---------------------------------------
+  data_iter = data_lib.create_train_iterator(config.data, global_batch_size=batch_size,
+                                             seed=config.seed)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+
+  def next_batch() -> dict[str, jax.Array]:
+    local = next(data_iter)
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+            for k in ("image", "label")}
+
+  # 4-6. Model + optimizer, shardings, then restore or initialise. -----------------------
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
+  latest = ckpt.latest_step()
+  setup, state = create_train_state(config, mesh, initialize=latest is None)
+  if latest is not None:
+    logging.info("Resuming from %s/%d.", ckpt.directory, latest)
+    state = TrainState(**ckpt.restore(latest, setup.abstract_state._asdict(),
+                                      data_iterator=data_iter))
+  num_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("%s: %.2f M parameters.", config.model.name, num_params / 1e6)
+
+  # 7. The step, compiled once. ----------------------------------------------------------
+  train_step = make_train_step(config, setup, mesh)
+
+  # 8. The loop. -------------------------------------------------------------------------
+  total = int(config.num_train_steps)
+  log_every = int(config.log_every_steps)
+  ckpt_every = int(config.get("checkpoint_every_steps", 0))
+  sample_every = int(config.get("sample_every_steps", 0))
+  eval_every = int(config.eval.get("every_steps", 0)) if config.get("eval") else 0
+  samples = SampleWriter(config, setup.graphdef, mesh, workdir) if sample_every or eval_every else None
+  evaluator = None
+  if eval_every:
+    from diffit_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluator = evaluation.Evaluator(config.eval.inception, config.eval.reference,
+                                     cache_path=os.path.join(workdir, "fid_reference.npz"),
+                                     progress=False)
+  config_dict = _config_json(config)
+  step = int(jax.device_get(state.step))
+  last_good = latest
+  pending: list[tuple[int, dict]] = []
+  progress = logging_utils.Progress(total, batch_size, start_step=step)
+  preemption = Preemption()
+
+  def save(step: int) -> None:
+    nonlocal last_good
+    if pending:  # never checkpoint weights whose loss was not checked
+      writer_scalars = _mean_metrics(pending, last_good, ckpt.directory)
+      del writer_scalars
+    ckpt.save(step, state._asdict(), data_iterator=data_iter, config=config_dict)
+    last_good = step
+
+  try:
+    while step < total:
+      batch = next_batch()
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+
+      if step % log_every == 0 or step == total:
+        scalars = _mean_metrics(pending, last_good, ckpt.directory)
+        pending.clear()
+        rates = progress.update(step)
+        writer.write_scalars(step, {**scalars, "train/steps_per_sec": rates["steps_per_sec"],
+                                    "train/images_per_sec": rates["images_per_sec"]})
+        logging.info("%s", logging_utils.format_progress(step, total, scalars, rates))
+
+      stop = preemption.reached(step)
+      if stop or step == total or (ckpt_every and step % ckpt_every == 0):
+        save(step)
+        if stop:
+          logging.warning("Saved checkpoint %d after SIGTERM; exiting.", step)
+          break
+      if samples is not None and sample_every and (step % sample_every == 0 or step == total):
+        samples(state.ema_params, step)
+        progress.reset_clock(step)
+      if evaluator is not None and (step % eval_every == 0 or step == total):
+        scores = evaluate_fid(config, samples, state.ema_params, step, evaluator)
+        writer.write_scalars(step, scores)
+        logging.info("step %d: %s", step, scores)
+        progress.reset_clock(step)
+  finally:
+    preemption.close()
+    ckpt.close()
+    writer.flush()
+  return state
