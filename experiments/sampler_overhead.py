@@ -92,6 +92,7 @@ def timed(*calls) -> list[float]:
 
 
 def main() -> None:
+  load_before = os.getloadavg()
   labels = np.arange(BATCH) % 10
   indices = np.arange(BATCH)
   results = {}
@@ -141,6 +142,9 @@ def main() -> None:
       device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform,
       num_devices=jax.device_count(), host=platform.machine(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__, latent_shape=LATENT, batch=BATCH,
+      # On a shared CPU, full - network is only as good as the run-to-run noise (compare the
+      # load averages with cpu_count); the trivial-network column is the robust measure.
+      load_average_1min_before_after=(round(load_before[0], 2), round(os.getloadavg()[0], 2)),
       network="TinyDiT: patch 2, width 192, depth 4, 4 heads (64 tokens)",
       results=results)
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)

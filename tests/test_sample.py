@@ -106,3 +106,23 @@ def test_cli_end_to_end(conditional_checkpoint, tmp_path):
       [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
        f"--out={tmp_path}", "--sampler=plms"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
+
+
+def test_latent_model_decodes_through_the_vae(tmp_path):
+  from diffit_jax.models.vae import AutoencoderKL, VAEConfig
+  vae_config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+  vae = AutoencoderKL(vae_config, rngs=nnx.Rngs(0))
+  checkpoint.save_weights(str(tmp_path / "vae"), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),
+                          metadata={"kind": "vae", "config": vae_config.to_dict()})
+  cfg = load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py"))
+  cfg.model.update(variant="custom", depth=1, hidden_size=32, num_heads=2, patch_size=2,
+                   input_size=8, num_classes=5)
+  cfg.sampler.num_steps = 3
+  ckpt = write_checkpoint(tmp_path / "diffit", cfg)
+  with pytest.raises(ValueError, match="need the SD VAE"):
+    sample.run(None, checkpoint_path=ckpt, out=str(tmp_path / "s"))
+  path = sample.run(None, checkpoint_path=ckpt, vae=str(tmp_path / "vae"), out=str(tmp_path / "s"),
+                    num_samples=3, batch_size=2, seed=0)
+  images, labels = load(path)
+  assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8  # 8x8 latents, VAE x2
+  assert labels.min() >= 0 and labels.max() < 5
