@@ -120,8 +120,9 @@ class TMSA(nnx.Module):
     qkv = self.qkv(windows) + self.qkv_temb(c)[:, None, None, :]  # (B, nWin, T, 3C)
     qkv = qkv.reshape(b * n_win, t, 3, heads, head_dim)  # (B*nWin, T, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B*nWin, T, heads, hd)
-    bias = self.relative_position_bias().astype(q.dtype)[None]  # (1, heads, T, T)
-    # Eq. 6: softmax(q k^T / sqrt(d) + B) v.
+    bias = self.relative_position_bias()[None]  # (1, heads, T, T), float32
+    # Eq. 6: softmax(q k^T / sqrt(d) + B) v. The logits and softmax are float32 even
+    # under bfloat16 compute (jax.nn.dot_product_attention promotes them).
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5)
     out = self.proj(out.reshape(b, n_win, t, dim))  # (B, nWin, T, C)
     return window_merge(out, h, w)  # (B, H, W, C)
