@@ -27,6 +27,10 @@ TEST_REQUIRES = [
     # Always pin torch exactly: a bare `torch` pulls a multi-GB CUDA build.
     "torch==2.13.0",
     "diffusers==0.42.1",
+    # Executing the notebooks with SMOKE on.
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setup(

@@ -499,6 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # 1. Distributed initialisation, workdir and config. -----------------------------------
   initialize_distributed(config)
   validate_config(config)
+  # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
