@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from diffit_jax import checkpoint, models
+from diffit_jax import checkpoint, models, train
 from diffit_jax.diffusion import samplers
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
@@ -58,32 +58,6 @@ flags.DEFINE_string("labels", "random", "'random' (uniform, as the paper's evalu
                     "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
                     "num_samples.")
 flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
-
-
-def sampler_config(config: ml_collections.ConfigDict) -> samplers.SamplerConfig:
-  """The `SamplerConfig` an experiment config describes (sampler + diffusion + model)."""
-  s, d, m = config.sampler, config.diffusion, config.model
-  fields = {k: v for k, v in s.to_dict().items() if k != "guidance"}
-  guidance = s.get("guidance", ml_collections.ConfigDict()).to_dict()
-  num_classes = m.get("num_classes", 0)
-  fields.update(
-      guidance_scale=guidance.get("scale", 1.0),
-      guidance_schedule=guidance.get("schedule", "constant"),
-      guidance_power=guidance.get("power", 4.0),
-      guidance_channels=guidance.get("channels") or None,
-      guidance_interval=tuple(guidance["interval"]) if guidance.get("interval") else None,
-      formulation=d.name,
-      num_classes=num_classes if num_classes > 0 else None)
-  if d.name == "adm":
-    fields.update(beta_schedule=d.beta_schedule, diffusion_steps=d.num_timesteps,
-                  pred_type=d.get("prediction", "eps"),
-                  var_type="learned_range" if d.learn_sigma else "fixed_small")
-  else:
-    fields.update(sigma_data=d.get("sigma_data", 0.5))
-  renames = {"churn": "s_churn"}
-  fields = {renames.get(k, k): v for k, v in fields.items()}
-  known = {f for f in samplers.SamplerConfig.__dataclass_fields__}
-  return samplers.SamplerConfig.from_config({k: v for k, v in fields.items() if k in known})
 
 
 def _flat(tree) -> dict[str, object]:
@@ -199,7 +173,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   graphdef, state = nnx.split(
       nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0))))
   apply_fn = lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, y)
-  scfg = sampler_config(config)
+  scfg = train.sampler_config(config)
   sampler = samplers.make_sampler(scfg, apply_fn, models.input_shape(config.model)[1:], mesh=mesh)
 
   decode = make_decoder(config, vae or config.get("vae"), replicated)
