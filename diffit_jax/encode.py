@@ -32,16 +32,20 @@ from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import pipeline, transforms
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae).")
-flags.DEFINE_string("data", None, "Image data: tfds:NAME, folder:DIR or mnist_demo.")
-flags.DEFINE_integer("image_size", 256, "Center-crop size of the images (latents are /8).")
-flags.DEFINE_string("dst", None, "Output folder for the latent shards.")
-flags.DEFINE_string("split", "train", "tfds split.")
-flags.DEFINE_string("data_dir", None, "tfds data_dir.")
-flags.DEFINE_string("manual_dir", None, "tfds manual_dir (imagenet2012).")
-flags.DEFINE_integer("batch_size", 64, "Images per VAE call on this process.")
-flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage dtype of the posteriors.")
-flags.DEFINE_integer("limit", 0, "Encode only the first N records (0: all).")
+
+
+def define_flags() -> None:
+  """Defines the CLI flags (only when run as a program, so importing this module is free)."""
+  flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae).")
+  flags.DEFINE_string("data", None, "Image data: tfds:NAME, folder:DIR or mnist_demo.")
+  flags.DEFINE_integer("image_size", 256, "Center-crop size of the images (latents are /8).")
+  flags.DEFINE_string("dst", None, "Output folder for the latent shards.")
+  flags.DEFINE_string("split", "train", "tfds split.")
+  flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+  flags.DEFINE_string("manual_dir", None, "tfds manual_dir (imagenet2012).")
+  flags.DEFINE_integer("batch_size", 64, "Images per VAE call on this process.")
+  flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage dtype of the posteriors.")
+  flags.DEFINE_integer("limit", 0, "Encode only the first N records (0: all).")
 
 
 def make_encoder(vae_path: str, mesh: Mesh):
@@ -121,4 +125,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

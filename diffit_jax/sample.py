@@ -38,26 +38,30 @@ from diffit_jax.diffusion import samplers
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py). Optional with "
-                                "--checkpoint, whose saved config is used by default.")
-flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.")
-flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
-                    "(python -m diffit_jax.convert diffit).")
-flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae) to decode "
-                    "latents; overrides config.vae. Required for latent models.")
-flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples_eval or ./samples).")
-flags.DEFINE_integer("num_samples", 64, "Number of samples to write (any number).")
-flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).")
-flags.DEFINE_string("sampler", None, "Override config.sampler.name (ddpm, ddim, heun, euler, "
-                    "dpmpp_2m).")
-flags.DEFINE_integer("steps", None, "Override config.sampler.num_steps.")
-flags.DEFINE_float("guidance_scale", None, "Override the guidance scale (1 = no guidance).")
-flags.DEFINE_string("guidance_schedule", None, "Override the guidance schedule "
-                    "(constant, power_cosine).")
-flags.DEFINE_string("labels", "random", "'random' (uniform, as the paper's evaluation), "
-                    "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
-                    "num_samples.")
-flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
+
+
+def define_flags() -> None:
+  """Defines the CLI flags (only when run as a program, so importing this module is free)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py). Optional with "
+                                  "--checkpoint, whose saved config is used by default.")
+  flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.")
+  flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
+                      "(python -m diffit_jax.convert diffit).")
+  flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae) to decode "
+                      "latents; overrides config.vae. Required for latent models.")
+  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples_eval or ./samples).")
+  flags.DEFINE_integer("num_samples", 64, "Number of samples to write (any number).")
+  flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).")
+  flags.DEFINE_string("sampler", None, "Override config.sampler.name (ddpm, ddim, heun, euler, "
+                      "dpmpp_2m).")
+  flags.DEFINE_integer("steps", None, "Override config.sampler.num_steps.")
+  flags.DEFINE_float("guidance_scale", None, "Override the guidance scale (1 = no guidance).")
+  flags.DEFINE_string("guidance_schedule", None, "Override the guidance schedule "
+                      "(constant, power_cosine).")
+  flags.DEFINE_string("labels", "random", "'random' (uniform, as the paper's evaluation), "
+                      "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
+                      "num_samples.")
+  flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
 
 
 def _flat(tree) -> dict[str, object]:
@@ -245,4 +249,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

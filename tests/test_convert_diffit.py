@@ -17,6 +17,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -329,7 +330,9 @@ def test_resolution_is_detected(tmp_path, input_size, pixels, schedule, scale):
   assert config.sampler.guidance.schedule == schedule and config.sampler.guidance.scale == scale
   assert info["detected"]["num_classes"] == 1000
   # The stored config is plain JSON and rebuilds the same model.
-  assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+  stored = json.loads(json.dumps(config.to_dict()))
+  assert stored["model"] == json.loads(json.dumps(config.model.to_dict()))
+  assert ml_collections.ConfigDict(stored["model"]) == config.model
 
 
 def meta_state(**kwargs) -> dict[str, np.ndarray]:
