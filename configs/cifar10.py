@@ -66,7 +66,22 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 5_000
   config.sample_every_steps = 10_000
   config.keep_checkpoints = 3
-  config.eval = ml_collections.ConfigDict(dict(every_steps=0, num_samples=50_000))
+  # EMA sample grids in WORKDIR/samples: one row per class (the first 10 by default).
+  config.sample_grid = ml_collections.ConfigDict(dict(
+      classes=(), per_class=8, num_images=64, seed=0, scale=1))
+  # Periodic FID needs a converted Inception (python -m diffit_jax.convert inception) and
+  # reference statistics or images (see python -m diffit_jax.evaluate); 0 = off.
+  config.eval = ml_collections.ConfigDict(dict(
+      every_steps=0, num_samples=50_000, batch_size=256, inception="", reference=""))
+
+  # Parallelism: one ("data", "fsdp") mesh; data=-1 takes every device left. fsdp > 1
+  # shards parameters of >= fsdp_min_size elements (and their EMA and Adam moments).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+  config.step_impl = "jit"  # or "shard_map": data parallel with an explicit all-reduce
+  # Multi-process runs: a coordinator here or in JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID); auto=True lets JAX detect TPU pods, SLURM, etc.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, auto=False))
 
   if arg == "runlocal":
     config.model.update(channels=(32, 64, 64), num_blocks=(1, 1, 1), time_dim=64,

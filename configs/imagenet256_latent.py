@@ -55,7 +55,23 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 10_000
   config.sample_every_steps = 50_000
   config.keep_checkpoints = 3
-  config.eval = ml_collections.ConfigDict(dict(every_steps=0, num_samples=50_000))
+  # EMA sample grids (decoded with config.vae when set): one row per class, DiT's classes.
+  config.sample_grid = ml_collections.ConfigDict(dict(
+      classes=(88, 207, 279, 360, 387, 417, 974, 979), per_class=8, num_images=64, seed=0,
+      scale=1))
+  # Periodic FID needs a converted Inception (python -m diffit_jax.convert inception), the
+  # ADM reference batch and config.vae; 0 = off.
+  config.eval = ml_collections.ConfigDict(dict(
+      every_steps=0, num_samples=50_000, batch_size=256, inception="", reference=""))
+
+  # Parallelism: one ("data", "fsdp") mesh; data=-1 takes every device left. fsdp > 1
+  # shards parameters of >= fsdp_min_size elements (and their EMA and Adam moments).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+  config.step_impl = "jit"  # or "shard_map": data parallel with an explicit all-reduce
+  # Multi-process runs: a coordinator here or in JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID); auto=True lets JAX detect TPU pods, SLURM, etc.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, auto=False))
 
   if arg == "runlocal":
     config.model.update(variant="S/2", input_size=8)

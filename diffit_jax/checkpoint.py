@@ -217,7 +217,10 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     raise FileNotFoundError(
         f"{workdir} holds no training checkpoints (no {TRAIN_CHECKPOINT_DIR}/ folder); pass "
         "the --workdir of a `python -m diffit_jax.main` run.")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
+                     CONFIG_ITEM: ocp.JsonCheckpointHandler()})
   try:
     steps = list(manager.all_steps())
     if step is None:

@@ -125,13 +125,14 @@ class Progress:
     self._last_step, self._last_time = start_step, time.perf_counter()
 
   def update(self, step: int) -> dict[str, float]:
-    """Rates since the previous call: {"steps_per_sec", "images_per_sec", "eta_min"}."""
+    """Rates since the previous call: steps_per_sec, images_per_sec, eta_min, seconds."""
     now = time.perf_counter()
-    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    seconds = max(now - self._last_time, 1e-9)
+    steps_per_sec = (step - self._last_step) / seconds
     self._last_step, self._last_time = step, now
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
     return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
-            "eta_min": eta / 60.0}
+            "eta_min": eta / 60.0, "seconds": seconds}
 
   def reset_clock(self, step: int) -> None:
     """Restarts timing (after a pause such as sampling, so it does not count as training)."""

@@ -29,7 +29,7 @@ def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
   EDM ramps the rate linearly over `lr_rampup_kimg` images; `warmup_steps` is that
   length in steps (10 Mimg / batch size in the image configs).
   """
-  lr = float(opt_config.learning_rate)
+  lr = float(opt_config["learning_rate"])
   warmup = int(opt_config.get("warmup_steps", 0))
   if warmup <= 0:
     return optax.constant_schedule(lr)

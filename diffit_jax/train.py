@@ -30,7 +30,6 @@ computes in bfloat16 while weights, gradients, EMA and Adam moments stay float32
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -44,9 +43,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import data as data_lib
@@ -129,6 +129,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if p > 0 and not config.model.get("num_classes", 0):
     raise ValueError("config.diffusion.class_dropout_prob > 0 needs a class-conditional model "
                      "(config.model.num_classes > 0).")
+  if name == "adm" and bool(config.model.get("learn_sigma", False)) != bool(
+      config.diffusion.get("learn_sigma", False)):
+    raise ValueError("config.model.learn_sigma and config.diffusion.learn_sigma must agree (the "
+                     "learned-variance channels are what the hybrid loss trains).")
   for key in ("num_train_steps", "batch_size", "log_every_steps"):
     if int(config.get(key, 0)) <= 0:
       raise ValueError(f"config.{key}={config.get(key)} must be a positive integer.")
@@ -207,7 +211,12 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, *,
   shardings = sharding_lib.state_shardings(abstract, mesh, config.get("mesh"))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  state = jax.jit(init, out_shardings=shardings)() if initialize else None
+  state = None
+  if initialize:
+    # Init runs once: on CPU, LLVM's optimisations would cost ~6x the compile time of
+    # the hundreds of small RNG kernels for nothing.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    state = jax.jit(init, out_shardings=shardings, compiler_options=options)()
   return Setup(graphdef, tx, shardings, abstract), state
 
 
@@ -222,6 +231,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any) -> Callable:
   """
   dif = config.diffusion
 
+  @jax.named_scope("diffusion_loss")
   def loss_fn(params, x0, y, noise, level, dropout_rng):
     model = nnx.merge(graphdef, params)
     net = lambda x, t, labels: model(x, t, labels, rng=dropout_rng)
@@ -306,7 +316,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh: Mesh
     params = optax.apply_updates(state.params, updates)
     decay = optim.ema_decay(state.step, config.ema, config.batch_size)
     ema_params = optim.update_ema(state.ema_params, params, decay)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "learning_rate": lr_schedule(state.step), "ema_decay": decay}
     new_state = TrainState(step=state.step + 1, rng=state.rng, params=params,
                            ema_params=ema_params, opt_state=opt_state)
@@ -443,22 +453,33 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _mean_metrics(pending: list[tuple[int, dict]], last_good: int | None,
-                  ckpt_dir: str) -> dict[str, float]:
-  """Averages the metrics of the steps in `pending`; raises if any loss is not finite."""
+def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, ckpt_dir: str) -> None:
+  """Raises NonFiniteLossError if a loss or gradient norm in `pending` is NaN/Inf.
+
+  A finite loss with a non-finite gradient would still poison the weights, so both are
+  checked; this runs on the host every log interval and before every checkpoint.
+  """
+  if not pending:
+    return
   steps = [s for s, _ in pending]
+  values = np.array(jax.device_get([(m["loss"], m["grad_norm"]) for _, m in pending]),
+                    np.float64)  # (num_steps, 2)
+  bad = ~np.isfinite(values).all(axis=1)
+  if not bad.any():
+    return
+  first = steps[int(np.argmax(bad))]
+  where = (f"the newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good is not None
+           else "no checkpoint was saved yet")
+  raise NonFiniteLossError(
+      f"The training loss or gradient became NaN/Inf between steps {steps[0]} and {steps[-1]} "
+      f"(first at step {first}); stopping without saving. {where}. Lower the learning rate, "
+      "enable gradient clipping (config.optimizer.grad_clip_norm) or warm-up "
+      "(config.optimizer.warmup_steps) and rerun: the run resumes from that checkpoint.")
+
+
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """The average of each metric over the steps in `pending`."""
   host = jax.device_get([m for _, m in pending])
-  losses = np.array([m["loss"] for m in host], np.float64)
-  bad = ~np.isfinite(losses)
-  if bad.any():
-    first = steps[int(np.argmax(bad))]
-    where = (f"the newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good
-             is not None else "no checkpoint was saved")
-    raise NonFiniteLossError(
-        f"The training loss became NaN/Inf between steps {steps[0]} and {steps[-1]} (first at "
-        f"step {first}); stopping without saving. {where}. Lower the learning rate, enable "
-        "gradient clipping (config.optimizer.grad_clip_norm) or warm-up, and rerun: the run "
-        "resumes from that checkpoint.")
   return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
@@ -522,8 +543,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                              seed=config.seed)
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
+  image_shape = models.input_shape(config.model, batch_size)  # (B, H, W, C) the network takes
+
   def next_batch() -> dict[str, jax.Array]:
     local = next(data_iter)
+    if tuple(local["image"].shape[1:]) != image_shape[1:]:
+      raise ValueError(f"config.data yields images of shape {local['image'].shape[1:]} but "
+                       f"config.model takes {image_shape[1:]}; make config.data.image_size/"
+                       "channels and the model's size/in_channels agree.")
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
             for k in ("image", "label")}
 
@@ -538,8 +565,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   num_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   logging.info("%s: %.2f M parameters.", config.model.name, num_params / 1e6)
 
-  # 7. The step, compiled once. ----------------------------------------------------------
-  train_step = make_train_step(config, setup, mesh)
+  # 7. The step, compiled once, ahead of time: processes then start stepping together
+  #    (a CPU collective gives up after 30 s of waiting for a slower compile). -----------
+  start = time.perf_counter()
+  batch_spec = {"image": jax.ShapeDtypeStruct(image_shape, jnp.float32, sharding=batch_sharding),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+  train_step = make_train_step(config, setup, mesh).lower(setup.abstract_state, batch_spec).compile()
+  logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes("diffit_jax:train_step_compiled")
 
   # 8. The loop. -------------------------------------------------------------------------
   total = int(config.num_train_steps)
@@ -557,18 +591,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config_dict = _config_json(config)
   step = int(jax.device_get(state.step))
   last_good = latest
-  pending: list[tuple[int, dict]] = []
+  pending: list[tuple[int, dict]] = []  # (step, metrics on device) since the last log
   progress = logging_utils.Progress(total, batch_size, start_step=step)
   preemption = Preemption()
 
-  def save(step: int) -> None:
+  def save_checkpoint() -> None:
     nonlocal last_good
-    if pending:  # never checkpoint weights whose loss was not checked
-      writer_scalars = _mean_metrics(pending, last_good, ckpt.directory)
-      del writer_scalars
+    _check_finite(pending, last_good, ckpt.directory)  # never save poisoned weights
     ckpt.save(step, state._asdict(), data_iterator=data_iter, config=config_dict)
     last_good = step
 
+  logging.info("Training steps %d -> %d, batch %d.", step, total, batch_size)
   try:
     while step < total:
       batch = next_batch()
@@ -576,19 +609,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = train_step(state, batch)
       step += 1
       pending.append((step, metrics))
+      if len(pending) > 1:
+        # At most one step queued ahead of the device: bounded memory, and SIGTERM or a
+        # NaN is acted on within a step instead of after a long dispatch queue drains.
+        jax.block_until_ready(pending[-2][1])
 
       if step % log_every == 0 or step == total:
-        scalars = _mean_metrics(pending, last_good, ckpt.directory)
+        _check_finite(pending, last_good, ckpt.directory)
+        scalars = _mean_metrics(pending)
         pending.clear()
         rates = progress.update(step)
         writer.write_scalars(step, {**scalars, "train/steps_per_sec": rates["steps_per_sec"],
                                     "train/images_per_sec": rates["images_per_sec"]})
         logging.info("%s", logging_utils.format_progress(step, total, scalars, rates))
 
-      stop = preemption.reached(step)
-      if stop or step == total or (ckpt_every and step % ckpt_every == 0):
-        save(step)
-        if stop:
+      preempted = preemption.reached(step)
+      if preempted or step == total or (ckpt_every and step % ckpt_every == 0):
+        save_checkpoint()
+        if preempted:
           logging.warning("Saved checkpoint %d after SIGTERM; exiting.", step)
           break
       if samples is not None and sample_every and (step % sample_every == 0 or step == total):

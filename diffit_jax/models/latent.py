@@ -28,6 +28,17 @@ LATENT_SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 PATCH_SIZES = (2, 4, 8)
+# What a rematerialised block keeps for the backward pass (`remat=True`), by name:
+#   "nothing"       recompute the whole block (least memory, one extra forward).
+#   "dots_no_batch" keep the outputs of the linear layers (q/k/v, projections, MLP) and
+#                   recompute only attention and the elementwise ops: the (B, heads, T, T)
+#                   attention matrices, the largest activations, are never stored.
+#   "dots"          also keep the attention matmuls' outputs.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def latent_variant(name: str) -> dict:
@@ -89,6 +100,8 @@ class LatentDiffiT(nnx.Module):
     learn_sigma: also predict the variance interpolation (doubles output channels).
     window_size: TMSA window in tokens; None is the whole grid (the official setting).
     remat: rematerialise each block in the backward pass (saves memory).
+    remat_policy: what a rematerialised block keeps (`REMAT_POLICIES`); ignored
+      without `remat`.
     scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`; True unrolls all).
     dtype: computation dtype (parameters stay float32).
   """
@@ -97,7 +110,8 @@ class LatentDiffiT(nnx.Module):
                hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
                window_size: int | None = None, remat: bool = False,
-               scan_unroll: int | bool = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+               remat_policy: str = "nothing", scan_unroll: int | bool = 1,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if input_size % patch_size:
       raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}.")
     grid = input_size // patch_size
@@ -110,7 +124,11 @@ class LatentDiffiT(nnx.Module):
     self.out_channels = 2 * in_channels if learn_sigma else in_channels
     self.hidden_size = hidden_size
     self.num_classes = num_classes
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"config.model.remat_policy={remat_policy!r}; use one of "
+                       f"{sorted(REMAT_POLICIES)}.")
     self.remat = remat
+    self.remat_policy = remat_policy
     self.scan_unroll = scan_unroll
 
     self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
@@ -157,7 +175,8 @@ class LatentDiffiT(nnx.Module):
     def body(h, state):
       return nnx.merge(graphdef, state)(h, c), None
     if self.remat:
-      body = jax.checkpoint(body, prevent_cse=False)
+      body = jax.checkpoint(body, prevent_cse=False,
+                            policy=REMAT_POLICIES[self.remat_policy])
     h, _ = jax.lax.scan(body, h, block_state, unroll=self.scan_unroll)  # (B, h, w, D)
 
     out = self.final_layer(h.reshape(h.shape[0], grid * grid, -1))  # (B, N, p*p*Cout)
