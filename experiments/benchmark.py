@@ -25,14 +25,18 @@ Then:
   * the XL/2 train step lowered and compiled abstractly (ShapeDtypeStruct inputs): compile
     time and XLA's memory estimate, without allocating the 561 M-parameter state.
 
-Timings: each measured function is compiled and warmed up first; then REPEATS rounds run
-every function of a variant in turn (so load from other processes hits them alike) and
-each reports the median over rounds (min and max are kept in the JSON), with the 1-minute
-load average of every round. Runs on CPU in a few minutes; unchanged on a GPU or TPU
+Timings: both frameworks start from the same random N(0, 0.02^2) weights (the official
+zero-initialised head would back-propagate exact zeros). Each measured function is
+compiled and warmed up first; then `--repeats` rounds run every function of a variant in
+turn (so load from other processes hits them alike); each reports the median over rounds
+(min, max, CPU time and page faults per call are in the JSON) with the 1-minute load
+average of every round. On Linux CPUs the run re-executes itself under `RETAIN_MALLOC`
+(`--malloc default` to measure the stock allocator). Unchanged on a GPU or TPU
 (accelerator defaults: batch 64, all of S/2, B/2, XL/2, full sampler step counts).
 
 Run:
-  .venv/bin/python experiments/benchmark.py                 # CPU defaults, ~10 minutes
+  .venv/bin/python experiments/benchmark.py                 # CPU defaults: ~20 min on 2 cores
+  .venv/bin/python experiments/benchmark.py --no-torch_compile   # ~half: no Inductor builds
   .venv/bin/python experiments/benchmark.py --quick         # smoke run, ~1 minute
   .venv/bin/python experiments/benchmark.py --precision bf16 --batch_size 32 --xl
 Writes experiments/results/benchmark_<platform>.json and .md.
@@ -72,6 +76,15 @@ TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2)
 OFFICIAL_DDPM_STEPS, OFFICIAL_HEUN_STEPS = 250, 18
 WEIGHT_STD = 0.02  # random weights for both frameworks (see `random_weights`)
 GIB = 2.0 ** 30
+# `--malloc retain`: glibc keeps freed memory for reuse instead of returning it to the kernel.
+# XLA:CPU allocates one temporary buffer per execution (2 GiB for an S/2 train step at batch
+# 8); glibc serves such large blocks with a fresh mmap, so every step page-faults and the
+# kernel zeroes gigabytes (about 0.4 M faults and 1-9 s of system time per step here).
+# No mmap, no trimming and one arena make the next step reuse the same pages. It must be set
+# before the process starts, so the benchmark re-executes itself with it (both frameworks
+# then run under the same allocator). The same setting speeds up CPU training.
+RETAIN_MALLOC = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
+                 "glibc.malloc.arena_max=1")
 
 # Per-platform defaults; `--quick` shrinks them to a smoke run. Flags given explicitly win.
 DEFAULTS = {
@@ -711,7 +724,8 @@ def markdown(report: dict) -> str:
       f"{report['settings']['scan_unroll']}. "
       f"Load average (1/5/15 min) at start {report['load_average_start']}, "
       f"end {report['load_average_end']}.",
-      f"Command: `{report['command']}`",
+      f"Command: `{report['command']}`; GLIBC_TUNABLES="
+      f"`{report.get('glibc_tunables') or '(unset: default glibc malloc)'}`.",
       "",
       "Times are medians over interleaved rounds (see the JSON for min/max and the load per "
       "round). Train step = forward + backward + AdamW + EMA with the ADM hybrid loss in both "
@@ -826,6 +840,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="time the PyTorch reference")
   p.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--xl_compile", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                 help="retain: rerun under GLIBC_TUNABLES that keep freed memory (CPU only)")
   p.add_argument("--quick", action="store_true", help="a smoke run: small batch, few steps")
   p.add_argument("--out_dir", default=RESULTS_DIR)
   args = p.parse_args(argv)
@@ -840,8 +856,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def reexec_with_retained_malloc() -> None:
+  """Restarts this script under `RETAIN_MALLOC` (glibc reads its tunables at start-up)."""
+  if RETAIN_MALLOC in os.environ.get("GLIBC_TUNABLES", ""):
+    return
+  env = dict(os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), RETAIN_MALLOC) if x)
+  print(f"re-running under GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", flush=True)
+  os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
+  if (argv is None and args.malloc == "retain" and jax.devices()[0].platform == "cpu"
+      and platform.system() == "Linux"):
+    reexec_with_retained_malloc()
   torch = reference = None
   device = "cpu"
   if args.torch:
@@ -865,6 +894,7 @@ def main(argv: list[str] | None = None) -> dict:
           sys.argv[1:] if argv is None else argv),
       machine=machine_info(torch), load_average_start=load_average(),
       settings={k: v for k, v in vars(args).items() if k != "variant_list"},
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
       torch_device=device if torch is not None else None, variants={})
   report["settings"]["mesh_devices"] = int(mesh.devices.size)
   start = time.perf_counter()
