@@ -9,9 +9,10 @@ Reads top to bottom in the order a run happens:
                    float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
   5. shardings     the train state's layout: replicated, or FSDP by config.
   6. restore       the newest finished checkpoint in WORKDIR, if any (exact resume).
-  7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed once
-                   with explicit shardings and the state donated; "jit" lets XLA partition the
-                   data-parallel step, "shard_map" writes the gradient all-reduce by hand.
+  7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed and
+                   compiled once, ahead of the loop, with explicit shardings and the state
+                   donated; "jit" lets XLA partition the step, "shard_map" writes the
+                   data-parallel gradient all-reduce by hand.
   8. loop          logging, the NaN guard, checkpoints, EMA sample grids, SIGTERM, FID.
 
 The train state (`TrainState`) holds the step, the run's base PRNG key, the float32
@@ -360,13 +361,11 @@ class SampleWriter:
     num_classes = int(config.model.get("num_classes", 0))
     if num_classes:
       classes = list(grid.get("classes", ()) or range(min(num_classes, 10)))
-      per_class = int(grid.get("per_class", 8))
-      self.labels = np.repeat(np.asarray(classes, np.int32), per_class)
-      self.rows = len(classes)
+      self.labels = np.repeat(np.asarray(classes, np.int32), int(grid.get("per_class", 8)))
+      self.num, self.rows = len(self.labels), len(classes)
     else:
-      n = int(grid.get("num_images", 64))
-      self.labels, self.rows = None, max(1, int(math.sqrt(n)))
-    self.num = len(self.labels) if self.labels is not None else n
+      self.labels, self.num = None, int(grid.get("num_images", 64))
+      self.rows = max(1, int(math.sqrt(self.num)))
     self.seed = int(grid.get("seed", 0))
     self.scale = int(grid.get("scale", 1))
     shape = models.input_shape(config.model)[1:]
@@ -390,7 +389,8 @@ class SampleWriter:
       x = self.decode(self._vae_state, x)
     return x
 
-  def __call__(self, ema_params: Any, step: int) -> str | None:
+  def __call__(self, ema_params: Any, step: int) -> str:
+    """Samples the grid for `step` and writes it (process 0); returns the PNG path."""
     start = time.perf_counter()
     x = _to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
     path = os.path.join(self.folder, f"step_{step:06d}.png")
@@ -468,8 +468,8 @@ def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, ckpt_d
   if not bad.any():
     return
   first = steps[int(np.argmax(bad))]
-  where = (f"the newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good is not None
-           else "no checkpoint was saved yet")
+  where = (f"The newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good is not None
+           else "No checkpoint was saved yet")
   raise NonFiniteLossError(
       f"The training loss or gradient became NaN/Inf between steps {steps[0]} and {steps[-1]} "
       f"(first at step {first}); stopping without saving. {where}. Lower the learning rate, "
