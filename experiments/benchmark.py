@@ -26,9 +26,11 @@ Then:
     time and XLA's memory estimate, without allocating the 561 M-parameter state.
 
 Timings: both frameworks start from the same random N(0, 0.02^2) weights (the official
-zero-initialised head would back-propagate exact zeros). Each measured function is
-compiled and warmed up first; then `--repeats` rounds run every function of a variant in
-turn (so load from other processes hits them alike); each reports the median over rounds
+zero-initialised head would back-propagate exact zeros). PyTorch runs in a worker process
+of its own (`TorchWorker`), so neither framework's allocations disturb the other's. Each
+measured function is compiled and warmed up first; then `--repeats` rounds run every
+function of a variant in turn, in this process or the worker's (so load from other
+processes hits them alike); each reports the median over rounds
 (min, max, CPU time and page faults per call are in the JSON) with the 1-minute load
 average of every round. On Linux CPUs the run re-executes itself under `RETAIN_MALLOC`
 (`--malloc default` to measure the stock allocator). Unchanged on a GPU or TPU
@@ -45,6 +47,8 @@ Writes experiments/results/benchmark_<platform>.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import importlib.util
 import json
 import math
@@ -52,6 +56,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -115,37 +120,49 @@ def summarize(seconds: list[float]) -> dict[str, Any]:
               samples_s=[round(s, 5) for s in seconds])
 
 
-def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int, iters: int
+def measure(run: Callable[[], None], iters: int) -> dict[str, float]:
+  """Per call of `run` (which waits for its result), over `iters` calls in this process.
+
+  Besides wall time, the process's CPU time (user + system) and minor page faults: on a
+  shared machine CPU time is less disturbed by other processes, and the faults show what
+  fresh memory for temporaries costs (the kernel zeroes every new page).
+  """
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  start = time.perf_counter()
+  for _ in range(iters):
+    run()
+  seconds = (time.perf_counter() - start) / iters
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  system = (after.ru_stime - before.ru_stime) / iters
+  return dict(seconds=seconds, cpu_s=(after.ru_utime - before.ru_utime) / iters + system,
+              system_s=system, faults=(after.ru_minflt - before.ru_minflt) / iters)
+
+
+def local_runners(runners: dict[str, Callable[[], None]]) -> dict[str, Callable[[int], dict]]:
+  """In-process functions as `time_interleaved` runners."""
+  return {name: functools.partial(measure, run) for name, run in runners.items()}
+
+
+def time_interleaved(runners: dict[str, Callable[[int], dict]], repeats: int, iters: int
                      ) -> tuple[dict[str, dict], list[float]]:
   """Seconds per call of every runner, over `repeats` rounds that run them all in turn.
 
-  Each runner makes one call and waits for its result; a round times `iters` calls of each.
-  Besides wall time, the process's CPU time (user + system) and minor page faults per call
-  are kept: on a shared machine CPU time is less disturbed by other processes, and the
-  faults show what fresh memory for temporaries costs (the kernel zeroes every new page).
+  A runner takes a number of calls and returns `measure`'s figures for them, measured in
+  the process that ran them (this one, or the PyTorch worker).
   Returns ({name: summary}, [1-minute load average after each round]).
   """
-  times = {name: [] for name in runners}
-  cpu = {name: [] for name in runners}
-  system = {name: [] for name in runners}
-  faults = {name: [] for name in runners}
+  samples = {name: [] for name in runners}
   loads = []
   for _ in range(repeats):
     for name, run in runners.items():
-      before = resource.getrusage(resource.RUSAGE_SELF)
-      start = time.perf_counter()
-      for _ in range(iters):
-        run()
-      times[name].append((time.perf_counter() - start) / iters)
-      after = resource.getrusage(resource.RUSAGE_SELF)
-      system[name].append((after.ru_stime - before.ru_stime) / iters)
-      cpu[name].append((after.ru_utime - before.ru_utime) / iters + system[name][-1])
-      faults[name].append((after.ru_minflt - before.ru_minflt) / iters)
+      samples[name].append(run(iters))
     loads.append(round(os.getloadavg()[0], 2))
-  return {name: dict(summarize(t), cpu_median_s=statistics.median(cpu[name]),
-                     system_median_s=statistics.median(system[name]),
-                     minor_faults_median=statistics.median(faults[name]))
-          for name, t in times.items()}, loads
+  median = lambda name, key: statistics.median(m[key] for m in samples[name])
+  return {name: dict(summarize([m["seconds"] for m in samples[name]]),
+                     cpu_median_s=median(name, "cpu_s"),
+                     system_median_s=median(name, "system_s"),
+                     minor_faults_median=median(name, "faults"))
+          for name in runners}, loads
 
 
 def _proc_status_kib(field: str) -> float | None:
@@ -424,19 +441,20 @@ class TorchADMLoss:
     return (mse + vb).mean()
 
 
-def torch_runners(variant: str, args: argparse.Namespace, torch, reference, device: str,
-                  compile_model: bool) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
+def torch_runners(torch, reference, *, variant: str, batch_size: int, input_size: int,
+                  precision: str, device: str, compile_model: bool
+                  ) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
   """The reference's train step and forward, eager or under `torch.compile`."""
-  config = model_config(variant, input_size=args.input_size, precision=args.precision)
+  config = model_config(variant, input_size=input_size, precision=precision)
   sizes = models.latent_sizes(config)
-  b, c = args.batch_size, 4
+  b, c = batch_size, 4
   tag = "torch_compile" if compile_model else "torch_eager"
   info: dict[str, Any] = {}
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16,
-                                    enabled=args.precision == "bf16")
+                                    enabled=precision == "bf16")
   torch.manual_seed(0)
-  model = reference.LatentDiffiT(input_size=args.input_size, in_channels=c,
+  model = reference.LatentDiffiT(input_size=input_size, in_channels=c,
                                  num_classes=config.num_classes, learn_sigma=True,
                                  **sizes).to(device)
   with torch.no_grad():
@@ -448,7 +466,7 @@ def torch_runners(variant: str, args: argparse.Namespace, torch, reference, devi
   params = [p for p in model.parameters()]
   ema = [p.detach().clone() for p in params]
   loss_fn = TorchADMLoss(torch, device)
-  x0 = torch.randn(b, c, args.input_size, args.input_size, device=device)
+  x0 = torch.randn(b, c, input_size, input_size, device=device)
   labels = torch.randint(0, config.num_classes, (b,), device=device)
 
   def train_once():
@@ -489,11 +507,107 @@ def torch_runners(variant: str, args: argparse.Namespace, torch, reference, devi
   return {f"{tag}_train": train_once, f"{tag}_forward": forward_once}, info
 
 
+class TorchWorker:
+  """The PyTorch reference in a process of its own, driven over a pipe (`serve_torch`).
+
+  Each framework keeps its own heap. In one process, PyTorch's allocations land in the
+  memory XLA frees between steps, and XLA's next step page-faults fresh memory instead
+  (about 50 k faults and 1.2 s of system time per S/2 train step on a 2-core CPU), a cost
+  neither framework has when it runs alone. The rounds still interleave the two (the
+  parent asks the worker for a measurement and waits), so load from other processes hits
+  both alike.
+  """
+
+  def __init__(self, device: str):
+    # The worker imports this module, hence JAX; keep that JAX off the accelerator.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--torch_worker", device],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.info = self.request(op="info")
+    if "error" in self.info:
+      self.close()
+      raise RuntimeError(self.info["error"])
+
+  def request(self, **message: Any) -> dict[str, Any]:
+    self.process.stdin.write(json.dumps(message) + "\n")
+    self.process.stdin.flush()
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch worker exited with code {self.process.wait()}; "
+                         "its error is printed above.")
+    return json.loads(line)
+
+  def runners(self, **settings: Any) -> tuple[dict[str, Callable[[int], dict]], dict]:
+    """`torch_runners(**settings)` in the worker, as `time_interleaved` runners."""
+    reply = self.request(op="prepare", settings=settings)
+    if "error" in reply:
+      return {}, reply
+    return ({name: functools.partial(self.measure, name) for name in reply["runners"]},
+            reply["info"])
+
+  def measure(self, name: str, iters: int) -> dict[str, float]:
+    return self.request(op="measure", name=name, iters=iters)
+
+  def release(self) -> None:
+    """Frees the worker's models (between variants)."""
+    self.request(op="release")
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      self.process.stdin.close()
+      self.process.wait()
+
+
+def serve_torch(device: str) -> None:
+  """The worker's side: answers `TorchWorker`'s requests, one JSON line each."""
+  replies = sys.stdout
+  sys.stdout = sys.stderr  # prints (torch.compile's among them) must not corrupt replies
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    reference = import_torch_reference()
+  except ImportError as e:
+    torch = None
+    failure = f"PyTorch unavailable: {e}"
+  else:
+    failure = None
+    if device == "cuda":
+      if torch.cuda.is_available():
+        # JAX's default float32 matmul precision on GPU allows TF32; let PyTorch use it too.
+        torch.set_float32_matmul_precision("high")
+      else:
+        failure = "PyTorch sees no CUDA device"
+  runners: dict[str, Callable[[], None]] = {}
+  for line in sys.stdin:
+    message = json.loads(line)
+    if message["op"] == "info":
+      reply = (dict(error=failure) if failure else
+               dict(torch=torch.__version__, torch_threads=torch.get_num_threads()))
+    elif message["op"] == "prepare":
+      try:
+        more, info = torch_runners(torch, reference, device=device, **message["settings"])
+        runners.update(more)
+        reply = dict(runners=sorted(more), info=info)
+      except Exception as e:  # pylint: disable=broad-except
+        # torch.compile needs a working C++ toolchain on CPU; record why it failed.
+        reply = dict(error=f"{type(e).__name__}: {e}"[:2000],
+                     traceback=traceback.format_exc()[-2000:])
+    elif message["op"] == "measure":
+      reply = measure(runners[message["name"]], message["iters"])
+    else:  # "release"
+      runners.clear()
+      gc.collect()
+      reply = {}
+    replies.write(json.dumps(reply) + "\n")
+    replies.flush()
+
+
 # ----------------------------------------------------------------------------------------
 # One variant: every runner, interleaved.
 
 
-def benchmark_variant(variant: str, args: argparse.Namespace, mesh, torch_env) -> dict:
+def benchmark_variant(variant: str, args: argparse.Namespace, mesh,
+                      worker: TorchWorker | None) -> dict:
   """Train step and forward of `variant` in JAX and PyTorch, timed in the same rounds."""
   config = model_config(variant, input_size=args.input_size, precision=args.precision)
   b = args.batch_size
@@ -504,27 +618,25 @@ def benchmark_variant(variant: str, args: argparse.Namespace, mesh, torch_env) -
                 flops_source="XLA cost analysis of the unrolled forward (models.forward_flops)",
                 train_flops_per_image=3 * xla_fwd)
   print(f"[{variant}] compiling the JAX train step and forward ...", flush=True)
-  runners, result["jax"] = jax_runners(variant, args, mesh)
+  jax_fns, result["jax"] = jax_runners(variant, args, mesh)
   result["params"] = result["jax"]["params"]
-  torch, reference, device = torch_env
-  modes = []
-  if torch is not None:
-    modes = [False] + ([True] if args.torch_compile else [])
+  runners = local_runners(jax_fns)
+  modes = [False] + ([True] if args.torch_compile else []) if worker is not None else []
   for compile_model in modes:
     tag = "torch_compile" if compile_model else "torch_eager"
     print(f"[{variant}] preparing {tag} ...", flush=True)
-    try:
-      more, result[tag] = torch_runners(variant, args, torch, reference, device, compile_model)
-      runners.update(more)
-    except Exception as e:  # pylint: disable=broad-except
-      # torch.compile needs a working C++ toolchain on CPU; record why it failed.
-      result[tag] = dict(error=f"{type(e).__name__}: {e}"[:2000],
-                         traceback=traceback.format_exc()[-2000:])
+    more, result[tag] = worker.runners(
+        variant=variant, batch_size=b, input_size=args.input_size, precision=args.precision,
+        compile_model=compile_model)
+    runners.update(more)
   dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-  runners["matmul_peak"], matmul_flops = matmul_runner(args.matmul_size, dtype)
+  matmul, matmul_flops = matmul_runner(args.matmul_size, dtype)
+  runners["matmul_peak"] = functools.partial(measure, matmul)
   print(f"[{variant}] timing {sorted(runners)}: {args.repeats} rounds x {args.iters} calls",
         flush=True)
   times, loads = time_interleaved(runners, args.repeats, args.iters)
+  if worker is not None:
+    worker.release()
   result["times"] = times
   result["load_average_per_round"] = loads
   result["load_average_end"] = load_average()
@@ -629,7 +741,7 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
         run()
     print(f"[sampler {key}] timing {cfg.steps} steps ({cfg.nfe} NFE) x {args.repeats} rounds",
           flush=True)
-    times, loads = time_interleaved(runners, args.repeats, 1)
+    times, loads = time_interleaved(local_runners(runners), args.repeats, 1)
     full, net, triv = (times[k]["median_s"] for k in ("full", "network_only", "trivial_network"))
     # The rounds interleave the calls, so round i's full and network-only times saw the
     # same load: the median of per-round differences is steadier than a difference of medians.
@@ -799,7 +911,7 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def machine_info(torch) -> dict[str, Any]:
+def machine_info(torch_info: dict[str, Any] | None) -> dict[str, Any]:
   device = jax.devices()[0]
   cpu_model = platform.processor() or ""
   try:
@@ -811,8 +923,8 @@ def machine_info(torch) -> dict[str, Any]:
               num_devices=jax.device_count(), host=platform.machine(), cpu_model=cpu_model,
               cpu_count=os.cpu_count(), jax=jax.__version__, python=platform.python_version(),
               xla_flags=os.environ.get("XLA_FLAGS", ""))
-  if torch is not None:
-    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  if torch_info is not None:
+    info.update(torch_info)
   return info
 
 
@@ -867,40 +979,37 @@ def reexec_with_retained_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+  if "--no-torch" not in (sys.argv[1:] if argv is None else argv):
+    # On a GPU the PyTorch worker shares the device: JAX takes half its memory, not 75%.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
   args = parse_args(argv)
   if (argv is None and args.malloc == "retain" and jax.devices()[0].platform == "cpu"
       and platform.system() == "Linux"):
     reexec_with_retained_malloc()
-  torch = reference = None
-  device = "cpu"
+  worker = None
   if args.torch:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
-      reference = import_torch_reference()
-      jax_platform = jax.devices()[0].platform
-      if jax_platform == "gpu" and torch.cuda.is_available():
-        device = "cuda"
-        # JAX's default float32 matmul precision on GPU allows TF32; let PyTorch use it too.
-        torch.set_float32_matmul_precision("high")
-      elif jax_platform != "cpu":
-        print(f"PyTorch has no {jax_platform} device here: skipping the reference.")
-        torch = None
-    except ImportError as e:
-      print(f"PyTorch unavailable ({e}): skipping the reference.")
-      torch = None
+    jax_platform = jax.devices()[0].platform
+    if jax_platform in ("cpu", "gpu"):
+      try:
+        worker = TorchWorker("cuda" if jax_platform == "gpu" else "cpu")
+      except RuntimeError as e:
+        print(f"{e}: skipping the reference.")
+    else:
+      print(f"PyTorch has no {jax_platform} device here: skipping the reference.")
   mesh = benchmark_mesh(args)
   report: dict[str, Any] = dict(
       command="python experiments/benchmark.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
-      machine=machine_info(torch), load_average_start=load_average(),
+      machine=machine_info(worker.info if worker else None), load_average_start=load_average(),
       settings={k: v for k, v in vars(args).items() if k != "variant_list"},
       glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-      torch_device=device if torch is not None else None, variants={})
+      torch_device=worker.process.args[-1] if worker else None, variants={})
   report["settings"]["mesh_devices"] = int(mesh.devices.size)
   start = time.perf_counter()
   for variant in args.variant_list:
-    report["variants"][variant] = benchmark_variant(variant, args, mesh,
-                                                    (torch, reference, device))
+    report["variants"][variant] = benchmark_variant(variant, args, mesh, worker)
+  if worker is not None:
+    worker.close()
   if args.sampler:
     report["sampler"] = benchmark_sampler(args, mesh)
   if args.xl_compile:
@@ -923,4 +1032,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:2] == ["--torch_worker"]:
+    serve_torch(sys.argv[2])
+  else:
+    main()

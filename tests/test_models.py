@@ -230,6 +230,14 @@ def test_latent_scan_matches_unrolled():
   t, y = jnp.array([3, 4]), jnp.array([0, 1])
   np.testing.assert_allclose(np.asarray(jitted(model)(x, t, y)), np.asarray(jitted(unrolled)(x, t, y)),
                              atol=1e-5)
+  # The unrolled stack is a Python loop over per-block slices: its gradient must land in
+  # the same stacked parameters.
+  grads = []
+  for m in (model, unrolled):
+    graphdef, params = nnx.split(m)
+    grads.append(jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)))(params))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_image_shapes_zero_head_dropout_and_labels():

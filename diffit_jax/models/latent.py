@@ -7,8 +7,9 @@ c = t_emb + y_emb (labels enter only through TMSA; there is no AdaLN). Parameter
 names, tensor layouts and initialisation follow OFFICIAL_CHECKPOINT.md so that the
 converter is a transpose per tensor. XL/2 at 256 px has 561,035,232 parameters.
 
-The blocks are one scanned stack (parameters carry a leading `depth` axis) so that
-a 28-block network compiles as fast as one block.
+The blocks are one stacked module (parameters carry a leading `depth` axis). Scanned, a
+28-block network compiles as fast as one block; unrolled (`scan_unroll=True`), a training
+step runs faster.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class LatentDiffiT(nnx.Module):
     remat: rematerialise each block in the backward pass (saves memory).
     remat_policy: what a rematerialised block keeps (`REMAT_POLICIES`); ignored
       without `remat`.
-    scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`; True unrolls all).
+    scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`), or True for no
+      loop at all: the blocks run as straight-line code (faster steps, slower compiles).
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -172,12 +174,23 @@ class LatentDiffiT(nnx.Module):
       c = c + self.y_embedder(y)  # the time token carries the label (no activation on c)
 
     graphdef, block_state = nnx.split(self.blocks)
-    def body(h, state):
-      return nnx.merge(graphdef, state)(h, c), None
+    def block(h, state):
+      return nnx.merge(graphdef, state)(h, c)
     if self.remat:
-      body = jax.checkpoint(body, prevent_cse=False,
-                            policy=REMAT_POLICIES[self.remat_policy])
-    h, _ = jax.lax.scan(body, h, block_state, unroll=self.scan_unroll)  # (B, h, w, D)
+      block = jax.checkpoint(block, prevent_cse=False,
+                             policy=REMAT_POLICIES[self.remat_policy])
+    if self.scan_unroll is True:
+      # Straight-line code: the stacked parameters are split once and each block reads
+      # its own slice. Without a loop XLA keeps no stacked residuals for the backward
+      # (no dynamic-update-slice per block, no zero-filled stacks): a training step is
+      # about 20% faster on CPU, and compiles about twice as slowly.
+      leaves, treedef = jax.tree.flatten(block_state)
+      per_block = zip(*(jnp.unstack(leaf) for leaf in leaves))
+      for block_leaves in per_block:
+        h = block(h, jax.tree.unflatten(treedef, block_leaves))  # (B, h, w, D)
+    else:
+      h, _ = jax.lax.scan(lambda h, state: (block(h, state), None), h, block_state,
+                          unroll=self.scan_unroll)  # (B, h, w, D)
 
     out = self.final_layer(h.reshape(h.shape[0], grid * grid, -1))  # (B, N, p*p*Cout)
     return unpatchify(out, self.patch_size, self.out_channels)  # (B, H, W, Cout)
