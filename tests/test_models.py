@@ -222,9 +222,10 @@ def test_latent_windowed_patch4_and_remat_grad():
   assert all(np.isfinite(float(n)) for n in norms) and max(float(n) for n in norms) > 0
 
 
-def test_latent_scan_matches_unrolled():
+@pytest.mark.parametrize("remat", [False, True])
+def test_latent_scan_matches_unrolled(remat):
   model = randomize(tiny_latent())
-  unrolled = tiny_latent(scan_unroll=True)
+  unrolled = tiny_latent(scan_unroll=True, remat=remat)
   nnx.update(unrolled, nnx.state(model, nnx.Param))
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   t, y = jnp.array([3, 4]), jnp.array([0, 1])

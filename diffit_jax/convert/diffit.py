@@ -15,7 +15,7 @@ shaped keys are listed in one `ConversionError`, the `relative_position_index` b
 follow the Swin formula and `pos_embed` must be the MAE 2-D sin-cos embedding that
 LatentDiffiT computes (both buffers are optional; they are derived, not stored). Layouts:
 Linear (out, in) -> (in, out), Conv2d (O, I, kh, kw) -> (kh, kw, I, O), and the per-block
-tensors `blocks.{i}.*` are stacked along the leading depth axis of the scanned blocks.
+tensors `blocks.{i}.*` are stacked along the leading depth axis of the stacked blocks.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def convert_diffit(src: str, *, config: str | ml_collections.ConfigDict | None =
     if block is None:
       flat[path] = torch_to_flax(path[-1], state.pop(key)).astype(np.float32)
   block_paths = sorted({path for path, block, _ in expected.values() if block is not None})
-  for path in block_paths:  # (depth, ...) per parameter: one scanned stack
+  for path in block_paths:  # (depth, ...) per parameter: one stacked module
     keys = [official_key(path, i) for i in range(depth)]
     flat[path] = np.stack([torch_to_flax(path[-1], state.pop(k)).astype(np.float32)
                            for k in keys])  # (depth, ...)

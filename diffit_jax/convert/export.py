@@ -3,7 +3,7 @@
 This file owns writing a latent DiffiT in the official PyTorch layout of NVIDIA's release
 (`shared/spec/OFFICIAL_CHECKPOINT.md`), so that the official code loads it with
 `load_state_dict(..., strict=True)`: every parameter under its official key in PyTorch layout
-(Linear (in, out) -> (out, in), Conv (kh, kw, I, O) -> (O, I, kh, kw), the scanned blocks'
+(Linear (in, out) -> (out, in), Conv (kh, kw, I, O) -> (O, I, kh, kw), the stacked blocks'
 leading depth axis unstacked into `blocks.{i}.*`), plus the `pos_embed` and
 `relative_position_index` buffers the official module registers. It is the inverse of
 `diffit.py` (whose key mapping it shares): export then convert gives back the same bits.
