@@ -11,7 +11,9 @@ Writes `OUT/samples_{N}x{H}x{W}x{C}.npz` with `arr_0` (N, H, W, C) uint8 and `ar
 int labels (the layout OpenAI's ADM evaluator reads) and `OUT/grid.png`. Batches are kept
 in `OUT/parts/` as they finish, so an interrupted run continues where it stopped. The noise
 of sample i depends only on (seed, i) and its label on (seed, i) too, so the result does not
-depend on the batch size or the number of devices.
+depend on the batch size or the number of devices. On several hosts, run the same command
+on every host with `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set
+(or `--config.distributed.*`): the first process writes the files.
 
 Sampler, steps and guidance come from `config.sampler` (the paper's settings) unless
 overridden by flags; `--config.sampler.X=...` overrides work as well.
@@ -30,10 +32,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from diffit_jax import checkpoint, models, train
+from diffit_jax.sharding import to_host
 from diffit_jax.diffusion import samplers
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
@@ -158,8 +162,13 @@ def make_decoder(config, vae_path: str | None, sharding):
 
 
 def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_samples=64,
-        batch_size=64, labels="random", seed=0, sampler_overrides=None) -> str:
+        batch_size=64, labels="random", seed=0, sampler_overrides=None) -> str | None:
   """Samples `num_samples` images; returns the path of the `.npz` written.
+
+  With several processes (`config.distributed` or `JAX_COORDINATOR_ADDRESS`, ...; see
+  `train.initialize_distributed`) every process runs this with the same arguments; the
+  batches are sharded over all their devices, and the first process writes every file
+  (the others return None).
 
   Every argument is checked (config, sampler, guidance, labels) before any weights load.
   """
@@ -172,6 +181,8 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     raise ValueError("--num_samples and --batch_size must be positive.")
   all_labels = draw_labels(labels, num_samples, config.model.get("num_classes", 0), seed)
 
+  train.initialize_distributed(config)  # several hosts: every process runs this same command
+  chief = jax.process_index() == 0  # gathers every batch and writes all files
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated = NamedSharding(mesh, P())
   graphdef, state = nnx.split(
@@ -185,40 +196,60 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
                          workdir or checkpoint_path, config.model.name, replicated)
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
   parts_dir = os.path.join(out, "parts")
-  os.makedirs(parts_dir, exist_ok=True)
+  if chief:
+    os.makedirs(parts_dir, exist_ok=True)
 
   # Batches already on disk (from an interrupted run with the same settings) are kept.
   settings = repr((scfg, labels, seed, batch_size, os.path.abspath(workdir or checkpoint_path)))
   tag = f"{scfg.name}{scfg.num_steps}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
   starts = range(0, num_samples, batch_size)
+  part_path = lambda start: os.path.join(
+      parts_dir, f"{tag}_{start:08d}_{min(start + batch_size, num_samples):08d}.npz")
+  # What is left to do is the chief's view of the folder, so that every process runs the
+  # same batches (each is a collective computation).
+  todo = np.array([not os.path.exists(part_path(start)) for start in starts])
+  if jax.process_count() > 1:
+    todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
   t0, done = time.time(), 0
   for i, start in enumerate(starts):
-    stop = min(start + batch_size, num_samples)
-    part = os.path.join(parts_dir, f"{tag}_{start:08d}_{stop:08d}.npz")
-    if os.path.exists(part):
+    if not todo[i]:
       continue
+    stop = min(start + batch_size, num_samples)
     # Every call has the full batch size (one compilation); the tail is cut off after.
     indices = np.arange(start, start + batch_size)
     batch_labels = None if all_labels is None else np.resize(all_labels, indices.size + start)[start:]
-    images = np.asarray(decode(sampler(state, batch_labels, indices, seed)))[:stop - start]
+    images = to_host(decode(sampler(state, batch_labels, indices, seed)))[:stop - start]
     batch_labels = None if batch_labels is None else batch_labels[:stop - start]
+    done += stop - start
+    if not chief:
+      continue
+    part = part_path(start)
     tmp = part + ".tmp.npz"
     np.savez(tmp, images=images, labels=np.zeros(0) if batch_labels is None else batch_labels)
     os.replace(tmp, part)
-    done += stop - start
     rate = done / (time.time() - t0)
     left = (num_samples - stop) / rate if rate > 0 else float("nan")
     print(f"[sample] batch {i + 1}/{len(starts)}: {stop}/{num_samples} images, "
           f"{rate:.2f} img/s, ETA {left:.0f} s", flush=True)
 
+  path = None
+  if chief:
+    path = write_samples(out, [part_path(start) for start in starts], num_samples,
+                         with_labels=all_labels is not None)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("diffit_jax:sample_done")
+  return path
+
+
+def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: bool) -> str:
+  """Joins the finished batches into the evaluator's `.npz` and writes `grid.png`."""
   images, label_list = [], []
-  for start in starts:
-    stop = min(start + batch_size, num_samples)
-    with np.load(os.path.join(parts_dir, f"{tag}_{start:08d}_{stop:08d}.npz")) as f:
+  for part in parts:
+    with np.load(part) as f:
       images.append(f["images"])
       label_list.append(f["labels"])
   images = np.concatenate(images)
-  label_arr = (np.concatenate(label_list).astype(np.int64) if all_labels is not None
+  label_arr = (np.concatenate(label_list).astype(np.int64) if with_labels
                else np.zeros(num_samples, np.int64))
   n, h, w, c = images.shape
   path = os.path.join(out, f"samples_{n}x{h}x{w}x{c}.npz")

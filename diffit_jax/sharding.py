@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -96,3 +97,10 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, mesh_config: Any = None) -> 
   min_size = int((mesh_config or get_default_mesh_config()).get("fsdp_min_size", 2 ** 18))
   return jax.tree.map(
       lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), mesh, min_size)), abstract_tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process sharded) array gathered whole onto every host."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

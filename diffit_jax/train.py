@@ -339,13 +339,6 @@ def _apply_fn(graphdef: Any) -> diffusion.samplers.ApplyFn:
   return lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-process sharded) array gathered whole onto every host."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class SampleWriter:
   """EMA sample grids: `WORKDIR/samples/step_XXXXXX.png`, one row per class.
 
@@ -392,7 +385,7 @@ class SampleWriter:
   def __call__(self, ema_params: Any, step: int) -> str:
     """Samples the grid for `step` and writes it (process 0); returns the PNG path."""
     start = time.perf_counter()
-    x = _to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
+    x = sharding_lib.to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
     path = os.path.join(self.folder, f"step_{step:06d}.png")
     if jax.process_index() == 0:
       logging_utils.save_image_grid(path, x, self.rows, scale=self.scale)
@@ -412,8 +405,8 @@ def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
   def batches():
     for start in range(0, n, batch):
       idx = np.arange(start, min(start + batch, n))
-      x = _to_host(sample_writer.images(ema_params, idx, None if labels is None else labels[idx],
-                                        seed=1_000_003 + step))
+      x = sharding_lib.to_host(sample_writer.images(
+          ema_params, idx, None if labels is None else labels[idx], seed=1_000_003 + step))
       x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
       yield np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 

@@ -1,6 +1,7 @@
 """End-to-end tests of `python -m diffit_jax.sample` on a tiny random-weight network."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -106,6 +107,44 @@ def test_cli_end_to_end(conditional_checkpoint, tmp_path):
       [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
        f"--out={tmp_path}", "--sampler=plms"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
+
+
+def test_two_processes_match_one(conditional_checkpoint, tmp_path):
+  """Two JAX processes (2 CPU devices each) run the CLI together: one set of files, written
+  by the first process, with the samples a single process draws."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "multi"
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
+         f"--out={out}", "--num_samples=7", "--batch_size=6", "--labels=cycle", "--seed=1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, text in zip(procs, outs):
+    assert p.returncode == 0, text
+  assert "[sample] wrote" in outs[0] and "[sample] wrote" not in outs[1]
+  images, labels = load(out / "samples_7x16x16x1.npz")
+  single = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "one"),
+                      num_samples=7, batch_size=6, labels="cycle", seed=1)
+  want_images, want_labels = load(single)
+  np.testing.assert_array_equal(labels, want_labels)
+  # 4 devices vs this process's: the same noise, floats equal to ~1e-5, so uint8 pixels
+  # may differ by one step where a value sits on a rounding boundary.
+  diff = np.abs(images.astype(int) - want_images.astype(int))
+  assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+  assert len(os.listdir(out / "parts")) == 2
 
 
 def test_latent_model_decodes_through_the_vae(tmp_path):
