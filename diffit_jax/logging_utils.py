@@ -5,7 +5,7 @@
     plus `workdir/loss.png`, a loss curve redrawn at every write, so a run without
     TensorFlow can still be read and plotted.
   * `Progress`: steps/s, images/s and ETA over the last log interval.
-  * `image_grid` / `save_image_grid`: a batch of images in [-1, 1] as one PNG.
+  * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
 
 Only process 0 writes files; the other processes get no-op writers.
 """
@@ -19,7 +19,8 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image
+
+from diffit_jax.utils import image_grid, save_png, to_uint8
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss.png"
@@ -151,31 +152,12 @@ def format_progress(step: int, total: int, scalars: Mapping[str, float],
   return " | ".join(parts)
 
 
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-  """(N, H, W, C) images in [-1, 1] -> one uint8 (rows*H, cols*W, C) grid, 2-pixel gaps.
-
-  The batch fills the grid row by row; missing cells stay black.
-  """
-  images = np.asarray(images, np.float32)
-  n, h, w, c = images.shape
-  cols = -(-n // rows)
-  pixels = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  pad = 2
-  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-  for i in range(n):
-    r, q = divmod(i, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pixels[i]
-  return grid
-
-
 def save_image_grid(path: str, images: np.ndarray, rows: int, *, scale: int = 1) -> None:
-  """Writes `image_grid(images, rows)` to `path` (PNG), upscaled `scale`x (nearest)."""
-  grid = image_grid(images, rows)
-  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3])
+  """Writes (N, H, W, C) images in [-1, 1] to `path` as one PNG grid of `rows` rows (filled
+  row by row), upscaled `scale`x (nearest)."""
+  pixels = np.asarray(to_uint8(np.asarray(images, np.float32), rounding=True))
+  grid = image_grid(pixels, num_columns=-(-len(pixels) // rows))[..., :3]
   if scale > 1:
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  image.save(tmp)
-  os.replace(tmp, path)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  save_png(path, grid)
   logging.info("Wrote %s", path)

@@ -56,6 +56,7 @@ from diffit_jax import logging_utils
 from diffit_jax import models
 from diffit_jax import optim
 from diffit_jax import sharding as sharding_lib
+from diffit_jax.utils import to_uint8
 
 STEP_IMPLS = ("jit", "shard_map")
 CONFIG_FILE = "config.json"
@@ -407,7 +408,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
       idx = np.arange(start, min(start + batch, n))
       x = sharding_lib.to_host(sample_writer.images(
           ema_params, idx, None if labels is None else labels[idx], seed=1_000_003 + step))
-      x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+      x = np.asarray(to_uint8(x, rounding=True))
       yield np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 
   scores = evaluator(batches(), total=n, precision_recall=False)
