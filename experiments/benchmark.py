@@ -37,8 +37,8 @@ average of every round. On Linux CPUs the run re-executes itself under `RETAIN_M
 (accelerator defaults: batch 64, all of S/2, B/2, XL/2, full sampler step counts).
 
 Run:
-  .venv/bin/python experiments/benchmark.py                 # CPU defaults: ~20 min on 2 cores
-  .venv/bin/python experiments/benchmark.py --no-torch_compile   # ~half: no Inductor builds
+  .venv/bin/python experiments/benchmark.py                 # CPU defaults: ~7 min on 2 cores
+  .venv/bin/python experiments/benchmark.py --no-torch_compile   # faster: no Inductor builds
   .venv/bin/python experiments/benchmark.py --quick         # smoke run, ~1 minute
   .venv/bin/python experiments/benchmark.py --precision bf16 --batch_size 32 --xl
 Writes experiments/results/benchmark_<platform>.json and .md.
