@@ -93,14 +93,15 @@ RETAIN_MALLOC = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=6871947673
 
 # Per-platform defaults; `--quick` shrinks them to a smoke run. Flags given explicitly win.
 DEFAULTS = {
-    "cpu": dict(variants="S/2,B/2", batch_size=8, repeats=5, iters=1, ddpm_steps=4,
-                heun_steps=2, sampler_batch=2, sampler_variant="S/2", matmul_size=2048,
-                torch_compile=True),
-    "accelerator": dict(variants="S/2,B/2,XL/2", batch_size=64, repeats=5, iters=5,
-                        ddpm_steps=OFFICIAL_DDPM_STEPS, heun_steps=OFFICIAL_HEUN_STEPS,
+    "cpu": dict(variants="S/2,B/2", batch_size=8, repeats=5, sampler_repeats=25, iters=1,
+                ddpm_steps=4, heun_steps=2, sampler_batch=2, sampler_variant="S/2",
+                matmul_size=2048, torch_compile=True),
+    "accelerator": dict(variants="S/2,B/2,XL/2", batch_size=64, repeats=5, sampler_repeats=5,
+                        iters=5, ddpm_steps=OFFICIAL_DDPM_STEPS, heun_steps=OFFICIAL_HEUN_STEPS,
                         sampler_batch=64, sampler_variant="XL/2", matmul_size=8192,
                         torch_compile=True),
-    "quick": dict(variants="S/2", batch_size=2, repeats=2, iters=1, ddpm_steps=2, heun_steps=2,
+    "quick": dict(variants="S/2", batch_size=2, repeats=2, sampler_repeats=2, iters=1,
+                  ddpm_steps=2, heun_steps=2,
                   sampler_batch=2, sampler_variant="S/2", matmul_size=1024,
                   torch_compile=False),
 }
@@ -739,9 +740,10 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
     with PeakMemory() as mem:
       for run in runners.values():
         run()
-    print(f"[sampler {key}] timing {cfg.steps} steps ({cfg.nfe} NFE) x {args.repeats} rounds",
+    print(f"[sampler {key}] timing {cfg.steps} steps ({cfg.nfe} NFE) x {args.sampler_repeats} "
+          "rounds",
           flush=True)
-    times, loads = time_interleaved(local_runners(runners), args.repeats, 1)
+    times, loads = time_interleaved(local_runners(runners), args.sampler_repeats, 1)
     full, net, triv = (times[k]["median_s"] for k in ("full", "network_only", "trivial_network"))
     # The rounds interleave the calls, so round i's full and network-only times saw the
     # same load: the median of per-round differences is steadier than a difference of medians.
@@ -934,6 +936,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--xl", action="store_true", help="also time XL/2 (needs ~25 GiB at batch 8)")
   p.add_argument("--batch_size", type=int)
   p.add_argument("--repeats", type=int, help="interleaved timing rounds (median reported)")
+  p.add_argument("--sampler_repeats", type=int,
+                 help="interleaved sampler rounds: the sampler's share outside the network is a "
+                      "difference of two timings, so on a noisy CPU it takes many short rounds")
   p.add_argument("--iters", type=int, help="calls per runner per round")
   p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
   p.add_argument("--input_size", type=int, default=32, help="latent side (32: 256 px)")
