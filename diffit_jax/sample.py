@@ -37,8 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from diffit_jax import checkpoint, models, train
-from diffit_jax.sharding import to_host
 from diffit_jax.diffusion import samplers
+from diffit_jax.sharding import to_host
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
 FLAGS = flags.FLAGS

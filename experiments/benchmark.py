@@ -520,6 +520,7 @@ class TorchWorker:
   """
 
   def __init__(self, device: str):
+    self.device = device  # "cpu" or "cuda"
     # The worker imports this module, hence JAX; keep that JAX off the accelerator.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     self.process = subprocess.Popen(
@@ -1008,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
       machine=machine_info(worker.info if worker else None), load_average_start=load_average(),
       settings={k: v for k, v in vars(args).items() if k != "variant_list"},
       glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-      torch_device=worker.process.args[-1] if worker else None, variants={})
+      torch_device=worker.device if worker else None, variants={})
   report["settings"]["mesh_devices"] = int(mesh.devices.size)
   start = time.perf_counter()
   for variant in args.variant_list:

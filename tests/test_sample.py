@@ -1,7 +1,6 @@
 """End-to-end tests of `python -m diffit_jax.sample` on a tiny random-weight network."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -109,12 +108,10 @@ def test_cli_end_to_end(conditional_checkpoint, tmp_path):
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
 
 
-def test_two_processes_match_one(conditional_checkpoint, tmp_path):
+def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
   """Two JAX processes (2 CPU devices each) run the CLI together: one set of files, written
   by the first process, with the samples a single process draws."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port
   out = tmp_path / "multi"
   procs = []
   for i in range(2):

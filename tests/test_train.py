@@ -10,7 +10,6 @@ compile once, and a second `pytest` run is several times faster.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -357,16 +356,10 @@ def test_latent_adm_training_with_samples_and_fid_hook(tmp_path, monkeypatch):
   assert (workdir / "samples" / "step_000002.png").exists()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_on_localhost_and_preemption(tmp_path):
+def test_two_processes_on_localhost_and_preemption(tmp_path, free_port):
   """Two JAX processes (2 CPU devices each) run the real CLI on their shards of the digits;
   SIGTERM to one of them makes both checkpoint the same step and exit cleanly."""
-  port = _free_port()
+  port = free_port
   workdir = tmp_path / "run"
   procs = []
   for i in range(2):

@@ -146,7 +146,7 @@ class TMSA(nnx.Module):
     # Heads-major operands make both attention products plain batched matmuls over
     # (B*nWin, heads). With heads in the middle (jax.nn.dot_product_attention's (B, T, N, H)
     # layout, which computes the same einsums) XLA:CPU runs them several times slower and
-    # a training step about 9% slower; GPU/TPU layouts are XLA's choice either way.
+    # a training step 9-12% slower; GPU/TPU layouts are XLA's choice either way.
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nWin, heads, T, hd)
     bias = broadcast_batch(self.relative_position_bias()[None], b * n_win)  # (B*nWin, heads, T, T)
     # Eq. 6: softmax(q k^T / sqrt(d) + B) v. The logits and softmax are float32 even under
