@@ -41,7 +41,7 @@ def get_config(arg=None):
       name="image", image_size=32, in_channels=3, out_channels=3,
       channels=(128, 256, 256), num_blocks=(2, 2, 2), window_size=4,
       time_dim=512, frequency_size=128, head_dim=64, num_groups=32, mlp_ratio=4.0,
-      dropout_rate=0.13, num_classes=0, dtype="float32"))
+      dropout_rate=0.13, num_classes=0, attention="auto", dtype="float32"))
 
   config.diffusion = ml_collections.ConfigDict(dict(
       name="edm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, class_dropout_prob=0.0))

@@ -64,7 +64,12 @@ def test_quick_run_writes_json_and_markdown(written):
                   "network_seconds_per_image", "official_nfe", "measured_nfe"):
       assert field in s, field
   assert report["sampler"]["edm_heun_18"]["official_nfe"] == 35
-  assert "tiny train >= 1.3x torch eager" in report["targets"]
+  target = report["targets"]["tiny train >= 1.3x torch eager"]
+  # The bound: the ratio at 100% MFU is 1 / torch's MFU; the target needs 1.3x torch's MFU.
+  mfu_eager = r["mfu"]["torch_eager_train"]
+  assert target["ceiling"] == pytest.approx(1 / mfu_eager, rel=1e-2)
+  assert target["mfu_needed"] == pytest.approx(1.3 * mfu_eager, rel=1e-2, abs=1e-3)
+  assert target["value"] == pytest.approx(r["jax_over_torch"]["train_vs_torch_eager"], abs=1e-3)
   assert (written / f"{name}.md").read_text().startswith("# diffit_jax benchmark")
 
 

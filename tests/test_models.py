@@ -132,8 +132,9 @@ def numpy_tmsa(attn, x, c):
   return out.reshape(b, h, w, dim)
 
 
-def test_tmsa_global_window_matches_numpy_attention():
-  attn = tmsa.TMSA(16, 4, time_dim=8, window_size=4, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("implementation", ["einsum", "xla"])
+def test_tmsa_global_window_matches_numpy_attention(implementation):
+  attn = tmsa.TMSA(16, 4, time_dim=8, window_size=4, attention=implementation, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 4, 4, 16))
   c = jax.random.normal(jax.random.key(2), (2, 8))
   np.testing.assert_allclose(np.asarray(attn(x, c)), numpy_tmsa(attn, x, c), rtol=1e-5, atol=1e-5)
@@ -153,6 +154,41 @@ def test_tmsa_windows_attend_only_within_themselves():
   # Each window on its own equals global attention over that window.
   window = attn(x[:, 4:, 4:], c)
   np.testing.assert_allclose(np.asarray(out[:, 4:, 4:]), np.asarray(window), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_implementations_agree_with_gradients(dtype, tol):
+  """jax.nn.dot_product_attention ("xla") and the heads-major einsums: values and gradients."""
+  def make(implementation):
+    return randomize(tmsa.TMSA(16, 2, time_dim=8, window_size=4, attention=implementation,
+                               dtype=dtype, rngs=nnx.Rngs(0)), scale=0.3)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))  # four 4x4 windows per image
+  c = jax.random.normal(jax.random.key(2), (2, 8))
+  def loss_and_grads(attn):
+    graphdef, params = nnx.split(attn, nnx.Param)
+    def loss(params, x):
+      out = nnx.merge(graphdef, params)(x, c).astype(jnp.float32)
+      return jnp.sum(out * jnp.cos(out)), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return out, jax.tree.leaves(grads)
+  out_e, grads_e = loss_and_grads(make("einsum"))
+  out_x, grads_x = loss_and_grads(make("xla"))
+  np.testing.assert_allclose(np.asarray(out_x), np.asarray(out_e), rtol=tol, atol=tol)
+  assert len(grads_e) == 8  # 3 linears x (kernel, bias), the bias table, and the input
+  for ge, gx in zip(grads_e, grads_x):
+    scale = float(jnp.abs(ge.astype(jnp.float32)).max())
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(gx, np.float32) / scale, np.asarray(ge, np.float32) / scale,
+                               atol=tol)
+
+
+def test_attention_choice_is_checked():
+  assert tmsa.resolve_attention("auto") == ("einsum" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ValueError, match="config.model.attention='flash'"):
+    tmsa.resolve_attention("flash")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+      tiny_latent(attention="cudnn")
 
 
 def test_tmsa_time_token_changes_output():

@@ -43,12 +43,13 @@ class DiffiTResBlock(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, time_dim: int, num_heads: int,
                window_size: int, num_groups: int, mlp_ratio: float, dropout_rate: float,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               attention: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm = nnx.GroupNorm(in_channels, num_groups=num_groups, epsilon=GN_EPS, dtype=dtype,
                               rngs=rngs)
     self.conv = _conv(in_channels, out_channels, dtype=dtype, rngs=rngs)
     self.block = DiffiTBlock(out_channels, num_heads, time_dim=time_dim, window_size=window_size,
-                             mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+                             mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, attention=attention,
+                             dtype=dtype, rngs=rngs)
     self.skip = (_conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
                  if in_channels != out_channels else None)
 
@@ -73,6 +74,7 @@ class ImageDiffiT(nnx.Module):
     mlp_ratio: transformer MLP width ratio.
     dropout_rate: dropout on the transformer MLP's hidden layer during training.
     num_classes: 0 for unconditional (the paper); > 0 adds a label table (+ null class).
+    attention: how TMSA computes attention (`tmsa.ATTENTION_IMPLEMENTATIONS`).
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -80,8 +82,8 @@ class ImageDiffiT(nnx.Module):
                channels: Sequence[int] = (128, 256, 256), num_blocks: Sequence[int] = (2, 2, 2),
                window_size: int = 4, time_dim: int = 512, frequency_size: int = 128,
                head_dim: int = 64, num_groups: int = 32, mlp_ratio: float = 4.0,
-               dropout_rate: float = 0.0, num_classes: int = 0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, num_classes: int = 0, attention: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if len(channels) != len(num_blocks):
       raise ValueError(f"channels {tuple(channels)} and num_blocks {tuple(num_blocks)} must "
                        "have one entry per stage.")
@@ -100,7 +102,8 @@ class ImageDiffiT(nnx.Module):
       resolution = image_size // 2 ** stage
       return DiffiTResBlock(cin, cout, time_dim=time_dim, num_heads=max(cout // head_dim, 1),
                             window_size=min(window_size, resolution), num_groups=num_groups,
-                            mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+                            mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, attention=attention,
+                            dtype=dtype, rngs=rngs)
 
     self.tokenizer = _conv(in_channels, channels[0], dtype=dtype, rngs=rngs)
     # Encoder: stage s runs at image_size / 2^s; downsamplers keep the width.

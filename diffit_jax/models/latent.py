@@ -103,6 +103,7 @@ class LatentDiffiT(nnx.Module):
     remat: rematerialise each block in the backward pass (saves memory).
     remat_policy: what a rematerialised block keeps (`REMAT_POLICIES`); ignored
       without `remat`.
+    attention: how TMSA computes attention (`tmsa.ATTENTION_IMPLEMENTATIONS`).
     scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`), or True for no
       loop at all: the blocks run as straight-line code (faster steps, slower compiles).
     dtype: computation dtype (parameters stay float32).
@@ -112,8 +113,8 @@ class LatentDiffiT(nnx.Module):
                hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
                window_size: int | None = None, remat: bool = False,
-               remat_policy: str = "nothing", scan_unroll: int | bool = 1,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               remat_policy: str = "nothing", attention: str = "auto",
+               scan_unroll: int | bool = 1, dtype=jnp.float32, rngs: nnx.Rngs):
     if input_size % patch_size:
       raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}.")
     grid = input_size // patch_size
@@ -142,7 +143,7 @@ class LatentDiffiT(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs):
       return DiffiTBlock(hidden_size, num_heads, time_dim=hidden_size, window_size=window_size,
-                         mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
+                         mlp_ratio=mlp_ratio, attention=attention, dtype=dtype, rngs=rngs)
     self.blocks = make_blocks(rngs)  # one DiffiTBlock whose parameters have a leading depth axis
     self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels,
                                   dtype=dtype, rngs=rngs)

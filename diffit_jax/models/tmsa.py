@@ -101,6 +101,61 @@ def _broadcast_batch_bwd(batch, _, g):
 broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
 
 
+# How Eq. 6 is computed (`config.model.attention`); every choice is the same math.
+#   "einsum"  two heads-major einsums, float32 logits and softmax. With heads-major operands
+#             both products are plain batched matmuls; in jax.nn.dot_product_attention's
+#             (B, T, heads, hd) layout XLA:CPU runs them several times slower and a latent
+#             training step 9-12% slower.
+#   "xla"     jax.nn.dot_product_attention, XLA's implementation (float32 logits and softmax).
+#   "cudnn"   jax.nn.dot_product_attention on cuDNN's fused kernel: NVIDIA GPUs with
+#             bfloat16 compute (`config.model.dtype`); float32 accumulation inside.
+#   "auto"    "einsum" on CPU, "xla" on GPU and TPU.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+
+
+def resolve_attention(implementation: str) -> str:
+  """Maps `config.model.attention` to the implementation used on this backend."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention={implementation!r}; use one of "
+                     f"{list(ATTENTION_IMPLEMENTATIONS)}.")
+  backend = jax.default_backend()
+  if implementation == "auto":
+    return "einsum" if backend == "cpu" else "xla"
+  if implementation == "cudnn" and backend != "gpu":
+    raise ValueError(f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's "
+                     f"backend is {backend!r}; use 'auto'.")
+  return implementation
+
+
+def attention(qkv: jax.Array, bias: jax.Array, implementation: str) -> jax.Array:
+  """Eq. 6, softmax(q k^T / sqrt(d) + B) v, per window and head.
+
+  Args:
+    qkv: (N, T, 3, heads, hd) packed queries, keys and values of N windows.
+    bias: (heads, T, T) relative position bias, shared by every window.
+    implementation: "einsum", "xla" or "cudnn" (see `resolve_attention`).
+
+  Returns:
+    (N, T, heads, hd) in the dtype of `qkv`.
+  """
+  n, _, _, _, head_dim = qkv.shape
+  if implementation == "einsum":
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, T, hd)
+    bias = broadcast_batch(bias[None], n)  # (N, heads, T, T)
+    # The logits and softmax are float32 even under bfloat16 compute; the probabilities
+    # meet v in the compute dtype.
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * head_dim ** -0.5 + bias  # (N, heads, T, T) float32
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)  # (N, heads, T, hd)
+    return out.transpose(0, 2, 1, 3)  # (N, T, heads, hd)
+  q, k, v = (qkv[:, :, i] for i in range(3))  # each (N, T, heads, hd)
+  bias = bias[None]  # (1, heads, T, T): broadcast over windows
+  if implementation == "cudnn":
+    bias = bias.astype(qkv.dtype)  # cuDNN takes the bias in the compute dtype
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
 def _linear(in_features, out_features, *, dtype, rngs):
   # Official init for every Linear: xavier-uniform weight, zero bias.
   return nnx.Linear(in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(),
@@ -111,15 +166,17 @@ class TMSA(nnx.Module):
   """Time-dependent multi-head self-attention in windows (Eqs. 3-6).
 
   Parameter names follow the official release: `qkv` (spatial), `qkv_temb`
-  (temporal), `proj`, `relative_position_bias_table` ((2w-1)^2, heads).
+  (temporal), `proj`, `relative_position_bias_table` ((2w-1)^2, heads). `attention`
+  picks the implementation of Eq. 6 (`ATTENTION_IMPLEMENTATIONS`).
   """
 
   def __init__(self, dim: int, num_heads: int, *, time_dim: int, window_size: int,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               attention: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by {num_heads} heads.")
     self.num_heads = num_heads
     self.window_size = window_size
+    self.attention = resolve_attention(attention)
     self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.qkv_temb = _linear(time_dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -143,19 +200,8 @@ class TMSA(nnx.Module):
     # Eqs. 3-5: spatial projection + temporal projection broadcast over all tokens.
     qkv = self.qkv(windows) + self.qkv_temb(c)[:, None, None, :]  # (B, nWin, T, 3C)
     qkv = qkv.reshape(b * n_win, t, 3, heads, head_dim)  # (B*nWin, T, 3, heads, hd)
-    # Heads-major operands make both attention products plain batched matmuls over
-    # (B*nWin, heads). With heads in the middle (jax.nn.dot_product_attention's (B, T, N, H)
-    # layout, which computes the same einsums) XLA:CPU runs them several times slower and
-    # a training step 9-12% slower; GPU/TPU layouts are XLA's choice either way.
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nWin, heads, T, hd)
-    bias = broadcast_batch(self.relative_position_bias()[None], b * n_win)  # (B*nWin, heads, T, T)
-    # Eq. 6: softmax(q k^T / sqrt(d) + B) v. The logits and softmax are float32 even under
-    # bfloat16 compute; the probabilities meet v in the compute dtype.
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim ** -0.5 + bias  # (B*nWin, heads, T, T) float32
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)  # (B*nWin, heads, T, hd)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n_win, t, dim)  # (B, nWin, T, C)
+    out = attention(qkv, self.relative_position_bias(), self.attention)  # (B*nWin, T, heads, hd)
+    out = out.reshape(b, n_win, t, dim)  # (B, nWin, T, C)
     out = self.proj(out)  # (B, nWin, T, C)
     return window_merge(out, h, w)  # (B, H, W, C)
 
@@ -178,13 +224,13 @@ class DiffiTBlock(nnx.Module):
   """x = x + TMSA(LN(x), x_t); x = x + MLP(LN(x))  (Eqs. 7-8, affine-free LN, eps 1e-6)."""
 
   def __init__(self, dim: int, num_heads: int, *, time_dim: int, window_size: int,
-               mlp_ratio: float = 4.0, dropout_rate: float = 0.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               mlp_ratio: float = 4.0, dropout_rate: float = 0.0, attention: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     norm = partial(nnx.LayerNorm, dim, epsilon=LN_EPS, use_scale=False, use_bias=False,
                    dtype=dtype, rngs=rngs)
     self.norm1 = norm()
-    self.attn = TMSA(dim, num_heads, time_dim=time_dim, window_size=window_size, dtype=dtype,
-                     rngs=rngs)
+    self.attn = TMSA(dim, num_heads, time_dim=time_dim, window_size=window_size,
+                     attention=attention, dtype=dtype, rngs=rngs)
     self.norm2 = norm()
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
 
