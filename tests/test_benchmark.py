@@ -118,21 +118,6 @@ def test_mfu_flops_of_the_smoke_run_match(written, bench):
   assert expected <= r["forward_flops_per_image"] <= 1.25 * expected
 
 
-def test_broadcast_batch_gradient_is_the_batch_sum():
-  """TMSA's bias broadcast (a speed-up for XLA:CPU) has the gradient of a plain broadcast."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from diffit_jax.models import tmsa  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  bias = jnp.asarray(rng.standard_normal((1, 3, 5, 5)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((7, 3, 5, 5)), jnp.float32)
-  ours = jax.grad(lambda b: jnp.sum(w * tmsa.broadcast_batch(b, 7) ** 2))(bias)
-  plain = jax.grad(lambda b: jnp.sum(w * jnp.broadcast_to(b, (7, 3, 5, 5)) ** 2))(bias)
-  np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=1e-5, atol=1e-5)
-  assert tmsa.broadcast_batch(bias, 7).shape == (7, 3, 5, 5)
-
-
 @pytest.mark.parametrize("policy", ["dots_no_batch", "dots"])
 def test_remat_policies_give_the_same_gradients(policy):
   """`remat_policy` only changes what the backward pass stores, never the gradients."""
