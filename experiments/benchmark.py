@@ -94,7 +94,7 @@ RETAIN_MALLOC = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=6871947673
 
 # Per-platform defaults; `--quick` shrinks them to a smoke run. Flags given explicitly win.
 DEFAULTS = {
-    "cpu": dict(variants="S/2,B/2", batch_size=8, repeats=5, sampler_repeats=25, iters=1,
+    "cpu": dict(variants="S/2,B/2", batch_size=8, repeats=9, sampler_repeats=25, iters=1,
                 ddpm_steps=4, heun_steps=2, sampler_batch=2, sampler_variant="S/2",
                 matmul_size=2048, torch_compile=True),
     "accelerator": dict(variants="S/2,B/2,XL/2", batch_size=64, repeats=5, sampler_repeats=5,
