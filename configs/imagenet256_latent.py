@@ -16,8 +16,8 @@ exponent 4 and scale 4.4 (the released scripts; the paper's best was 4.6).
 Not reported (our choices): AdamW with weight decay 0 (the DiT/MDT lineage), no
 warm-up, no clipping, fp32, uniform timesteps, 1M steps (the length of the paper's
 TMSA ablation, Fig. 7b), center crop + random flip (DiT), sd-vae-ft-ema.
-Speed: the blocks run unrolled (`scan_unroll=True`: faster steps, less memory); set
-`config.model.scan_unroll=1` to scan them instead (half the compile time).
+Speed: the blocks run unrolled (`scan_blocks=False`: faster steps, less memory); set
+`--config.model.scan_blocks=True` to scan them instead (half the compile time).
 `config.model.attention="cudnn"` uses cuDNN's fused attention on NVIDIA GPUs with
 `dtype="bfloat16"`; "auto" is XLA's attention there (see diffit_jax/models/tmsa.py).
 """
@@ -31,8 +31,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(
       name="latent", variant="XL/2", input_size=32, in_channels=4, num_classes=1000,
-      learn_sigma=True, window_size=0, mlp_ratio=4.0, remat=False, scan_unroll=True,
-      attention="auto", dtype="float32"))
+      learn_sigma=True, window_size=0, mlp_ratio=4.0, remat=False, remat_policy="nothing",
+      scan_blocks=False, scan_unroll=1, attention="auto", dtype="float32"))
 
   config.diffusion = ml_collections.ConfigDict(dict(
       name="adm", num_timesteps=1000, beta_schedule="linear", prediction="eps",

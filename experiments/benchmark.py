@@ -297,8 +297,12 @@ def jax_train_config(variant: str, args: argparse.Namespace) -> Any:
   config.model = model_config(variant, input_size=args.input_size, precision=args.precision)
   config.model.remat = args.remat
   config.model.attention = args.attention
+  if args.remat:
+    config.model.scan_blocks = True  # rematerialisation needs scanned blocks
   if args.scan_unroll != "config":
-    config.model.scan_unroll = True if args.scan_unroll == "all" else int(args.scan_unroll)
+    config.model.scan_blocks = args.scan_unroll != "all"
+    if config.model.scan_blocks:
+      config.model.scan_unroll = int(args.scan_unroll)
   config.batch_size = args.batch_size
   return config
 
@@ -843,8 +847,8 @@ def markdown(report: dict) -> str:
       "",
       f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, {m['host']}; jax {m['jax']}, "
       f"torch {m.get('torch', 'n/a')} ({m.get('torch_threads', '?')} threads). "
-      f"Precision {report['settings']['precision']}; JAX config.model.scan_unroll "
-      f"{report['settings']['scan_unroll']}, attention "
+      f"Precision {report['settings']['precision']}; JAX blocks "
+      f"{report['settings']['scan_unroll']} (--scan_unroll), attention "
       f"{report['settings']['attention']} ({report['settings']['attention_used']}). "
       f"Load average (1/5/15 min) at start {report['load_average_start']}, "
       f"end {report['load_average_end']}.",
@@ -953,9 +957,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--iters", type=int, help="calls per runner per round")
   p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
   p.add_argument("--input_size", type=int, default=32, help="latent side (32: 256 px)")
-  p.add_argument("--remat", action="store_true", help="rematerialise blocks (config.model.remat)")
+  p.add_argument("--remat", action="store_true",
+                 help="rematerialise blocks (config.model.remat; scans the blocks)")
   p.add_argument("--scan_unroll", default="config",
-                 help="config.model.scan_unroll: 'config' (the config's value), an int, or 'all'")
+                 help="'config' (the config's choice), N (scan the blocks, N per iteration) "
+                      "or 'all' (no loop: config.model.scan_blocks=False)")
   p.add_argument("--attention", default="auto",
                  help="config.model.attention of the JAX runs: auto, einsum, xla or cudnn")
   p.add_argument("--ddpm_steps", type=int, help="DDPM steps run; extrapolated to 250")

@@ -226,6 +226,22 @@ def test_dense_weight_gradient_matches_autodiff(k, n):
   assert ("optimization_barrier" in jaxpr) == (jax.default_backend() == "cpu")
 
 
+def test_remat_saves_memory_and_needs_scanned_blocks():
+  """XLA's memory analysis of a gradient: rematerialised blocks keep fewer activations."""
+  def temp_bytes(**kw):
+    model = tiny_latent(input_size=16, depth=4, **kw)
+    graphdef, params = nnx.split(model)
+    x = jnp.zeros((8, 16, 16, 4))
+    t, y = jnp.zeros((8,), jnp.int32), jnp.zeros((8,), jnp.int32)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp_bytes(remat=True) < 0.7 * temp_bytes(remat=False)
+  with pytest.raises(ValueError, match="scan_blocks=True"):
+    tiny_latent(remat=True, scan_blocks=False)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    tiny_latent(scan_unroll=True)
+
+
 def test_attention_choice_is_checked():
   assert tmsa.resolve_attention("auto") == ("einsum" if jax.default_backend() == "cpu" else "xla")
   with pytest.raises(ValueError, match="config.model.attention='flash'"):
@@ -304,8 +320,8 @@ def test_latent_windowed_patch4_and_remat_grad():
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_latent_scan_matches_unrolled(remat):
-  model = randomize(tiny_latent())
-  unrolled = tiny_latent(scan_unroll=True, remat=remat)
+  model = randomize(tiny_latent(remat=remat))
+  unrolled = tiny_latent(scan_blocks=False)
   nnx.update(unrolled, nnx.state(model, nnx.Param))
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   t, y = jnp.array([3, 4]), jnp.array([0, 1])

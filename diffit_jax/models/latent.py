@@ -7,9 +7,9 @@ c = t_emb + y_emb (labels enter only through TMSA; there is no AdaLN). Parameter
 names, tensor layouts and initialisation follow OFFICIAL_CHECKPOINT.md so that the
 converter is a transpose per tensor. XL/2 at 256 px has 561,035,232 parameters.
 
-The blocks are one stacked module (parameters carry a leading `depth` axis). Scanned, a
-28-block network compiles as fast as one block; unrolled (`scan_unroll=True`), a training
-step runs faster.
+The blocks are one stacked module (parameters carry a leading `depth` axis). Scanned
+(`scan_blocks=True`), a 28-block network compiles as fast as one block; unrolled
+(`scan_blocks=False`), a training step runs faster.
 """
 
 from __future__ import annotations
@@ -100,12 +100,14 @@ class LatentDiffiT(nnx.Module):
       class). 0 builds an unconditional model without a label table.
     learn_sigma: also predict the variance interpolation (doubles output channels).
     window_size: TMSA window in tokens; None is the whole grid (the official setting).
-    remat: rematerialise each block in the backward pass (saves memory).
+    remat: rematerialise each block in the backward pass (saves memory); needs
+      `scan_blocks`.
     remat_policy: what a rematerialised block keeps (`REMAT_POLICIES`); ignored
       without `remat`.
     attention: how TMSA computes attention (`tmsa.ATTENTION_IMPLEMENTATIONS`).
-    scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`), or True for no
-      loop at all: the blocks run as straight-line code (faster steps, slower compiles).
+    scan_blocks: run the blocks in a `jax.lax.scan` (fast compiles); False runs them as
+      straight-line code (faster steps, less memory, slower compiles).
+    scan_unroll: blocks per scan iteration (`jax.lax.scan`'s `unroll`) when scanning.
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -114,7 +116,8 @@ class LatentDiffiT(nnx.Module):
                mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
                window_size: int | None = None, remat: bool = False,
                remat_policy: str = "nothing", attention: str = "auto",
-               scan_unroll: int | bool = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+               scan_blocks: bool = True, scan_unroll: int = 1, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if input_size % patch_size:
       raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}.")
     grid = input_size // patch_size
@@ -132,6 +135,15 @@ class LatentDiffiT(nnx.Module):
                        f"{sorted(REMAT_POLICIES)}.")
     self.remat = remat
     self.remat_policy = remat_policy
+    if remat and not scan_blocks:
+      # Measured with XLA's memory analysis: in straight-line code XLA schedules each
+      # block's recomputation right after its forward and keeps every activation.
+      raise ValueError("config.model.remat=True needs config.model.scan_blocks=True: with "
+                       "unrolled blocks XLA undoes the rematerialisation and no memory is saved.")
+    if isinstance(scan_unroll, bool) or scan_unroll < 1:
+      raise ValueError(f"scan_unroll={scan_unroll!r} is not a positive number of blocks; "
+                       "use scan_blocks=False for no loop at all.")
+    self.scan_blocks = scan_blocks
     self.scan_unroll = scan_unroll
 
     self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
@@ -177,10 +189,9 @@ class LatentDiffiT(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     def block(h, state):
       return nnx.merge(graphdef, state)(h, c)
-    if self.remat:
-      block = jax.checkpoint(block, prevent_cse=False,
-                             policy=REMAT_POLICIES[self.remat_policy])
-    if self.scan_unroll is True:
+    if self.remat:  # always scanned (see __init__), where CSE cannot undo the remat
+      block = jax.checkpoint(block, prevent_cse=False, policy=REMAT_POLICIES[self.remat_policy])
+    if not self.scan_blocks:
       # Straight-line code: the stacked parameters are split once and each block reads
       # its own slice. Without a loop XLA keeps no stacked residuals for the backward
       # (no dynamic-update-slice per block, no zero-filled stacks): a training step is
