@@ -50,7 +50,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import data as data_lib
 from diffit_jax import diffusion
 from diffit_jax import logging_utils
 from diffit_jax import models
@@ -368,10 +367,11 @@ class SampleWriter:
     self.decode = None
     if config.model.name == "latent" and config.get("vae"):
       from diffit_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
+      from diffit_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
       vae = vae_convert.load_vae(config.vae, sharding=sharding_lib.replicated(mesh))
       vae_graphdef, vae_state = nnx.split(vae)
       self.decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(
-          z / data_lib.LATENT_SCALE))
+          vae_lib.from_latent(z)))
       self._vae_state = vae_state
     self.folder = os.path.join(workdir, SAMPLES_DIR)
 
@@ -533,6 +533,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                jax.process_count())
 
   # 3. Data: this process's shard, checkpointable. ---------------------------------------
+  # Imported here: the train step itself needs no input pipeline (grain, tfds), so tools
+  # that only build and time it (experiments/accelerator_check.py) run without them.
+  from diffit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   data_iter = data_lib.create_train_iterator(config.data, global_batch_size=batch_size,
                                              seed=config.seed)
   batch_sharding = sharding_lib.batch_sharding(mesh)
