@@ -313,7 +313,8 @@ def benchmark_mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
   return sharding.create_mesh(None, devices[:n])
 
 
-def jax_runners(variant: str, args: argparse.Namespace, mesh: jax.sharding.Mesh
+def jax_runners(variant: str, args: argparse.Namespace, mesh: jax.sharding.Mesh, *,
+                with_forward: bool = True
                 ) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
   """Compiles the real train step and a forward; returns runners and compile/memory facts."""
   config = jax_train_config(variant, args)
@@ -346,6 +347,8 @@ def jax_runners(variant: str, args: argparse.Namespace, mesh: jax.sharding.Mesh
     train_once()
   info["train_memory"] = mem.result
   info["params"] = int(sum(x.size for x in jax.tree.leaves(holder["state"].params)))
+  if not with_forward:
+    return {"jax_train": train_once}, info
 
   with PeakMemory() as mem:
     graphdef = setup.graphdef
@@ -987,7 +990,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.variant_list = [v for v in args.variants.split(",") if v]
-  args.attention_used = resolve_attention(args.attention)  # checks the choice early
+  args.attention_used = resolve_attention(  # checks the choice early
+      args.attention, jnp.bfloat16 if args.precision == "bf16" else jnp.float32)
   if args.xl and "XL/2" not in args.variant_list:
     args.variant_list.append("XL/2")
   return args

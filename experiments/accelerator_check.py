@@ -1,0 +1,596 @@
+"""The accelerator check: DiffiT-XL/2 training and the official sampler on one GPU or TPU.
+
+One command, prepared on CPU and run the moment an accelerator is at hand; it measures on
+whatever device JAX sees, and PyTorch's reference on the same GPU, side by side:
+
+  * JAX train step of DiffiT-XL/2 at 256 px (32x32x4 latents), the real jitted, donated
+    `train.make_train_step` (ADM hybrid loss, AdamW, EMA) in bf16: images/s, step time,
+    MFU against the chip's datasheet peak (and against a matmul timed in the same process),
+    XLA's memory estimate and the device's peak memory; for attention "xla" and "cudnn"
+    (NVIDIA only), scanned and unrolled blocks, and scanned blocks with rematerialisation.
+  * The official sampling protocol: 250-step DDPM with power-cosine guidance (w = 4.4,
+    exponent 4) on the first 3 latent channels, a guided batch of `--sample_batch` images
+    (the network sees twice that). `--sample_steps` steps of the loop are timed and the
+    time is scaled to 250 (every step costs the same): images/s and the projected hours
+    for the 50,000 samples of the FID protocol.
+  * The same two for the PyTorch transcription of the official model
+    (`tests/torch_reference.py`): eager and `torch.compile`, in TF32 (float32 with
+    TF32 matmuls, what JAX's default float32 precision does on NVIDIA GPUs) and bf16
+    autocast.
+
+Every measurement ("case") runs in a process of its own, so its peak memory is its own,
+a failure (out of memory, a compiler error) loses nothing else, and the device is free
+for the next. Cases run in order of importance within `--budget_s`; what does not fit is
+recorded as skipped. The report is rewritten after every case, so an interrupted run
+keeps what it measured.
+
+The check imports only JAX, Flax, Optax, Orbax, ml_collections, NumPy and (for the
+reference) PyTorch: no grain, tensorflow-datasets or clu.
+
+Run (writes experiments/results/accelerator_<device>.{json,md}):
+  python experiments/accelerator_check.py             # GPU/TPU: at most 7.5 minutes
+  python experiments/accelerator_check.py --smoke     # the same code on CPU at toy sizes
+On a machine whose own CUDA/TPU JAX must stay (no `pip install -e .`, which pins the CPU
+wheels), run it from the repository root with `PYTHONPATH=.`; it needs ml_collections
+besides JAX, Flax, Optax, Orbax and PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+FID_SAMPLES = 50_000
+OFFICIAL_STEPS = 250  # DDPM steps of the official ImageNet-256 protocol
+
+# Dense matmul peaks from the vendors' datasheets (FLOP/s, no sparsity): (bf16, float32 as
+# the chip runs it by default: TF32 on NVIDIA, bf16 passes on TPU). Matched in order
+# against `device_kind`; MFU is reported against these and against a measured matmul.
+CHIP_PEAKS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989.4e12, 494.7e12),   # SXM
+    ("H200", 989.4e12, 494.7e12),
+    ("A100", 312e12, 156e12),
+    ("L4", 121e12, 60e12),
+    ("TPU v4", 275e12, None),
+    ("TPU v5 lite", 197e12, None),
+    ("TPU v5", 459e12, None),       # v5p
+    ("TPU v6 lite", 918e12, None),  # Trillium
+)
+
+# Sizes. `--smoke` runs the same cases on a tiny network, on CPU, in well under a minute.
+SETTINGS = {
+    "accelerator": dict(variant="XL/2", input_size=32, train_batch=32, train_iters=10,
+                        repeats=3, sample_batch=64, sample_steps=25, matmul_size=8192,
+                        budget_s=450, torch_compile=True),
+    "smoke": dict(variant="tiny", input_size=8, train_batch=2, train_iters=1, repeats=1,
+                  sample_batch=2, sample_steps=2, matmul_size=256, budget_s=240,
+                  torch_compile=False),
+}
+# Most important first: what the targets need, then the variations.
+CASES = (
+    dict(name="jax_train_bf16_xla_scan", kind="jax_train", precision="bf16", attention="xla",
+         scan=True, remat=False),
+    dict(name="jax_sample_bf16", kind="jax_sample", precision="bf16"),
+    dict(name="torch_eager_bf16", kind="torch", precision="bf16", compile=False),
+    dict(name="torch_compile_bf16", kind="torch", precision="bf16", compile=True),
+    dict(name="jax_train_bf16_cudnn_scan", kind="jax_train", precision="bf16",
+         attention="cudnn", scan=True, remat=False),
+    dict(name="jax_train_bf16_xla_unrolled", kind="jax_train", precision="bf16",
+         attention="xla", scan=False, remat=False),
+    dict(name="jax_train_bf16_cudnn_unrolled", kind="jax_train", precision="bf16",
+         attention="cudnn", scan=False, remat=False),
+    dict(name="jax_train_bf16_xla_scan_remat", kind="jax_train", precision="bf16",
+         attention="xla", scan=True, remat=True),
+    dict(name="jax_sample_fp32", kind="jax_sample", precision="fp32"),
+    dict(name="torch_eager_fp32", kind="torch", precision="fp32", compile=False),
+    # Not in the default run (its 8 minutes): `--only NAME` or `--all`.
+    dict(name="torch_compile_fp32", kind="torch", precision="fp32", compile=True,
+         default=False),
+    dict(name="jax_train_fp32_xla_scan", kind="jax_train", precision="fp32", attention="xla",
+         scan=True, remat=False, default=False),
+)
+# Most a case may take, in seconds (the compile of XL/2 included).
+CASE_LIMIT_S = {"jax_train": 180, "jax_sample": 150, "torch": 240}
+MIN_CASE_S = 30  # a case is not started with less than this left of the budget
+
+
+# ----------------------------------------------------------------------------------------
+# Inside a case's process.
+
+
+def _bench():
+  """experiments/benchmark.py: the timing, memory and PyTorch-reference helpers."""
+  sys.path.insert(0, HERE)
+  import benchmark  # pylint: disable=g-import-not-at-top
+  return benchmark
+
+
+def device_info() -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return dict(platform=device.platform, device_kind=device.device_kind,
+              num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
+              python=platform.python_version(), cpu_count=os.cpu_count())
+
+
+def chip_peak(device_kind: str, precision: str) -> tuple[float | None, str]:
+  """The datasheet peak for `precision` and the row it came from."""
+  for name, bf16, fp32 in CHIP_PEAKS:
+    if name.lower() in device_kind.lower():
+      return (bf16 if precision == "bf16" else fp32), name
+  return None, "unknown chip"
+
+
+def _time(run, iters: int, repeats: int, bench) -> dict[str, Any]:
+  """Seconds per call of `run` (which waits for its result): median over rounds."""
+  seconds = [bench.measure(run, iters)["seconds"] for _ in range(repeats)]
+  return bench.summarize(seconds)
+
+
+def train_step_flops(config, batch: int, bench) -> tuple[float, str]:
+  """3x the forward's FLOPs: XLA's count where the backend gives one, else the analytic count.
+
+  (JAX 0.11 on GPU returns no cost analysis before compiling; the two counts are checked
+  against each other in tests/test_benchmark.py.)
+  """
+  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    return 3 * models.forward_flops(config, batch), "XLA cost analysis"
+  except TypeError:
+    return 3 * bench.analytic_forward_flops(config, batch), "analytic matmul count"
+
+
+def run_jax_train(case: dict, s: dict, bench) -> dict[str, Any]:
+  """The real train step, compiled and timed; MFU and memory."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(
+      input_size=s["input_size"], precision=case["precision"], remat=case["remat"],
+      attention=case["attention"], scan_unroll="1" if case["scan"] else "all",
+      batch_size=s["train_batch"], num_devices=1)
+  mesh = bench.benchmark_mesh(args)
+  runners, info = bench.jax_runners(s["variant"], args, mesh, with_forward=False)
+  step = _time(runners["jax_train"], s["train_iters"], s["repeats"], bench)
+  config = bench.model_config(s["variant"], input_size=s["input_size"],
+                              precision=case["precision"])
+  train_flops, flops_source = train_step_flops(config, s["train_batch"], bench)
+  dtype = jnp.bfloat16 if case["precision"] == "bf16" else jnp.float32
+  matmul, matmul_flops = bench.matmul_runner(s["matmul_size"], dtype)
+  matmul_s = _time(matmul, 10, s["repeats"], bench)["median_s"]
+  peak, peak_source = chip_peak(device_info()["device_kind"], case["precision"])
+  t = step["median_s"]
+  return dict(
+      batch_size=s["train_batch"], step_s=t, images_per_s=s["train_batch"] / t,
+      step_times=step, train_flops_per_step=train_flops,
+      flops_source=flops_source,
+      mfu=train_flops / t / peak if peak else None, peak_flops_per_s=peak,
+      peak_source=peak_source, measured_matmul_flops_per_s=matmul_flops / matmul_s,
+      mfu_vs_measured_matmul=train_flops / t / (matmul_flops / matmul_s),
+      compile_s=info["train_compile_s"], xla_memory=info["train_xla_memory"],
+      memory=info["train_memory"], params=info["params"])
+
+
+def official_sampler_config(steps: int, num_classes: int):
+  """The official ImageNet-256 protocol, with `steps` DDPM steps (250 in the release)."""
+  from diffit_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  return samplers.SamplerConfig(name="ddpm", num_steps=steps, guidance_scale=4.4,
+                                guidance_schedule="power_cosine", guidance_power=4.0,
+                                guidance_channels=3, num_classes=num_classes)
+
+
+def run_jax_sample(case: dict, s: dict, bench) -> dict[str, Any]:
+  """The compiled guided DDPM sampler on the latent network."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  from diffit_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  config = bench.model_config(s["variant"], input_size=s["input_size"],
+                              precision=case["precision"])
+  model = models.build_model(config, rngs=nnx.Rngs(0))
+  model.eval()
+  apply_fn, state = samplers.nnx_apply_fn(model)
+  mesh = bench.benchmark_mesh(argparse.Namespace(num_devices=1))
+  b = s["sample_batch"]
+  sampler = samplers.make_sampler(official_sampler_config(s["sample_steps"], config.num_classes),
+                                  apply_fn, (s["input_size"], s["input_size"], 4), mesh=mesh)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, config.num_classes, b).astype(np.int32)
+  indices = np.arange(b, dtype=np.int32)
+  seed = np.uint32(0)
+  from diffit_jax.models.tmsa import resolve_attention  # pylint: disable=g-import-not-at-top
+  attention = resolve_attention(config.attention, models.DTYPES[config.dtype])
+  with bench.PeakMemory() as mem:
+    start = time.perf_counter()
+    compiled = sampler.jitted.lower(state, labels, indices, seed).compile()
+    compile_s = time.perf_counter() - start
+    run = lambda: jax.block_until_ready(compiled(state, labels, indices, seed))
+    run()
+  return _sampling_result(_time(run, 1, s["repeats"], bench), s, dict(
+      compile_s=round(compile_s, 3), memory=mem.result, attention=attention))
+
+
+def _sampling_result(times: dict, s: dict, extra: dict) -> dict[str, Any]:
+  """Seconds per image of the full 250-step protocol, from `sample_steps` timed steps."""
+  per_image = times["median_s"] * OFFICIAL_STEPS / s["sample_steps"] / s["sample_batch"]
+  return dict(batch_size=s["sample_batch"], network_batch=2 * s["sample_batch"],
+              timed_steps=s["sample_steps"], protocol_steps=OFFICIAL_STEPS,
+              seconds_per_call=times, seconds_per_image=per_image,
+              images_per_s=1.0 / per_image,
+              hours_for_50k=FID_SAMPLES * per_image / 3600.0, **extra)
+
+
+def torch_ddpm_loop(torch, model, *, steps: int, batch: int, input_size: int, device: str,
+                    bf16: bool, compile_model: bool):
+  """The official protocol in PyTorch: `run()` draws one batch with `steps` DDPM steps.
+
+  ADM's p_sample with learned-range variance on the respaced linear schedule, the model
+  called through the official `forward_with_cfg` (power-cosine, 3 channels, w = 4.4) on a
+  [cond; uncond] batch, as NVIDIA's sampling script does.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from diffit_jax.diffusion import respace  # pylint: disable=g-import-not-at-top
+  schedule = respace.create_schedule("linear", 1000, str(steps))
+  betas = np.asarray(schedule.betas, np.float64)
+  ac = np.cumprod(1.0 - betas)
+  ac_prev = np.append(1.0, ac[:-1])
+  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+  tables = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in dict(
+      sqrt_recip_ac=np.sqrt(1.0 / ac), sqrt_recipm1_ac=np.sqrt(1.0 / ac - 1.0),
+      min_log=np.log(np.append(post_var[1], post_var[1:])), max_log=np.log(betas),
+      coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+      coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)).items()}
+  timestep_map = torch.tensor(np.asarray(schedule.timestep_map), device=device)
+  guided = model.forward_with_cfg
+  if compile_model:
+    guided = torch.compile(guided)
+  num_classes = model.num_classes
+  y = torch.cat([torch.randint(0, num_classes, (batch,), device=device),
+                 torch.full((batch,), num_classes, device=device)])
+  c = 4
+
+  def run():
+    x = torch.randn(batch, c, input_size, input_size, device=device)
+    with torch.inference_mode():
+      for i in reversed(range(steps)):
+        t = timestep_map[i].expand(2 * batch)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+          out = guided(torch.cat([x, x]), t, y, 4.4)
+        eps, v = out[:batch, :c].float(), out[:batch, c:].float()
+        frac = (v + 1) / 2
+        log_var = frac * tables["max_log"][i] + (1 - frac) * tables["min_log"][i]
+        x0 = tables["sqrt_recip_ac"][i] * x - tables["sqrt_recipm1_ac"][i] * eps
+        mean = tables["coef1"][i] * x0 + tables["coef2"][i] * x
+        x = mean + (torch.exp(0.5 * log_var) * torch.randn_like(x) if i > 0 else 0)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return x
+
+  return run
+
+
+def run_torch(case: dict, s: dict, bench) -> dict[str, Any]:
+  """The reference's train step and the official sampler, eager or compiled."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.set_float32_matmul_precision("high")  # TF32, as JAX's default float32 on GPU
+  reference = bench.import_torch_reference()
+  result: dict[str, Any] = dict(torch=torch.__version__, device=device,
+                                device_name=torch.cuda.get_device_name() if device == "cuda"
+                                else platform.processor())
+  runners, info = bench.torch_runners(
+      torch, reference, variant=s["variant"], batch_size=s["train_batch"],
+      input_size=s["input_size"], precision=case["precision"], device=device,
+      compile_model=case["compile"])
+  tag = "torch_compile" if case["compile"] else "torch_eager"
+  step = _time(runners[f"{tag}_train"], s["train_iters"], s["repeats"], bench)
+  config = bench.model_config(s["variant"], input_size=s["input_size"],
+                              precision=case["precision"])
+  train_flops, _ = train_step_flops(config, s["train_batch"], bench)
+  peak, peak_source = chip_peak(result["device_name"], case["precision"])
+  result["train"] = dict(
+      batch_size=s["train_batch"], step_s=step["median_s"],
+      images_per_s=s["train_batch"] / step["median_s"], step_times=step,
+      mfu=train_flops / step["median_s"] / peak if peak else None, peak_source=peak_source,
+      first_call_s=info["train_first_call_s"], memory=info["train_memory"])
+  del runners
+  if device == "cuda":
+    torch.cuda.empty_cache()
+
+  torch.manual_seed(0)
+  sizes = models.latent_sizes(config)
+  model = reference.LatentDiffiT(input_size=s["input_size"], in_channels=4,
+                                 num_classes=config.num_classes, learn_sigma=True,
+                                 **sizes).to(device).eval()
+  run = torch_ddpm_loop(torch, model, steps=s["sample_steps"], batch=s["sample_batch"],
+                        input_size=s["input_size"], device=device,
+                        bf16=case["precision"] == "bf16", compile_model=case["compile"])
+  with bench.PeakMemory(torch) as mem:
+    start = time.perf_counter()
+    run()  # compiles under torch.compile
+    first_s = time.perf_counter() - start
+  result["sample"] = _sampling_result(_time(run, 1, s["repeats"], bench), s, dict(
+      first_call_s=round(first_s, 3), memory=mem.result))
+  return result
+
+
+RUNNERS = {"jax_train": run_jax_train, "jax_sample": run_jax_sample, "torch": run_torch}
+
+
+def case_process(names: list[str], settings: dict, out: str) -> None:
+  """Runs `names` in this process, writing {name: result} to `out` after each."""
+  bench = _bench()
+  results: dict[str, Any] = {}
+  for name in names:
+    case = next(c for c in CASES if c["name"] == name)
+    print(f"[{name}] ...", flush=True)
+    start = time.perf_counter()
+    try:
+      if case["kind"] == "jax_train" and case["attention"] == "cudnn":
+        import jax  # pylint: disable=g-import-not-at-top
+        if jax.default_backend() != "gpu":
+          raise _Skip("cuDNN attention needs an NVIDIA GPU")
+      if case["kind"] == "torch" and case["compile"] and not settings["torch_compile"]:
+        raise _Skip("torch.compile is off in smoke mode (Inductor builds take minutes on CPU)")
+      result = RUNNERS[case["kind"]](case, settings, bench)
+      if case["kind"] != "torch":
+        result["device"] = device_info()
+    except _Skip as e:
+      result = dict(skipped=str(e))
+    except Exception as e:  # pylint: disable=broad-except
+      result = dict(error=f"{type(e).__name__}: {e}"[:1500],
+                    traceback=traceback.format_exc()[-3000:])
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    results[name] = result
+    print(f"[{name}] {_one_line(result)}", flush=True)
+    _write_json(out, results)
+
+
+class _Skip(Exception):
+  pass
+
+
+# ----------------------------------------------------------------------------------------
+# The driver: one process per case (several per process in smoke mode), then the report.
+
+
+def _write_json(path: str, data: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _one_line(r: dict) -> str:
+  if "error" in r:
+    return "error: " + r["error"].splitlines()[0][:300]
+  if "skipped" in r:
+    return "skipped: " + r["skipped"]
+  parts = []
+  train = r if "step_s" in r else r.get("train")
+  if train:
+    mfu = f", MFU {train['mfu']:.1%}" if train.get("mfu") else ""
+    parts.append(f"train {train['images_per_s']:.1f} img/s{mfu}")
+  sample = r if "hours_for_50k" in r else r.get("sample")
+  if sample:
+    parts.append(f"sampling {sample['images_per_s']:.3f} img/s "
+                 f"({sample['hours_for_50k']:.2f} h for 50k)")
+  return "; ".join(parts)
+
+
+def _case_env(case: dict) -> dict[str, str]:
+  env = dict(os.environ)
+  if case["kind"] == "torch":
+    env["JAX_PLATFORMS"] = "cpu"  # the reference's process keeps JAX off the device
+  else:
+    # Alone on the device: let JAX's allocator take most of it.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  return env
+
+
+def run_cases(cases: list[dict], settings: dict, args, report: dict, write) -> None:
+  """Runs the cases in order, each group in a subprocess, within the time budget."""
+  deadline = time.monotonic() + settings["budget_s"]
+  if args.smoke:  # toy sizes: one process per framework
+    groups = [g for g in ([c for c in cases if c["kind"] != "torch"],
+                          [c for c in cases if c["kind"] == "torch"]) if g]
+  else:
+    groups = [[case] for case in cases]
+  for group in groups:
+    names = [c["name"] for c in group]
+    left = deadline - time.monotonic()
+    if left < MIN_CASE_S:
+      for name in names:
+        report["cases"][name] = dict(skipped=f"time budget ({settings['budget_s']} s) spent")
+      write()
+      continue
+    limit = min(left, sum(CASE_LIMIT_S[c["kind"]] for c in group))
+    part = os.path.join(args.out_dir, f".accelerator_part_{os.getpid()}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--case_process", ",".join(names),
+               "--settings", json.dumps(settings), "--part", part]
+    try:
+      subprocess.run(command, env=_case_env(group[0]), timeout=limit, check=False)
+      timed_out = False
+    except subprocess.TimeoutExpired:
+      timed_out = True
+    results = {}
+    if os.path.exists(part):
+      with open(part) as f:
+        results = json.load(f)
+      os.remove(part)
+    for name in names:
+      report["cases"][name] = results.get(name) or dict(
+          error=f"killed after {limit:.0f} s" if timed_out else "the case's process died "
+          "without a result (its output is above)")
+    write()
+
+
+def summarize_report(report: dict) -> dict[str, Any]:
+  """The targets: XL/2 bf16 training >= 45% MFU; JAX sampling >= 1.5x eager, >= 1.0x compile."""
+  cases = report["cases"]
+  ok = lambda name: name in cases and "error" not in cases[name] and "skipped" not in cases[name]
+  out: dict[str, Any] = {}
+  train = {n: c for n, c in cases.items() if n.startswith("jax_train_bf16") and ok(n)}
+  if train:
+    best = max(train, key=lambda n: train[n]["images_per_s"])
+    mfu = train[best].get("mfu")
+    out["train_mfu"] = dict(target=0.45, best_case=best, mfu=mfu,
+                            holds=None if mfu is None else mfu >= 0.45)
+  for precision in ("bf16", "fp32"):
+    jax_name = f"jax_sample_{precision}"
+    if not ok(jax_name):
+      continue
+    for mode, target in (("eager", 1.5), ("compile", 1.0)):
+      torch_name = f"torch_{mode}_{precision}"
+      if ok(torch_name):
+        ratio = cases[jax_name]["images_per_s"] / cases[torch_name]["sample"]["images_per_s"]
+        out[f"sampling_{precision}_vs_torch_{mode}"] = dict(target=target, ratio=ratio,
+                                                           holds=ratio >= target)
+    for mode in ("eager", "compile"):
+      torch_name = f"torch_{mode}_{precision}"
+      jax_train = f"jax_train_{precision}_xla_scan"
+      if ok(torch_name) and ok(jax_train):
+        out[f"train_{precision}_vs_torch_{mode}"] = dict(
+            ratio=cases[jax_train]["images_per_s"] / cases[torch_name]["train"]["images_per_s"])
+  return out
+
+
+def markdown(report: dict) -> str:
+  d = report.get("device") or {}
+  s = report["settings"]
+  lines = [f"# diffit_jax accelerator check ({d.get('platform', '?')}: "
+           f"{d.get('device_kind', '?')})", "",
+           f"`{report['command']}`; JAX {d.get('jax', '?')}, Flax {d.get('flax', '?')}, "
+           f"{report.get('torch') or 'no PyTorch'}; model {s['variant']} at "
+           f"{s['input_size']}x{s['input_size']}x4 latents; {report.get('wall_s', '?')} s.", "",
+           f"## Train step (batch {s['train_batch']}, median of {s['repeats']} rounds of "
+           f"{s['train_iters']} steps)", "",
+           "| case | img/s | step ms | MFU (datasheet) | MFU (measured matmul) | compile s | "
+           "XLA memory GiB | device peak GiB |", "|---|---|---|---|---|---|---|---|"]
+  fmt = lambda x, f: "-" if x is None else format(x, f)
+  for name, r in report["cases"].items():
+    train = r if name.startswith("jax_train") else r.get("train")
+    if not name.startswith(("jax_train", "torch")):
+      continue
+    if "error" in r or "skipped" in r or not train:
+      lines.append(f"| {name} | {_one_line(r)} | | | | | | |")
+      continue
+    mem = train.get("memory") or {}
+    peak = mem.get("jax_device_peak_gib_cumulative", mem.get("torch_cuda_peak_gib"))
+    lines.append(
+        f"| {name} | {train['images_per_s']:.1f} | {1e3 * train['step_s']:.1f} | "
+        f"{fmt(train.get('mfu'), '.1%')} | {fmt(train.get('mfu_vs_measured_matmul'), '.1%')} | "
+        f"{fmt(train.get('compile_s', train.get('first_call_s')), '.1f')} | "
+        f"{fmt((train.get('xla_memory') or {}).get('total_gib'), '.2f')} | {fmt(peak, '.2f')} |")
+  lines += ["", f"Datasheet peaks: {report.get('peak_note', '-')}", "",
+            f"## Official sampling protocol (250-step DDPM, power-cosine guidance on 3 channels, "
+            f"guided batch {s['sample_batch']}; {s['sample_steps']} steps timed, scaled to 250)",
+            "", "| case | img/s | s/img | hours for 50k | compile / first call s |",
+            "|---|---|---|---|---|"]
+  for name, r in report["cases"].items():
+    if not name.startswith(("jax_sample", "torch")):
+      continue
+    sample = r if name.startswith("jax_sample") else r.get("sample")
+    if "error" in r or "skipped" in r or not sample:
+      lines.append(f"| {name} | {_one_line(r)} | | | |")
+      continue
+    lines.append(f"| {name} | {sample['images_per_s']:.3f} | {sample['seconds_per_image']:.3f} |"
+                 f" {sample['hours_for_50k']:.2f} | "
+                 f"{fmt(sample.get('compile_s', sample.get('first_call_s')), '.1f')} |")
+  lines += ["", "## Targets", "", "| target | measured | holds |", "|---|---|---|"]
+  for key, t in report.get("targets", {}).items():
+    if "mfu" in t:
+      lines.append(f"| XL/2 bf16 train MFU >= {t['target']:.0%} ({t['best_case']}) | "
+                   f"{fmt(t['mfu'], '.1%')} | {t['holds']} |")
+    elif "target" in t:
+      lines.append(f"| {key} >= {t['target']}x | {t['ratio']:.2f}x | {t['holds']} |")
+    else:
+      lines.append(f"| {key} (no target) | {t['ratio']:.2f}x | |")
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--smoke", action="store_true",
+                 help="toy sizes on CPU (a test runs this so the script cannot rot)")
+  p.add_argument("--only", default="", help="comma-separated case names (default: all)")
+  p.add_argument("--all", action="store_true", help="also the cases left out by default")
+  p.add_argument("--budget_s", type=float, help="total seconds for all cases")
+  p.add_argument("--train_batch", type=int)
+  p.add_argument("--sample_batch", type=int)
+  p.add_argument("--sample_steps", type=int)
+  p.add_argument("--out_dir", default=RESULTS_DIR)
+  p.add_argument("--case_process", help=argparse.SUPPRESS)
+  p.add_argument("--settings", help=argparse.SUPPRESS)
+  p.add_argument("--part", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  if args.case_process:
+    case_process(args.case_process.split(","), json.loads(args.settings), args.part)
+    return {}
+  settings = dict(SETTINGS["smoke" if args.smoke else "accelerator"])
+  for key in ("budget_s", "train_batch", "sample_batch", "sample_steps"):
+    if getattr(args, key) is not None:
+      settings[key] = getattr(args, key)
+  names = [n for n in args.only.split(",") if n]
+  unknown = sorted(set(names) - {c["name"] for c in CASES})
+  if unknown:
+    sys.exit(f"error: unknown case(s) {unknown}; the cases are {[c['name'] for c in CASES]}")
+  cases = [c for c in CASES
+           if c["name"] in names or (not names and (args.all or c.get("default", True)))]
+  os.makedirs(args.out_dir, exist_ok=True)
+  report: dict[str, Any] = dict(
+      command="python experiments/accelerator_check.py " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      settings=settings, cases={},
+      peak_note="; ".join(f"{n}: bf16 {b / 1e12:.0f} TFLOP/s" +
+                          (f", TF32 {f / 1e12:.0f}" if f else "") for n, b, f in CHIP_PEAKS))
+  start = time.perf_counter()
+  paths = {}
+
+  def write() -> None:
+    done = [c for c in report["cases"].values() if "device" in c]
+    if done:
+      report["device"] = done[0]["device"]
+      report["torch"] = next((f"PyTorch {c['torch']}" for c in report["cases"].values()
+                              if "torch" in c), None)
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    report["targets"] = summarize_report(report)
+    kind = (report.get("device") or {}).get("device_kind", "pending")
+    tag = "smoke" if args.smoke else "".join(ch if ch.isalnum() else "_" for ch in kind).lower()
+    for old in {paths.get("json"), paths.get("md")} - {None}:
+      if f"accelerator_{tag}." not in old and os.path.exists(old):
+        os.remove(old)  # named before the device was known
+    paths["json"] = os.path.join(args.out_dir, f"accelerator_{tag}.json")
+    paths["md"] = os.path.join(args.out_dir, f"accelerator_{tag}.md")
+    _write_json(paths["json"], report)
+    with open(paths["md"] + ".tmp", "w") as f:
+      f.write(markdown(report))
+    os.replace(paths["md"] + ".tmp", paths["md"])
+
+  run_cases(cases, settings, args, report, write)
+  write()
+  print(markdown(report))
+  print(f"wrote {paths['json']} and {paths['md']}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
