@@ -1,6 +1,10 @@
 """Tests for diffit_jax.data: folder builder, MNIST demo, grain pipelines, latent records."""
 
 import os
+import re
+import socket
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -83,7 +87,7 @@ def test_folder_build_strict_rejects_and_writes_nothing(class_folder, tmp_path, 
   # A file whose header is fine but whose pixels are cut is found during writing: still rejected.
   os.remove(os.path.join(class_folder, "cat", "corrupt.png"))
   os.remove(os.path.join(class_folder, "dog", "odd.png"))
-  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}", "--strict"]) == 1
+  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}", "--strict"]) == 2
   assert "dog/truncated.jpg" in capsys.readouterr().err
   assert not os.path.exists(dst) and _leftovers(tmp_path) == []
 
@@ -128,6 +132,102 @@ def test_folder_build_user_errors(tmp_path):
   (tmp_path / "ds").mkdir()
   with pytest.raises(FileExistsError, match="--overwrite"):
     folder.build_folder_dataset(str(tmp_path / "empty"), str(tmp_path / "ds"))
+
+
+def _data_cli(*args):
+  return subprocess.run([sys.executable, "-m", "diffit_jax.data", *map(str, args)],
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def _by_label(dst):
+  builder = tfds.builder_from_directory(str(dst))
+  source = builder.as_data_source(split="train")
+  names = builder.info.features["label"].names
+  return {names[int(source[i]["label"])]: source[i]["image"] for i in range(len(source))}
+
+
+def test_folder_build_converts_16_bit_float_and_transparent_images(tmp_path):
+  """Wide and transparent PIL modes through the CLI, against NumPy oracles (one class each)."""
+  src, h, w = tmp_path / "src", 4, 8
+  ramp = np.linspace(0, 65535, h * w).round().reshape(h, w)  # A known 16-bit gradient.
+  expected = {}
+  (src / "g16").mkdir(parents=True)
+  Image.fromarray(ramp.astype(np.uint16)).save(src / "g16" / "a.png")  # PIL mode I;16.
+  expected["g16"] = np.round(ramp / 257)
+  (src / "pgm16").mkdir()
+  Image.fromarray(ramp.astype(np.uint16)).save(src / "pgm16" / "a.pgm")  # Opens as mode I.
+  expected["pgm16"] = np.round(ramp / 257)
+  (src / "float").mkdir()
+  unit = ramp.astype(np.float32) / 65535
+  Image.fromarray(unit).save(src / "float" / "a.tif")  # Mode F, values in [0, 1].
+  expected["float"] = np.round(unit * 255)
+  (src / "rgba").mkdir()
+  rgba = np.zeros((h, w, 4), np.uint8)
+  rgba[..., 0], rgba[..., 3] = 200, np.linspace(0, 255, w).astype(np.uint8)  # Red, fading in.
+  _save(str(src / "rgba" / "a.png"), rgba)
+  alpha = rgba[..., 3:] / 255
+  expected["rgba"] = rgba[..., :3] * alpha + 255 * (1 - alpha)  # Composited on white.
+  (src / "palette").mkdir()
+  pal = Image.fromarray(np.tile(np.arange(w, dtype=np.uint8) % 2, (h, 1)), "P")
+  pal.putpalette([10, 20, 30, 40, 50, 60])
+  pal.save(src / "palette" / "a.png", transparency=1)  # Index 1 is transparent.
+  expected["palette"] = np.where((np.arange(w) % 2)[None, :, None] == 1, 255, [10, 20, 30])
+  (src / "cmyk").mkdir()
+  Image.new("CMYK", (w, h), (51, 0, 102, 128)).save(src / "cmyk" / "a.tif")
+  expected["cmyk"] = np.array([255 - 51, 255, 255 - 102]) * (255 - 128) / 255
+  (src / "hdr").mkdir()
+  Image.fromarray(unit * 4).save(src / "hdr" / "a.tif")  # Mode F beyond [0, 1]: refused.
+
+  result = _data_cli("build", f"--src={src}", f"--dst={tmp_path / 'ds'}")
+  assert result.returncode == 0, result.stderr
+  images = _by_label(tmp_path / "ds")
+  np.testing.assert_array_equal(images["g16"][..., 0], np.round(ramp / 257), "exact 16 -> 8 bits")
+  assert re.search(r"hdr/a.tif: mode F .* only floats in \[0, 1\]", result.stdout), result.stdout
+  assert set(images) == set(expected)
+  for name, want in expected.items():
+    want = np.asarray(want, np.float64)
+    want = np.broadcast_to(want[..., None] if want.ndim == 2 else want, (h, w, 3))  # Grey -> RGB.
+    got = images[name].astype(np.float64)
+    np.testing.assert_allclose(got, want, atol=1, err_msg=name)  # PIL rounds to nearest.
+
+
+def test_folder_build_removes_stale_partial_folders(tmp_path):
+  """A killed build's DST.partial-HOST-PID-* is removed by the next build; a live one is kept."""
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 8, 8))
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()  # Reaped: its pid names no process now.
+  host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+  dst = tmp_path / "ds"
+  stale = tmp_path / f"ds.partial-{host}-{dead.pid}-0123abcd"
+  (stale / "ds" / "1.0.0").mkdir(parents=True)
+  (stale / "ds" / "1.0.0" / "ds-train.array_record-00000-of-00001").write_bytes(b"half")
+  live = tmp_path / f"ds.partial-{host}-{os.getpid()}-89abcdef"
+  live.mkdir()
+  unnamed = tmp_path / "ds.partial-fedcba98"  # Named by an older version: no writer to check.
+  unnamed.mkdir()
+
+  result = _data_cli("build", f"--src={tmp_path / 'src'}", f"--dst={dst}")
+  assert result.returncode == 0, result.stderr
+  assert f"Removed {stale}" in result.stdout and not stale.exists()
+  assert live.exists(), "a running build's folder must be kept"
+  assert f"Kept {unnamed}" in result.stdout and unnamed.exists()
+  assert len(tfds.builder_from_directory(str(dst)).as_data_source(split="train")) == 3
+  assert sorted(os.listdir(tmp_path)) == sorted(["src", "ds", live.name, unnamed.name])
+
+
+def test_data_cli_user_errors_are_one_line(tmp_path, capsys):
+  assert data_cli.main(["build", f"--src={tmp_path / 'missing'}", f"--dst={tmp_path / 'ds'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
+  with pytest.raises(SystemExit) as e:
+    data_cli.main(["build", f"--src={tmp_path}", f"--dst={tmp_path / 'ds'}", "--channels=2"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert "--channels" in err[0] and "--help" in err[0]
+  assert data_cli.main(["info", str(tmp_path / "missing")]) == 2
+  assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_center_crop_and_channels():

@@ -4,9 +4,10 @@ Each sub-command is a module of `diffit_jax.convert` with `add_arguments(parser)
 and `run(args)`. Modules are imported only when their sub-command runs.
 """
 
-import argparse
 import importlib
 import sys
+
+from diffit_jax import cli
 
 SUBCOMMANDS = {
     "diffit": ("diffit", "official latent DiffiT safetensors -> diffit_jax checkpoint"),
@@ -17,7 +18,7 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m diffit_jax.convert", description=__doc__)
+  parser = cli.ArgumentParser(prog="python -m diffit_jax.convert", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   modules = {}
   for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -39,6 +40,5 @@ if __name__ == "__main__":
   from diffit_jax.convert.safetensors_io import ConversionError
   try:
     sys.exit(main())
-  except (ConversionError, FileExistsError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)  # a user error: the message, not a traceback
-    sys.exit(2)
+  except (ConversionError, FileExistsError, FileNotFoundError, PermissionError) as e:
+    sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback

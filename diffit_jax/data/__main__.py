@@ -6,7 +6,9 @@
 
 `build` prints what it wrote, each skipped image with its reason, and the classes; train on
 the result with `--config.data.name=folder:DATASET`. `info` describes a built image dataset
-or a latent dataset from `python -m diffit_jax.encode`. Exit status: 0 ok, 1 rejected.
+or a latent dataset from `python -m diffit_jax.encode`. Exit status: 0 ok; 2 for an error the
+user can fix (a bad argument, a missing source, an existing --dst, a rejected build), reported
+as an `error: ...` line on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from diffit_jax import cli
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -24,9 +28,9 @@ def _build(args: argparse.Namespace) -> int:
         args.src, args.dst, resolution=args.resolution, strict=args.strict, name=args.name,
         channels=args.channels, unconditional=args.unconditional,
         allow_upscale=args.allow_upscale, overwrite=args.overwrite)
-  except (folder.FolderDatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (folder.FolderDatasetError, FileNotFoundError, FileExistsError, PermissionError,
+          ValueError) as e:
+    return cli.report_user_error(e)
   print(report.summary())
   print(f"Train on it with --config.data.name=folder:{report.dataset_dir}")
   return 0
@@ -53,9 +57,8 @@ def _info(args: argparse.Namespace) -> int:
   try:
     paths = latents.shard_paths(path)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {path} is neither a built dataset (dataset_info.json) nor a complete latent "
-          f"dataset: {e}", file=sys.stderr)
-    return 1
+    return cli.report_user_error(
+        f"{path} is neither a built dataset (dataset_info.json) nor a complete latent dataset: {e}")
   import grain  # pylint: disable=g-import-not-at-top
 
   source = grain.sources.ArrayRecordDataSource(paths)
@@ -68,8 +71,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m diffit_jax.data", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m diffit_jax.data", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   b = sub.add_parser("build", help="folder of images -> ArrayRecord tfds dataset")
   b.add_argument("--src", required=True, help="folder of images (class sub-folders = labels)")

@@ -6,14 +6,18 @@ For FFHQ and custom data. Layout rules:
   * images directly in SRC and no class sub-folders, or `unconditional=True` (e.g. FFHQ,
     whose images sit in numbered chunk folders): one unconditional dataset, no `label`.
 
-Images are converted to RGB (or grey with `channels=1`) and, with `resolution`, brought to
-`resolution x resolution` by ADM's center crop (`transforms.center_crop_arr`). Without
-`resolution` all images must share one size (the most common one is taken). Unreadable
-files and odd-sized images (another size when not resizing; shorter side below `resolution`
+Images are converted to 8-bit RGB (or grey with `channels=1`; `to_8bit` says how for each
+PIL mode: 16-bit samples are scaled by 1/257, transparent pixels are composited on white)
+and, with `resolution`, brought to `resolution x resolution` by ADM's center crop
+(`transforms.center_crop_arr`). Without `resolution` all images must share one size (the
+most common one is taken). Unreadable files, images of a mode that cannot be converted,
+and odd-sized images (another size when not resizing; shorter side below `resolution`
 unless `allow_upscale`) are reported by name and skipped, or with `strict=True` the build is
 rejected. The dataset is written with a TensorFlow-free tfds builder
-(`file_format="array_record"`) into a temporary sibling folder that is renamed into place
-only when complete, so a failed build never leaves a half-written dataset.
+(`file_format="array_record"`) into a temporary sibling folder `DST.partial-HOST-PID-*`
+that is renamed into place only when complete, so a failed build never leaves a half-written
+dataset. A build that was killed leaves its partial folder behind; the next build of the same
+DST removes every such folder whose writer (that PID on this host) is no longer running.
 
 Read the result with `tfds.builder_from_directory(dst).as_data_source()`, or train on it with
 `config.data.name = "folder:<dst>"` (see `pipeline.py`).
@@ -28,11 +32,13 @@ import io
 import os
 import re
 import shutil
+import socket
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
@@ -43,6 +49,10 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT = "train"
 VERSION = "1.0.0"
+# Transparent pixels are composited on this background (white, as viewers show them).
+BACKGROUND = 255
+# PIL modes whose pixels PIL cannot bring to RGB meaningfully (it copies LAB's channels as RGB).
+_REFUSED_MODES = {"LAB": "CIELAB colour needs a colour-managed conversion; save it as RGB"}
 
 
 class FolderDatasetError(ValueError):
@@ -180,15 +190,67 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: in
       yield window.popleft().result()
 
 
+class UnsupportedImageError(ValueError):
+  """An image whose pixels cannot be converted meaningfully to 8-bit RGB or grey."""
+
+
 def _probe(path: str) -> tuple[tuple[int, int] | None, str | None]:
-  """Reads an image's header: ((width, height), None) or (None, reason it is unreadable)."""
+  """Reads an image's header: ((width, height), None) or (None, reason it is unusable)."""
   try:
     with Image.open(path) as im:
-      size = im.size
+      size, mode = im.size, im.mode
       im.verify()  # Structure and checksums, without decoding the pixels.
-    return size, None
   except Exception as e:  # PIL raises many types for bad files.
     return None, f"unreadable ({type(e).__name__}: {e})"
+  if mode in _REFUSED_MODES:
+    return None, f"unsupported mode {mode} ({_REFUSED_MODES[mode]})"
+  return size, None
+
+
+def to_8bit(im: Image.Image, channels: int) -> Image.Image:
+  """Converts a decoded image of any PIL mode to 8-bit "RGB" (channels=3) or "L" (channels=1).
+
+  PIL's own `convert` clips wider samples to 255 (a 16-bit image turns almost white), so:
+    * `I;16*` (16-bit grey) and `I` (32-bit int, how PIL opens 16-bit PGM/PPM): samples in
+      0..65535 are scaled to 8 bits by round(v / 257); other `I` values are refused.
+    * `F` (32-bit float): values in [0, 1] are scaled by round(v * 255); others are refused
+      (their range is unknown).
+    * alpha (`RGBA`, `LA`, `PA`, `RGBa`) or a transparency key (`P`, `L`, `RGB` with tRNS):
+      composited on a white background (`BACKGROUND`), not dropped, so hidden colours under
+      transparent pixels never show.
+    * `CMYK`, `YCbCr`, `HSV`, `P`, `1`, `L`, `RGB`: PIL's conversion. `LAB` is refused.
+
+  Raises:
+    UnsupportedImageError: naming the mode that cannot be converted and why.
+  """
+  mode = im.mode
+  if mode in _REFUSED_MODES:
+    raise UnsupportedImageError(f"unsupported mode {mode} ({_REFUSED_MODES[mode]})")
+  if mode == "I" or mode.startswith("I;16"):
+    v = np.asarray(im).astype(np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+      raise UnsupportedImageError(
+          f"mode {mode} with values {v.min()}..{v.max()}: only 16-bit samples (0..65535) are "
+          "converted; save it as an 8- or 16-bit image")
+    im = Image.fromarray(((v + 128) // 257).astype(np.uint8), "L")  # round(v / 257)
+  elif mode == "F":
+    v = np.asarray(im, np.float64)
+    if v.size and not (np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1):
+      raise UnsupportedImageError(
+          f"mode F (32-bit float) with values {np.nanmin(v):g}..{np.nanmax(v):g}: only floats in "
+          "[0, 1] are converted; save it as an 8- or 16-bit image")
+    im = Image.fromarray(np.round(v * 255).astype(np.uint8), "L")
+  elif {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+    try:
+      rgba = im.convert("RGBA")
+    except ValueError as e:  # e.g. "La", which PIL cannot convert.
+      raise UnsupportedImageError(f"unsupported mode {mode} ({e})") from None
+    background = Image.new("RGBA", im.size, (BACKGROUND,) * 3 + (255,))
+    im = Image.alpha_composite(background, rgba)
+  try:
+    return im.convert("L" if channels == 1 else "RGB")
+  except ValueError as e:
+    raise UnsupportedImageError(f"unsupported mode {mode} ({e})") from None
 
 
 def _size_problem(size: tuple[int, int], expected: tuple[int, int] | None,
@@ -208,7 +270,7 @@ def _load(path: str, channels: int, resolution: int | None) -> bytes:
   """Decodes, converts and resizes one image; returns it PNG-encoded."""
   with Image.open(path) as im:
     im.load()  # Decodes everything: truncated files fail here.
-    im = im.convert("L" if channels == 1 else "RGB")
+    im = to_8bit(im, channels)
   if resolution is not None:
     im = Image.fromarray(transforms.center_crop_arr(im, resolution))
   buf = io.BytesIO()
@@ -248,6 +310,8 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       rel, label = item
       try:
         return rel, label, _load(os.path.join(plan.src, rel), c, plan.resolution), None
+      except UnsupportedImageError as e:
+        return rel, label, None, str(e)
       except Exception as e:  # Decoding errors come in many types.
         return rel, label, None, f"unreadable ({type(e).__name__}: {e})"
 
@@ -280,6 +344,65 @@ def _dataset_name(dst: str, name: str | None) -> str:
   return clean
 
 
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(dst: str, kind: str) -> str:
+  """`DST.partial-HOST-PID-RANDOM` (or `.old-`): names the writer, so a later run can tell
+  whether it is still running."""
+  return f"{dst}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # Signal 0: only checks that the process exists.
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  return True
+
+
+def remove_stale_builds(dst: str) -> tuple[list[str], list[str]]:
+  """Removes the temporary folders that killed builds of `dst` left behind.
+
+  A folder `DST.partial-HOST-PID-*` (a dataset being written) or `DST.old-HOST-PID-*` (the
+  dataset an `overwrite` build replaced) is removed when it was made on this host by a
+  process that is no longer running. Folders of live builds, of other hosts, and of other
+  names are kept. A stale `.old-` folder is kept while `dst` is missing (the build was killed
+  between its two renames: it is the last complete dataset), and so are the
+  `DST.partial-RANDOM` folders of older versions, which name no writer; both are reported.
+
+  Args:
+    dst: the dataset directory (absolute).
+
+  Returns:
+    (removed folders, one note per stale-looking folder that was kept).
+  """
+  parent, base = os.path.split(dst)
+  named = re.compile(re.escape(base) + r"\.(partial|old)-([A-Za-z0-9._]+)-(\d+)-[0-9a-f]{8}")
+  unnamed = re.compile(re.escape(base) + r"\.(partial|old)-[0-9a-f]{8}")
+  removed, kept = [], []
+  for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    path = os.path.join(parent, entry)
+    if unnamed.fullmatch(entry):
+      kept.append(f"Kept {path}: an older diffit_jax left it without naming its writer; "
+                  "delete it if no build is writing it.")
+      continue
+    match = named.fullmatch(entry)
+    if not match or match.group(2) != _host() or _is_running(int(match.group(3))):
+      continue
+    if match.group(1) == "old" and not os.path.exists(dst):
+      kept.append(f"Kept {path}: the dataset a killed --overwrite build was replacing; "
+                  f"rename it to {dst} to restore it.")
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      removed.append(path)
+  return removed, kept
+
+
 def build_folder_dataset(
     src: str,
     dst: str,
@@ -294,6 +417,9 @@ def build_folder_dataset(
     num_threads: int | None = None,
 ) -> BuildReport:
   """Builds an ArrayRecord tfds dataset (split "train") from a folder of images.
+
+  Before writing, the folders that killed builds of `dst` left behind are removed
+  (`remove_stale_builds`), each with a printed line.
 
   Args:
     src: source folder (class sub-folders, or images directly; see module docstring).
@@ -362,7 +488,12 @@ def build_folder_dataset(
       "FolderDataset", (_FolderBuilder,), {"skip_registration": True},
       lambda ns: ns.update(name=dataset_name))
   os.makedirs(os.path.dirname(dst), exist_ok=True)
-  tmp = f"{dst}.partial-{uuid.uuid4().hex[:8]}"
+  removed, kept = remove_stale_builds(dst)
+  for path in removed:
+    print(f"Removed {path}, left by a killed build of {dst} (its process is gone).")
+  for note in kept:
+    print(note)
+  tmp = _temp_name(dst, "partial")
   try:
     builder = builder_cls(plan=plan, data_dir=tmp, file_format="array_record")
     builder.download_and_prepare()
@@ -370,7 +501,7 @@ def build_folder_dataset(
     if num_written == 0:
       raise FolderDatasetError(f"None of the {len(files)} images in {src} is usable:", plan.skipped)
     if os.path.exists(dst):  # overwrite: swap in, then drop the old dataset.
-      old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+      old = _temp_name(dst, "old")
       os.rename(dst, old)
       os.rename(builder.data_dir, dst)
       shutil.rmtree(old)
