@@ -74,7 +74,7 @@ SETTINGS = {
                         repeats=3, sample_batch=64, sample_steps=25, matmul_size=8192,
                         budget_s=450, torch_compile=True),
     "smoke": dict(variant="tiny", input_size=8, train_batch=2, train_iters=1, repeats=1,
-                  sample_batch=2, sample_steps=2, matmul_size=256, budget_s=240,
+                  sample_batch=2, sample_steps=2, matmul_size=256, budget_s=900,
                   torch_compile=False),
 }
 # Most important first: what the targets need, then the variations.

@@ -33,7 +33,7 @@ def test_smoke_run_measures_every_case_without_the_input_pipeline(tmp_path):
   out = tmp_path / "results"
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "accelerator_check.py"), "--smoke",
-       "--out_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+       "--out_dir", str(out)], env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((out / "accelerator_smoke.json").read_text())
   assert (out / "accelerator_smoke.md").read_text().startswith("# diffit_jax accelerator check")

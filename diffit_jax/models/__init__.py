@@ -78,7 +78,7 @@ def forward_flops(model_config: Any, batch_size: int = 1) -> float:
   Built abstractly (nothing allocated) with the block scan unrolled, because XLA's
   cost analysis counts a loop body once.
   """
-  overrides = {"scan_blocks": False} if model_config.name == "latent" else {}
+  overrides = {"scan_blocks": False, "remat": False} if model_config.name == "latent" else {}
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: build_model(model_config, rngs=nnx.Rngs(0), **overrides)))
   num_classes = model_config.get("num_classes", 0)
