@@ -1,4 +1,5 @@
-"""Fault injection on training checkpoints through the real CLI (`python -m diffit_jax.main`).
+"""Fault injection on training checkpoints, through the real CLI (`python -m diffit_jax.main`)
+where a run can inject the fault, else through the public API.
 
 Each test copies one shared, trained workdir (checkpoints 2, 4 and 6 of the tiny network of
 tests/test_train.py; one metrics row per step) and breaks it the way disks, users and
@@ -20,6 +21,7 @@ from PIL import Image
 
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import logging_utils, train
+from diffit_jax import sharding as sharding_lib
 from test_train import run_main, tiny_config  # the tiny network's CLI flags and config
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
@@ -163,6 +165,29 @@ def test_nan_weights_are_never_checkpointed(trained, tmp_path):
   for step in steps:
     assert_finite(checkpoint_lib.load_ema_params(workdir, step)[0])
   resume(workdir, 8)
+
+
+def test_resume_skips_a_checkpoint_with_nan_weights(trained, tmp_path):
+  """A NaN checkpoint written by an older version (intact files, poisoned values) is not
+  resumed from either: the public API, with the trainer's state check."""
+  workdir = copy_run(trained, tmp_path)
+  config = tiny_config()
+  mesh = sharding_lib.create_mesh(config.mesh)
+  setup, _ = train.create_train_state(config, mesh, initialize=False)
+  abstract = setup.abstract_state._asdict()
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=None)
+  state = ckpt.restore(6, abstract)
+  state["ema_params"] = jax.tree.map(lambda x: x * np.nan, state["ema_params"])
+  ckpt.save(8, state)
+  ckpt.wait_until_finished()
+  is_finite = train.make_state_check(setup, mesh)
+  step, restored = ckpt.restore_latest(
+      abstract, check=lambda s: None if is_finite(train.TrainState(**s)) else "NaN")
+  ckpt.close()
+  assert step == 6
+  assert_finite(restored["ema_params"])
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [2, 4, 6]
+  assert os.listdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR)) == ["8"]
 
 
 def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
