@@ -22,7 +22,8 @@ from PIL import Image
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import logging_utils, train
 from diffit_jax import sharding as sharding_lib
-from test_train import run_main, tiny_config  # the tiny network's CLI flags and config
+# The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
+from test_train import compilation_cache_dir, run_main, tiny_config  # noqa: F401
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
 
