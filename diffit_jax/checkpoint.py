@@ -13,24 +13,36 @@ Two kinds of checkpoint live here:
           ema_params/      the EMA weights alone, so samplers can read just them
           data_iterator/   grain iterator position, one JSON file per process
           config/          the resolved run config (JSON)
+          integrity.json   size and crc32 of every file above (Orbax and TensorStore
+                           keep no checksums of their own)
 
 A checkpoint is never left half-written: everything is written into a sibling
 temporary folder that is renamed into place only once complete (Orbax does the same
 for training checkpoints: a step folder appears only when finalized, and a restart
-ignores and removes unfinished `*.orbax-checkpoint-tmp-*` folders).
+ignores and removes unfinished `*.orbax-checkpoint-tmp-*` folders). The integrity
+record is written into that temporary folder after the last array is written and
+before the rename, so it is committed with the checkpoint. Restores check it: a
+checkpoint whose files changed on disk (a flipped byte, a truncated or deleted file)
+is skipped for the newest one that is intact, and set aside in
+WORKDIR/rejected_checkpoints/.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
 import uuid
-from typing import Any, Mapping
+import zlib
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
@@ -98,7 +110,13 @@ def load_weights(path: str, target: Any = None) -> tuple[Any, dict]:
 # Training checkpoints.
 
 TRAIN_CHECKPOINT_DIR = "checkpoints"
+REJECTED_DIR = "rejected_checkpoints"  # in WORKDIR: checkpoints that failed a restore
+INTEGRITY_FILE = "integrity.json"
 STATE_ITEM, EMA_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "ema_params", "data_iterator", "config"
+
+
+class CorruptCheckpointError(ValueError):
+  """A training checkpoint's files changed on disk after it was saved, or none can be restored."""
 
 
 def _int_keys(tree: Any) -> Any:
@@ -109,12 +127,144 @@ def _int_keys(tree: Any) -> Any:
   return tree
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  """An exception as one short line (TensorStore errors run to many lines)."""
+  text = str(error).strip().splitlines()
+  line = f"{type(error).__name__}: {text[0] if text else ''}"
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------
+# Integrity records: size and crc32 of every file of a training checkpoint.
+#
+# Cost: one sequential read of the checkpoint on process 0 when it is committed and again
+# when it is restored, at zlib's crc32 speed (~1.3 GB/s on one core of a small CPU). For a
+# 561 M-parameter model (weights, EMA and two Adam moments in float32: ~9 GB) that is ~7 s
+# per checkpoint, in Orbax's background thread (zlib releases the GIL), so training does
+# not wait for it.
+
+
+def _file_digest(path: str) -> dict[str, Any]:
+  """{"size", "crc32"} of one file, read in 16 MiB chunks."""
+  crc, size = 0, 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+      size += len(chunk)
+  return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _item_files(step_dir: str) -> list[str]:
+  """The files of a checkpoint's items (its sub-folders), relative to `step_dir`.
+
+  Orbax's own files at the top of the folder are left out: it rewrites them while
+  committing, after the record is written.
+  """
+  files = []
+  for item in sorted(os.listdir(step_dir)):
+    for root, _, names in os.walk(os.path.join(step_dir, item)):
+      files += [os.path.relpath(os.path.join(root, name), step_dir) for name in names]
+  return sorted(files)
+
+
+def write_integrity_record(step_dir: str) -> None:
+  """Writes `step_dir/integrity.json`: the size and crc32 of every file of its items."""
+  files = {rel: _file_digest(os.path.join(step_dir, rel)) for rel in _item_files(step_dir)}
+  path = os.path.join(step_dir, INTEGRITY_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"algorithm": "crc32", "files": files}, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+def has_integrity_record(step_dir: str) -> bool:
+  return os.path.exists(os.path.join(step_dir, INTEGRITY_FILE))
+
+
+def verify_integrity(step_dir: str, items: tuple[str, ...] | None = None) -> str | None:
+  """Checks a checkpoint's files against its integrity record.
+
+  Args:
+    step_dir: a checkpoint folder (`WORKDIR/checkpoints/<step>`) that has a record.
+    items: check only these items' files (e.g. ("ema_params", "config")); None: all.
+
+  Returns:
+    None if every recorded file is there with its size and crc32, else why not (one line).
+  """
+  try:
+    with open(os.path.join(step_dir, INTEGRITY_FILE)) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"its {INTEGRITY_FILE} is unreadable ({_first_line(e)})"
+  for rel, expected in sorted(files.items()):
+    if items is not None and rel.split(os.sep)[0] not in items:
+      continue
+    path = os.path.join(step_dir, rel)
+    if not os.path.isfile(path):
+      return f"{rel} is missing"
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+      return f"{rel} has {size} bytes, not the {expected['size']} it was saved with (truncated?)"
+    if _file_digest(path)["crc32"] != expected["crc32"]:
+      return f"{rel} fails its crc32 check (its bytes changed on disk after it was saved)"
+  return None
+
+
+def _leaf_table(tree: Any) -> dict[str, tuple]:
+  """{"params/encoder/0/...": (shape, dtype)} of a pytree of arrays or array metadata."""
+  def name(key):
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+  return {"/".join(name(k) for k in path): (tuple(x.shape), np.dtype(x.dtype))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _structure_mismatch(step_dir: str, items: Mapping[str, Any]) -> str | None:
+  """How the arrays saved in `step_dir` differ from `items` ({item: abstract tree}), from
+  the checkpoint's metadata alone (None: they fit). Finds a changed config before any
+  array is read."""
+  for item, tree in items.items():
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / item)
+    saved, wanted = _leaf_table(getattr(saved, "tree", saved)), _leaf_table(tree)
+    for path in sorted(set(saved) | set(wanted)):
+      if saved.get(path) != wanted.get(path):
+        have = "absent" if path not in saved else f"{saved[path][0]} {saved[path][1]}"
+        want = "absent" if path not in wanted else f"{wanted[path][0]} {wanted[path][1]}"
+        return f"{item}/{path} is {have} in the checkpoint but {want} in this run"
+  return None
+
+
+def _from_process_0(flag: bool, barrier: str) -> bool:
+  """Process 0's value of `flag` on every process (it alone reads the files).
+
+  `barrier` names a barrier, unique within the run, that the others wait at while
+  process 0 reads (a barrier waits minutes; a collective might time out sooner).
+  """
+  if jax.process_count() == 1:
+    return flag
+  ocp.multihost.sync_global_processes(barrier)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _on_every_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on every process."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# ----------------------------------------------------------------------------------------
+# Training checkpoints.
+
+
 class TrainCheckpointer:
   """Saves and restores training checkpoints in `WORKDIR/checkpoints` (layout above).
 
   Saves are asynchronous: `save` returns once the arrays are copied off the devices
   (so the caller may donate them to the next step), and the files are written in the
-  background; `wait_until_finished` blocks until the last one is finalized.
+  background; `wait_until_finished` blocks until the last one is finalized. Checkpoint
+  folders must be on a local or mounted file system shared by all processes (the
+  integrity record is written and read with plain file I/O).
 
   Args:
     workdir: the run folder.
@@ -123,10 +273,16 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, TRAIN_CHECKPOINT_DIR)
+    self._async_save = async_save
+    self._saving_step = None
+    # Always Orbax's async checkpointer: only it runs a callback between writing the last
+    # file and committing the folder, which is where the integrity record is written.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_record))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -135,6 +291,16 @@ class TrainCheckpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def _write_record(self) -> None:
+    """Orbax's post-finalization callback (process 0, background thread, every process's
+    files written): records the uncommitted folder, which is then renamed into place."""
+    final = self.step_dir(self._saving_step)
+    tmp = glob.glob(glob.escape(final) + ocp.path.atomicity.TMP_DIR_SUFFIX + "*")
+    write_integrity_record(tmp[0] if len(tmp) == 1 else final)
 
   def save(self, step: int, state: Mapping[str, Any], *, data_iterator: Any = None,
            config: Mapping[str, Any] | None = None) -> None:
@@ -157,11 +323,17 @@ class TrainCheckpointer:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items[CONFIG_ITEM] = ocp.args.JsonSave(dict(config))
+    self._manager.wait_until_finished()  # the previous save's callback is done with its step
+    self._saving_step = int(step)
     self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    if not self._async_save:
+      self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Mapping[str, Any], *,
               data_iterator: Any = None) -> dict[str, Any]:
     """Restores checkpoint `step` into the structure, dtypes and shardings given.
+
+    Does not check the integrity record (`restore_latest` does).
 
     Args:
       step: a step from `all_steps()`.
@@ -180,17 +352,98 @@ class TrainCheckpointer:
     if data_iterator is not None:
       import grain  # pylint: disable=g-import-not-at-top
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-      restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(
-          f"Checkpoint {self.directory}/{step} does not match this run's train state "
-          "(a different model, optimizer or mesh config?). Use a fresh --workdir or the "
-          f"config the checkpoint was written with ({e})") from e
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
     state = dict(restored[STATE_ITEM])
     if EMA_ITEM in abstract_state:
       state[EMA_ITEM] = restored[EMA_ITEM]
     return state
+
+  def restore_latest(self, abstract_state: Mapping[str, Any], *, data_iterator: Any = None,
+                     check: Callable[[dict[str, Any]], str | None] | None = None
+                     ) -> tuple[int | None, dict[str, Any] | None]:
+    """Restores the newest checkpoint that is intact, loads and passes `check`.
+
+    Checkpoints are tried newest first. One whose files fail its integrity record, that
+    has no record and fails to load, or that `check` rejects is skipped with one warning
+    line; once an older one restores, the skipped ones are moved to
+    WORKDIR/rejected_checkpoints/ (so the run can write those steps again, and the
+    evidence is kept). Every process takes the same decisions: process 0 reads the files,
+    and a load that fails on any process fails on all.
+
+    Args:
+      abstract_state: as for `restore`.
+      data_iterator: as for `restore`.
+      check: `check(state) -> None`, or why the restored state is unusable (e.g. NaNs).
+
+    Returns:
+      (step, state), or (None, None) if there is no checkpoint.
+
+    Raises:
+      CorruptCheckpointError: there are checkpoints but none can be restored.
+      ValueError: a checkpoint's arrays do not fit `abstract_state` (another config).
+    """
+    rejected = []  # (step, why)
+    abstract_state = dict(abstract_state)
+    abstract_items = {STATE_ITEM: {k: v for k, v in abstract_state.items() if k != EMA_ITEM}}
+    if EMA_ITEM in abstract_state:
+      abstract_items[EMA_ITEM] = abstract_state[EMA_ITEM]
+    for step in sorted(self.all_steps(), reverse=True):
+      step_dir, why = self.step_dir(step), None
+      if has_integrity_record(step_dir):
+        why = verify_integrity(step_dir) if jax.process_index() == 0 else None
+        if not _from_process_0(why is None, f"diffit_jax:verify_checkpoint_{step}"):
+          why = why or "its files fail the integrity check (see process 0's log)"
+      else:
+        logging.warning("Checkpoint %s has no %s (written by an older diffit_jax?); loading it "
+                        "unchecked.", step_dir, INTEGRITY_FILE)
+      if why is None:
+        try:
+          mismatch = _structure_mismatch(step_dir, abstract_items)
+        except Exception as e:  # pylint: disable=broad-except  (an unreadable metadata file)
+          mismatch, why = None, f"its metadata does not load ({_first_line(e)})"
+        if mismatch:  # the files are fine: it is this run's config that differs
+          raise ValueError(
+              f"Checkpoint {step_dir} does not fit this run's train state: {mismatch} (a "
+              "different model, optimizer or mesh config?). Rerun with the config it was "
+              f"written with ({step_dir}/{CONFIG_ITEM}) or use a fresh --workdir.")
+      if why is None:
+        try:
+          state, error = self.restore(step, abstract_state, data_iterator=data_iterator), None
+        except Exception as e:  # pylint: disable=broad-except  (summarised in the log line)
+          state, error = None, e
+        if not _on_every_process(error is None):
+          why = f"it does not load ({_first_line(error) if error else 'on another process'})"
+        elif check is not None:
+          why = check(state)
+      if why is None:
+        self._set_aside(rejected)
+        return step, state
+      logging.warning("Skipping checkpoint %s: %s; trying the previous one.", step_dir, why)
+      rejected.append((step, why))
+    if rejected:
+      reasons = "; ".join(f"{step}: {why}" for step, why in rejected)
+      raise CorruptCheckpointError(
+          f"No checkpoint in {self.directory} can be restored ({reasons}). Nothing was moved or "
+          "deleted. To start from scratch, move that folder away or use a fresh --workdir.")
+    return None, None
+
+  def _set_aside(self, rejected: list[tuple[int, str]]) -> None:
+    """Moves skipped checkpoints to WORKDIR/rejected_checkpoints/ (process 0)."""
+    if not rejected:
+      return
+    if jax.process_index() == 0:
+      folder = os.path.join(self.workdir, REJECTED_DIR)
+      os.makedirs(folder, exist_ok=True)
+      for step, _ in rejected:
+        dst, n = os.path.join(folder, str(step)), 1
+        while os.path.exists(dst):
+          dst, n = os.path.join(folder, f"{step}-{n}"), n + 1
+        os.rename(self.step_dir(step), dst)
+        logging.warning("Moved the skipped checkpoint %d to %s (delete it once inspected).",
+                        step, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("diffit_jax:set_aside_checkpoints")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -203,14 +456,20 @@ class TrainCheckpointer:
 def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   """The EMA weights of a training run, for samplers and exporters.
 
+  The EMA and config files are checked against the checkpoint's integrity record first.
+
   Args:
     workdir: the run folder given to `python -m diffit_jax.main`.
-    step: which checkpoint; None: the newest.
+    step: which checkpoint; None: the newest intact one (a broken newer one is skipped
+      with a warning).
 
   Returns:
     (params, config): the EMA parameters as a pure nested dict of host numpy arrays
     (the structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a
     model with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
+
+  Raises:
+    CorruptCheckpointError: checkpoint `step` (or, with step None, every one) is broken.
   """
   directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
   if not os.path.isdir(directory):
@@ -221,22 +480,38 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
-  try:
-    steps = list(manager.all_steps())
-    if step is None:
-      if not steps:
-        raise FileNotFoundError(f"{directory} has no finished checkpoint yet.")
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(f"{directory} has no checkpoint for step {step}; it has {steps}.")
-    metadata = manager.item_metadata(step)
-    ema_meta = metadata[EMA_ITEM]
+
+  def restore(step: int) -> dict:
+    ema_meta = manager.item_metadata(step)[EMA_ITEM]
     ema_meta = getattr(ema_meta, "tree", ema_meta)
     # Host numpy arrays: independent of the mesh the run was saved from.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
+    return manager.restore(step, args=ocp.args.Composite(**{
         EMA_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args),
         CONFIG_ITEM: ocp.args.JsonRestore()}))
+
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is None and not steps:
+      raise FileNotFoundError(f"{directory} has no finished checkpoint yet.")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{directory} has no checkpoint for step {step}; it has {steps}.")
+    broken = []  # (step, why)
+    for candidate in steps if step is None else [step]:
+      step_dir = os.path.join(directory, str(candidate))
+      why = (verify_integrity(step_dir, (EMA_ITEM, CONFIG_ITEM))
+             if has_integrity_record(step_dir) else None)
+      if why is None:
+        try:
+          restored = restore(candidate)
+          break
+        except Exception as e:  # pylint: disable=broad-except  (reported below)
+          why = f"it does not load ({_first_line(e)})"
+      logging.warning("Skipping checkpoint %s: %s.", step_dir, why)
+      broken.append((candidate, why))
+    else:
+      reasons = "; ".join(f"{s}: {why}" for s, why in broken)
+      raise CorruptCheckpointError(f"No usable EMA weights in {directory} ({reasons}).")
   finally:
     manager.close()
   return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])

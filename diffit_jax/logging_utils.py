@@ -3,7 +3,8 @@
   * `MetricWriter`: scalars to TensorBoard (through `clu.metric_writers`) when TensorFlow
     is importable, and always to `workdir/metrics.jsonl` (one JSON object per log step)
     plus `workdir/loss.png`, a loss curve redrawn at every write, so a run without
-    TensorFlow can still be read and plotted.
+    TensorFlow can still be read and plotted. A resumed run first drops the JSONL rows
+    logged after its checkpoint (`rewind`), so each step keeps one row.
   * `Progress`: steps/s, images/s and ETA over the last log interval.
   * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
 
@@ -71,6 +72,29 @@ class MetricWriter:
     if self.curve_key in scalars:
       self._draw_curve()
 
+  def rewind(self, step: int) -> None:
+    """Drops the JSONL rows of steps after `step` and redraws the curve.
+
+    A run that dies between checkpoints has logged steps that its resumed run trains and
+    logs again; this keeps one row per step. The file is replaced atomically (a row cut
+    short by a kill goes too). TensorBoard event files are left as they are.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      text = f.read()
+    rows = _parse_rows(text)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) == len(rows) and (not text or text.endswith("\n")):
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(tmp, self.path)
+    logging.info("%s: dropped %d rows of steps after %d, the step this run starts from (it "
+                 "logs those steps again).", self.path, len(rows) - len(kept), step)
+    self._draw_curve()
+
   def _draw_curve(self) -> None:
     steps, values = [], []
     for row in read_metrics(os.path.dirname(self.path)):
@@ -78,6 +102,8 @@ class MetricWriter:
         steps.append(row["step"])
         values.append(row[self.curve_key])
     if len(steps) < 2:
+      if os.path.exists(self.curve_path):  # a curve of rows that were dropped
+        os.remove(self.curve_path)
       return
     try:
       import matplotlib  # pylint: disable=g-import-not-at-top
@@ -104,12 +130,20 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """The rows of `workdir/metrics.jsonl` (an empty list if there are none)."""
+  """The rows of `workdir/metrics.jsonl` (an empty list if there are none).
+
+  A last line cut short (the run was killed while writing it) is left out.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return _parse_rows(f.read())
+
+
+def _parse_rows(text: str) -> list[dict[str, float]]:
+  # Every complete row ends with a newline: text after the last one was cut short.
+  return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 class Progress:

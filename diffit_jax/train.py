@@ -8,12 +8,14 @@ Reads top to bottom in the order a run happens:
   4. model + opt   the network split once (`nnx.split`) into a graph and a pure dict of
                    float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
   5. shardings     the train state's layout: replicated, or FSDP by config.
-  6. restore       the newest finished checkpoint in WORKDIR, if any (exact resume).
+  6. restore       the newest intact checkpoint in WORKDIR, if any (exact resume); broken
+                   newer ones are skipped and set aside (`diffit_jax.checkpoint`).
   7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed and
                    compiled once, ahead of the loop, with explicit shardings and the state
                    donated; "jit" lets XLA partition the step, "shard_map" writes the
                    data-parallel gradient all-reduce by hand.
-  8. loop          logging, the NaN guard, checkpoints, EMA sample grids, SIGTERM, FID.
+  8. loop          logging, the NaN guard, checkpoints (only of finite states), EMA
+                   sample grids, SIGTERM, FID.
 
 The train state (`TrainState`) holds the step, the run's base PRNG key, the float32
 weights, their EMA and the optimizer state. Step k's randomness is
@@ -72,7 +74,8 @@ class TrainState(NamedTuple):
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; the message names the steps and the last good checkpoint."""
+  """The loss or the state became NaN or Inf; the message names the steps and the last good
+  checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,6 +140,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("num_train_steps", "batch_size", "log_every_steps"):
     if int(config.get(key, 0)) <= 0:
       raise ValueError(f"config.{key}={config.get(key)} must be a positive integer.")
+  keep = config.get("keep_checkpoints", 3)
+  if keep is not None and int(keep) <= 0:
+    raise ValueError(f"config.keep_checkpoints={keep} would keep no checkpoint: the run could "
+                     "neither resume nor be sampled from. Set it to a positive number (e.g. 3).")
   optim.validate_ema_config(config.ema)
 
 
@@ -467,6 +474,15 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _non_finite_advice(last_good: int | None, ckpt_dir: str) -> str:
+  """Where a rerun starts after NonFiniteLossError, and what to change."""
+  where = (f"The newest good checkpoint is step {last_good} in {ckpt_dir}; a rerun resumes "
+           "from it" if last_good is not None else
+           "No good checkpoint was saved yet; a rerun starts from scratch")
+  return (f"{where}. Lower the learning rate, enable gradient clipping "
+          "(config.optimizer.grad_clip_norm) or warm-up (config.optimizer.warmup_steps).")
+
+
 def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, ckpt_dir: str) -> None:
   """Raises NonFiniteLossError if a loss or gradient norm in `pending` is NaN/Inf.
 
@@ -482,13 +498,28 @@ def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, ckpt_d
   if not bad.any():
     return
   first = steps[int(np.argmax(bad))]
-  where = (f"The newest good checkpoint is step {last_good} in {ckpt_dir}" if last_good is not None
-           else "No checkpoint was saved yet")
   raise NonFiniteLossError(
       f"The training loss or gradient became NaN/Inf between steps {steps[0]} and {steps[-1]} "
-      f"(first at step {first}); stopping without saving. {where}. Lower the learning rate, "
-      "enable gradient clipping (config.optimizer.grad_clip_norm) or warm-up "
-      "(config.optimizer.warmup_steps) and rerun: the run resumes from that checkpoint.")
+      f"(first at step {first}); stopping without saving. "
+      + _non_finite_advice(last_good, ckpt_dir))
+
+
+def make_state_check(setup: Setup, mesh: Mesh) -> Callable[[TrainState], bool]:
+  """`is_finite(state)`: whether every weight, EMA weight and optimizer moment is finite.
+
+  A loss can still be finite at the step whose update overflowed the weights, so the
+  state itself is checked before each save. One jitted reduction on the devices (XLA
+  fuses each leaf's isfinite-all into one pass over the state, ~4 reads per parameter)
+  and one bool to the host: cheap next to the checkpoint it guards.
+  """
+  def all_finite(state: TrainState) -> jax.Array:
+    trees = (state.params, state.ema_params, state.opt_state)
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+  fn = jax.jit(all_finite, in_shardings=(setup.shardings,),
+               out_shardings=sharding_lib.replicated(mesh))
+  return lambda state: bool(fn(state))
 
 
 def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
@@ -526,10 +557,12 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the run `config` describes in `workdir`; returns the final state.
 
-  Running it again with the same workdir resumes from the newest finished checkpoint.
+  Running it again with the same workdir resumes from the newest intact checkpoint.
 
   Raises:
-    NonFiniteLossError: the loss became NaN/Inf (the newest good checkpoint is kept).
+    NonFiniteLossError: the loss or the state became NaN/Inf (the newest good checkpoint
+      is kept).
+    checkpoint.CorruptCheckpointError: the workdir has checkpoints but none is intact.
   """
   # 1. Distributed initialisation, workdir and config. -----------------------------------
   initialize_distributed(config)
@@ -573,12 +606,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # 4-6. Model + optimizer, shardings, then restore or initialise. -----------------------
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
-  latest = ckpt.latest_step()
-  setup, state = create_train_state(config, mesh, initialize=latest is None)
-  if latest is not None:
+  setup, state = create_train_state(config, mesh, initialize=ckpt.latest_step() is None)
+  is_finite = make_state_check(setup, mesh)
+  latest = None
+  if state is None:
+    latest, restored = ckpt.restore_latest(
+        setup.abstract_state._asdict(), data_iterator=data_iter,
+        check=lambda s: None if is_finite(TrainState(**s)) else
+        "its weights, EMA or optimizer state hold NaN/Inf")
+    state = TrainState(**restored)
     logging.info("Resuming from %s/%d.", ckpt.directory, latest)
-    state = TrainState(**ckpt.restore(latest, setup.abstract_state._asdict(),
-                                      data_iterator=data_iter))
+  # Rows after the restored step (all rows, on a fresh start) were logged by a run that
+  # stopped before a checkpoint kept them; this run logs those steps again.
+  writer.rewind(latest or 0)
   num_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   logging.info("%s: %.2f M parameters.", config.model.name, num_params / 1e6)
 
@@ -615,6 +655,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def save_checkpoint() -> None:
     nonlocal last_good
     _check_finite(pending, last_good, ckpt.directory)  # never save poisoned weights
+    if not is_finite(state):
+      raise NonFiniteLossError(
+          f"The weights, EMA or optimizer state hold NaN/Inf at step {step} (the losses checked "
+          "so far were finite); stopping without saving. "
+          + _non_finite_advice(last_good, ckpt.directory))
     ckpt.save(step, state._asdict(), data_iterator=data_iter, config=config_dict)
     last_good = step
 

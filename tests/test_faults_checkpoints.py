@@ -1,0 +1,246 @@
+"""Fault injection on training checkpoints, through the real CLI (`python -m diffit_jax.main`)
+where a run can inject the fault, else through the public API.
+
+Each test copies one shared, trained workdir (checkpoints 2, 4 and 6 of the tiny network of
+tests/test_train.py; one metrics row per step) and breaks it the way disks, users and
+optimizers do: a flipped byte, a truncated or deleted file, weights blown up to Inf/NaN, a
+kill -9 between checkpoints, a config that would keep no checkpoint. The run must then
+resume from the newest intact checkpoint (bitwise as if nothing had happened), or stop
+with one line that says what is wrong and what to do.
+"""
+
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffit_jax import checkpoint as checkpoint_lib
+from diffit_jax import logging_utils, train
+from diffit_jax import sharding as sharding_lib
+# The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
+from test_train import compilation_cache_dir, run_main, tiny_config  # noqa: F401
+
+STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> str:
+  """A workdir trained for 6 steps: checkpoints 2, 4, 6 and metrics rows 1-6."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  out = finish(run_main(workdir, "--config.num_train_steps=6", "--config.log_every_steps=1",
+                        "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=3",
+                        "--config.sample_every_steps=0"))
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == list(STEPS), out
+  return workdir
+
+
+def finish(proc, returncode=0) -> str:
+  out, _ = proc.communicate(timeout=600)
+  assert (proc.returncode == 0) == (returncode == 0), out
+  return out
+
+
+def copy_run(trained, tmp_path) -> str:
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+def resume(workdir, steps, *flags, returncode=0) -> str:
+  return finish(run_main(workdir, f"--config.num_train_steps={steps}",
+                         "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
+                         "--config.keep_checkpoints=3", "--config.sample_every_steps=0",
+                         *flags), returncode)
+
+
+def step_dir(workdir, step) -> str:
+  return os.path.join(workdir, checkpoint_lib.TRAIN_CHECKPOINT_DIR, str(step))
+
+
+def largest_data_file(workdir, step, item) -> str:
+  """The biggest TensorStore data chunk of one item (e.g. "ema_params") of a checkpoint."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(
+      step_dir(workdir, step), item)) for name in names if os.path.basename(root) == "d"]
+  return max(files, key=os.path.getsize)
+
+
+def flip_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def lines_with(out, text) -> list[str]:
+  return [line for line in out.splitlines() if text in line]
+
+
+def assert_finite(tree):
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+def assert_one_row_per_step(workdir, last):
+  steps = [r["step"] for r in logging_utils.read_metrics(workdir)]
+  assert steps == list(range(1, last + 1)), steps
+
+
+# ----------------------------------------------------------------------------------------
+# Silent corruption: every file of a checkpoint is checked against its integrity record.
+
+
+def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  flip_byte(largest_data_file(workdir, 6, checkpoint_lib.EMA_ITEM))
+
+  # Samplers and exporters: the newest intact EMA, or a clear error for the broken step.
+  ema, _ = checkpoint_lib.load_ema_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, ema, checkpoint_lib.load_ema_params(trained, 4)[0])
+  with pytest.raises(checkpoint_lib.CorruptCheckpointError, match="ema_params/.*crc32"):
+    checkpoint_lib.load_ema_params(workdir, step=6)
+
+  # Training resumes from 4, says once why 6 was skipped, and redoes 5-6 bit for bit.
+  out = resume(workdir, 8)
+  skipped = lines_with(out, "Skipping checkpoint")
+  assert len(skipped) == 1 and "/6" in skipped[0] and "crc32" in skipped[0], out
+  assert lines_with(out, "Resuming from"), out
+  assert lines_with(out, "Resuming from")[0].endswith("/4."), out
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_ema_params(workdir, 6)[0],
+               checkpoint_lib.load_ema_params(trained, 6)[0])
+  assert os.path.isdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR, "6"))  # kept aside
+  assert_one_row_per_step(workdir, 8)
+
+
+def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  path = largest_data_file(workdir, 6, checkpoint_lib.STATE_ITEM)  # weights + Adam moments
+  os.truncate(path, os.path.getsize(path) // 2)
+  os.remove(largest_data_file(workdir, 4, checkpoint_lib.EMA_ITEM))
+
+  out = resume(workdir, 6)
+  skipped = lines_with(out, "Skipping checkpoint")
+  assert len(skipped) == 2, out
+  assert "/6" in skipped[0] and "truncated" in skipped[0], out
+  assert "/4" in skipped[1] and "missing" in skipped[1], out
+  assert "different model" not in out and "TensorStore" not in out, out
+  assert lines_with(out, "Resuming from")[0].endswith("/2."), out
+  for step in (4, 6):  # rewritten, identical to the originals
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_ema_params(workdir, step)[0],
+                 checkpoint_lib.load_ema_params(trained, step)[0])
+
+
+def test_no_intact_checkpoint_stops_with_one_clear_line(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  for step in STEPS:
+    flip_byte(largest_data_file(workdir, step, checkpoint_lib.EMA_ITEM))
+  out = resume(workdir, 6, returncode=1)
+  errors = lines_with(out, "CorruptCheckpointError: No checkpoint")
+  assert len(errors) == 1 and "fresh --workdir" in errors[0], out
+  assert "TensorStore" not in out, out
+  # Nothing was moved or deleted: the user decides.
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == list(STEPS)
+
+
+# ----------------------------------------------------------------------------------------
+# Poisoned weights and a config that would keep nothing.
+
+
+def test_nan_weights_are_never_checkpointed(trained, tmp_path):
+  """A learning rate of 1e39 turns the weights to Inf/NaN: no such checkpoint is saved, the
+  error names a checkpoint that really is good, and a sane rerun resumes from it."""
+  workdir = copy_run(trained, tmp_path)
+  out = resume(workdir, 30, "--config.optimizer.learning_rate=1e39",
+               "--config.checkpoint_every_steps=7", "--config.log_every_steps=5", returncode=1)
+  assert "NaN/Inf" in out, out
+  good = [line for line in out.splitlines() if "The newest good checkpoint is step" in line]
+  assert good, out
+  named = int(good[-1].split("The newest good checkpoint is step ")[1].split()[0])
+  steps = checkpoint_lib.TrainCheckpointer(workdir).all_steps()
+  assert named in steps, (named, steps)
+  for step in steps:
+    assert_finite(checkpoint_lib.load_ema_params(workdir, step)[0])
+  resume(workdir, 8)
+
+
+def test_resume_skips_a_checkpoint_with_nan_weights(trained, tmp_path):
+  """A NaN checkpoint written by an older version (intact files, poisoned values) is not
+  resumed from either: the public API, with the trainer's state check."""
+  workdir = copy_run(trained, tmp_path)
+  config = tiny_config()
+  mesh = sharding_lib.create_mesh(config.mesh)
+  setup, _ = train.create_train_state(config, mesh, initialize=False)
+  abstract = setup.abstract_state._asdict()
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=None)
+  state = ckpt.restore(6, abstract)
+  state["ema_params"] = jax.tree.map(lambda x: x * np.nan, state["ema_params"])
+  ckpt.save(8, state)
+  ckpt.wait_until_finished()
+  is_finite = train.make_state_check(setup, mesh)
+  step, restored = ckpt.restore_latest(
+      abstract, check=lambda s: None if is_finite(train.TrainState(**s)) else "NaN")
+  ckpt.close()
+  assert step == 6
+  assert_finite(restored["ema_params"])
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [2, 4, 6]
+  assert os.listdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR)) == ["8"]
+
+
+def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  out = finish(run_main(workdir, "--config.keep_checkpoints=0"), returncode=1)
+  assert "config.keep_checkpoints=0" in out, out
+  assert not workdir.exists()
+  with pytest.raises(ValueError, match="keep_checkpoints=-2"):
+    train.validate_config(tiny_config(keep_checkpoints=-2))
+
+
+# ----------------------------------------------------------------------------------------
+# A kill -9 between checkpoints: the replayed steps are logged once.
+
+
+def test_sigkill_between_checkpoints_then_resume_logs_each_step_once(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  proc = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(r["step"] >= 9 for r in logging_utils.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, proc.communicate()[0]
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  killed = {r["step"]: r for r in logging_utils.read_metrics(workdir)}
+  assert checkpoint_lib.TrainCheckpointer(workdir).latest_step() == 6
+
+  resume(workdir, 10)
+  rows = logging_utils.read_metrics(workdir)
+  assert_one_row_per_step(workdir, 10)
+  for row in rows:  # the exact resume replays the killed run's losses
+    if row["step"] in killed:
+      assert row["train/loss"] == killed[row["step"]]["train/loss"], row
+
+
+def test_rewind_drops_later_and_torn_rows_and_redraws_the_curve(tmp_path):
+  """What the resumed run does first: the JSONL keeps rows up to the restored step, and
+  loss.png is the curve of exactly those rows."""
+  pytest.importorskip("matplotlib")
+  writer = logging_utils.MetricWriter(str(tmp_path / "run"), tensorboard=False)
+  for step in range(1, 6):
+    writer.write_scalars(step, {"train/loss": 1.0 / step})
+  with open(writer.path, "a") as f:
+    f.write('{"step": 6, "train/lo')  # killed mid-write
+  writer.rewind(3)
+  assert [r["step"] for r in logging_utils.read_metrics(str(tmp_path / "run"))] == [1, 2, 3]
+  assert open(writer.path).read().endswith("}\n")
+  reference = logging_utils.MetricWriter(str(tmp_path / "ref"), tensorboard=False)
+  for step in range(1, 4):
+    reference.write_scalars(step, {"train/loss": 1.0 / step})
+  np.testing.assert_array_equal(np.asarray(Image.open(writer.curve_path)),
+                                np.asarray(Image.open(reference.curve_path)))
