@@ -44,7 +44,8 @@ def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
     devices: the devices to use (default: all, across every process).
 
   Returns:
-    A mesh with Auto axes (jit propagates shardings; see ENVIRONMENT.md).
+    A mesh with Auto axes, so that jit propagates shardings (`jax.make_mesh` alone would
+    give Explicit axes, whose inputs must be placed with `device_put` first).
   """
   mesh_config = mesh_config or get_default_mesh_config()
   devices = list(jax.devices() if devices is None else devices)

@@ -293,9 +293,9 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh: Mesh
                  then an explicit `pmean` all-reduce over ("data", "fsdp"). The gradients
                  are taken with `check_vma=False`, so they are the local ones and the pmean
                  averages them once (with vma checking, JAX would already have summed them
-                 for the replicated weights: ENVIRONMENT.md's N-times pitfall). Network
-                 dropout masks are drawn per device, so with dropout > 0 the two are equal
-                 in distribution rather than bitwise.
+                 for the replicated weights, and the pmean would return N times the true
+                 gradient). Network dropout masks are drawn per device, so with
+                 dropout > 0 the two are equal in distribution rather than bitwise.
   """
   loss_fn = make_loss_fn(config, setup.graphdef)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

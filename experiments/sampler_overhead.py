@@ -10,7 +10,7 @@ overhead = full - network, reported in ms per call and per step and as a fractio
 call. Times are minima over REPEATS runs (the least disturbed by other processes on a shared
 machine). Writes experiments/results/sampler_overhead.json.
 
-Run: cd /work/main && .venv/bin/python experiments/sampler_overhead.py
+Run from the repository root: .venv/bin/python experiments/sampler_overhead.py
 """
 
 from __future__ import annotations

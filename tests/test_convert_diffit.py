@@ -1,7 +1,7 @@
 """Tests of the official latent DiffiT converter, its export and `load_diffit`.
 
 The reference is `tests/torch_reference.py`, a PyTorch latent DiffiT written from
-OFFICIAL_CHECKPOINT.md alone (official key names, NCHW). Small models (depth 3, width 64,
+docs/official_checkpoint.md alone (official key names, NCHW). Small models (depth 3, width 64,
 4 heads, 16x16 latents = 8x8 tokens) get random values in EVERY parameter (the final
 layer too: a zero-initialised head would hide any error upstream), once with global
 attention and once with 4x4 windows; their state dicts go through the real CLI
@@ -361,7 +361,7 @@ def test_full_size_official_layout(input_size, tokens, table):
   assert {k: v.shape for k, v in buffers.items()} == {
       k: state[k].shape for k in state.keys() - params}
   if input_size == 32:
-    assert sum(state[k].size for k in params) == 561_035_232  # OFFICIAL_CHECKPOINT.md
+    assert sum(state[k].size for k in params) == 561_035_232  # docs/official_checkpoint.md
 
 
 def test_unconditional_fixed_variance_detected():

@@ -438,7 +438,7 @@ def test_dry_run_cli_prints_exact_count():
       check=True).stdout
   assert "trainable_params: 561035232" in out
   gflops = float(out.split("gflops_per_forward:")[1].split()[0])
-  assert 230 < gflops < 245  # 28 blocks ~ 118.4 GMACs (DIFFIT.md §3.2) = ~237 GFLOPs
+  assert 230 < gflops < 245  # 28 blocks ~ 118.4 GMACs (docs/paper_notes.md) = ~237 GFLOPs
 
 
 def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():

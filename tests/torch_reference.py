@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of the official latent DiffiT, for parity tests.
 
-This file owns a reference written only from `shared/spec/OFFICIAL_CHECKPOINT.md` (the
+This file owns a reference written only from `docs/official_checkpoint.md` (the
 official state-dict layout and forward math of NVIDIA's latent DiffiT release), not from
 diffit_jax's JAX code: module and parameter names are the official ones, so
 `LatentDiffiT(...).state_dict()` has exactly the official keys (including the `pos_embed`

@@ -1,7 +1,7 @@
 """`python -m diffit_jax.convert diffit --src=diffit_256.safetensors --dst=DIR`: weights in.
 
 This file owns converting NVIDIA's official latent DiffiT state dicts (`diffit_256.safetensors`,
-`diffit_512.safetensors`; layout and forward math in `shared/spec/OFFICIAL_CHECKPOINT.md`)
+`diffit_512.safetensors`; layout and forward math in `docs/official_checkpoint.md`)
 into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT`, the
 official-key <-> parameter-path mapping that the exporter (`export.py`) shares, and loading
 the result (`load_diffit`). The file is read without PyTorch; the model (resolution, depth,

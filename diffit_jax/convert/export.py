@@ -1,7 +1,7 @@
 """`python -m diffit_jax.convert export --src=CHECKPOINT --dst=FILE.safetensors`: weights out.
 
 This file owns writing a latent DiffiT in the official PyTorch layout of NVIDIA's release
-(`shared/spec/OFFICIAL_CHECKPOINT.md`), so that the official code loads it with
+(`docs/official_checkpoint.md`), so that the official code loads it with
 `load_state_dict(..., strict=True)`: every parameter under its official key in PyTorch layout
 (Linear (in, out) -> (out, in), Conv (kh, kw, I, O) -> (O, I, kh, kw), the stacked blocks'
 leading depth axis unstacked into `blocks.{i}.*`), plus the `pos_embed` and

@@ -146,7 +146,8 @@ class SamplerConfig:
     return 2 * self.steps - 1 if self.name == "heun" else self.steps
 
 
-# The released DiffiT sampling settings [DiffiT Sec. 5.8, App. I.2; OFFICIAL_CHECKPOINT.md].
+# The released DiffiT sampling settings [DiffiT Sec. 5.8, App. I.2; docs/official_checkpoint.md,
+# "Diffusion and sampling as released"].
 OFFICIAL_256 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=4.4,
                              guidance_schedule="power_cosine", guidance_power=4.0,
                              guidance_channels=3)

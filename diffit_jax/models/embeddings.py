@@ -4,7 +4,8 @@ The timestep embedding is the `[cos, sin]` sinusoid of DiT/ADM followed by a Swi
 MLP (paper §3.2: "feeding positional time embeddings to a small MLP with swish"),
 the label table carries one extra row for the classifier-free-guidance null class,
 and the fixed 2-D sin-cos position embedding follows MAE (column first), exactly as
-the official latent release computes it (OFFICIAL_CHECKPOINT.md, forward steps 1-3).
+the official latent release computes it (docs/official_checkpoint.md, "Forward pass",
+steps 1-3).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ SD-VAE latent -> PatchEmbed + fixed 2-D sin-cos position embedding -> depth x
 DiffiTBlock(x, c) with global-window TMSA -> FinalLayer (LN -> SiLU -> Linear) ->
 unpatchify to eps (+ the learned-variance interpolation channels). The time token is
 c = t_emb + y_emb (labels enter only through TMSA; there is no AdaLN). Parameter
-names, tensor layouts and initialisation follow OFFICIAL_CHECKPOINT.md so that the
+names, tensor layouts and initialisation follow docs/official_checkpoint.md so that the
 converter is a transpose per tensor. XL/2 at 256 px has 561,035,232 parameters.
 
 The blocks are one stacked module (parameters carry a leading `depth` axis). Scanned

@@ -26,7 +26,7 @@ LN_EPS = 1e-6
 
 
 def relative_position_index(window_size: int) -> np.ndarray:
-  """Swin relative position index for a `w x w` window (OFFICIAL_CHECKPOINT.md, step 4).
+  """Swin relative position index for a `w x w` window (docs/official_checkpoint.md, step 4).
 
   For tokens m = (r1, c1), n = (r2, c2) in row-major order,
   index[m, n] = (r1 - r2 + w - 1) * (2w - 1) + (c1 - c2 + w - 1).
