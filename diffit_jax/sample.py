@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from diffit_jax import checkpoint, models, train
+from diffit_jax import checkpoint, cli, models, train
 from diffit_jax.diffusion import samplers
 from diffit_jax.sharding import to_host
 from diffit_jax.utils import image_grid, save_png, to_uint8
@@ -295,6 +295,8 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   sampler = samplers.make_sampler(scfg, apply_fn, models.input_shape(config.model)[1:], mesh=mesh)
 
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
   decode, vae_digest = make_decoder(config, vae or config.get("vae"), replicated)
   params, step = load_sampling_weights(workdir, checkpoint_path)
   state = restore_params(state, params, workdir or checkpoint_path, config.model.name, replicated)
@@ -389,9 +391,8 @@ def main(argv):
     run(config, workdir=FLAGS.workdir, checkpoint_path=FLAGS.checkpoint, vae=FLAGS.vae,
         out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)  # a user error: the message, not a traceback
-    sys.exit(2)
+  except (ValueError, OSError) as e:  # a bad flag or file, a missing checkpoint, a full disk
+    sys.exit(cli.report_user_error(e))
 
 
 if __name__ == "__main__":

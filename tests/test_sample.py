@@ -131,6 +131,10 @@ def test_cli_end_to_end(conditional_checkpoint, tmp_path):
       [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
        f"--out={tmp_path}", "--sampler=plms"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
+  (tmp_path / "a_file").write_text("")
+  not_a_folder = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path / 'a_file'}")
+  assert not_a_folder.returncode == 2 and "Traceback" not in not_a_folder.stderr
+  assert not_a_folder.stderr.splitlines()[-1].startswith("error: --out="), not_a_folder.stderr
 
 
 def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
