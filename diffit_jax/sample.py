@@ -8,10 +8,18 @@
         --num_samples=50000 --batch_size=256 --out=samples/in256
 
 Writes `OUT/samples_{N}x{H}x{W}x{C}.npz` with `arr_0` (N, H, W, C) uint8 and `arr_1` (N,)
-int labels (the layout OpenAI's ADM evaluator reads) and `OUT/grid.png`. Batches are kept
-in `OUT/parts/` as they finish, so an interrupted run continues where it stopped. The noise
-of sample i depends only on (seed, i) and its label on (seed, i) too, so the result does not
-depend on the batch size or the number of devices. On several hosts, run the same command
+int labels (the layout OpenAI's ADM evaluator reads) and `OUT/grid.png`. The noise of
+sample i depends only on (seed, i) and its label on (seed, i) too, so the result does not
+depend on the batch size or the number of devices.
+
+Batches are kept in `OUT/parts/` as they finish, so an interrupted run continues where it
+stopped. `OUT/parts/manifest.json` keys them to what drew them: the checkpoint step, a
+SHA-256 of the weights used (and of the VAE's), the model and sampler configs, labels, seed,
+num_samples and batch_size. A run whose key differs (say, training went on to a newer
+checkpoint) starts over: it says what differs and deletes the old parts (to keep those
+samples, pass another --out). On a resume every part is read back and checked (a zip
+archive of uint8 images of the right shape, this run's labels); a truncated, empty or
+wrong part is named and recomputed. On several hosts, run the same command
 on every host with `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set
 (or `--config.distributed.*`): the first process writes the files.
 
@@ -21,22 +29,26 @@ overridden by flags; `--config.sampler.X=...` overrides work as well.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from diffit_jax import checkpoint, models, train
+from diffit_jax import checkpoint, cli, models, train
 from diffit_jax.diffusion import samplers
 from diffit_jax.sharding import to_host
 from diffit_jax.utils import image_grid, save_png, to_uint8
@@ -114,11 +126,38 @@ def resolve_config(config, workdir, checkpoint_path) -> ml_collections.ConfigDic
   return ml_collections.ConfigDict(metadata["config"])
 
 
-def load_sampling_weights(workdir, checkpoint_path) -> dict:
-  """Parameters from a training workdir's newest EMA or a converted weights checkpoint."""
-  if workdir:
-    return checkpoint.load_ema_params(workdir)[0]
-  return checkpoint.load_weights(checkpoint_path)[0]
+def load_sampling_weights(workdir, checkpoint_path) -> tuple[dict, int | None]:
+  """(params, step): a training workdir's newest EMA and its step, or a converted weights
+  checkpoint's parameters and None."""
+  if not workdir:
+    return checkpoint.load_weights(checkpoint_path)[0], None
+  directory = os.path.join(os.path.abspath(workdir), checkpoint.TRAIN_CHECKPOINT_DIR)
+  step = None  # none yet: load_ema_params says what is missing
+  if os.path.isdir(directory):
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True))
+    try:
+      step = manager.latest_step()
+    finally:
+      manager.close()
+  # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
+  return checkpoint.load_ema_params(workdir, step)[0], step
+
+
+def weights_digest(tree) -> str:
+  """SHA-256 of every array's name, dtype, shape and bytes, on the host.
+
+  All bytes, no subsample: SHA-256 runs at 0.5-2 GB/s on one core, so 1-5 s for the 2.2 GB
+  of DiffiT-XL/2 in float32, small beside loading them.
+  """
+  digest = hashlib.sha256()
+  for name, leaf in sorted(_flat(tree).items()):
+    if isinstance(leaf, jax.Array) and leaf.is_fully_replicated:
+      leaf = leaf.addressable_data(0)  # the whole array, also on one of several hosts
+    x = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{name}:{x.dtype}:{x.shape};".encode())
+    digest.update(x.reshape(-1).view(np.uint8))  # (bytes,)
+  return digest.hexdigest()[:16]
 
 
 def draw_labels(how: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray | None:
@@ -141,11 +180,12 @@ def draw_labels(how: str, num_samples: int, num_classes: int, seed: int) -> np.n
 
 
 def make_decoder(config, vae_path: str | None, sharding):
-  """A jitted map from sampler output to uint8 NHWC images."""
+  """(decode, vae digest): a jitted map from sampler output to uint8 NHWC images, and the
+  `weights_digest` of the VAE it decodes latents with (None for image-space models)."""
   # The release stores uint8 by truncation of (x + 1) * 127.5; EDM rounds.
   rounding = config.diffusion.name == "edm"
   if config.model.name != "latent":
-    return jax.jit(lambda x: to_uint8(x, rounding=rounding))
+    return jax.jit(lambda x: to_uint8(x, rounding=rounding)), None
   if not vae_path:
     raise ValueError("latent samples need the SD VAE to become images: pass --vae=DIR (make "
                      "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --dst=DIR`) "
@@ -158,7 +198,70 @@ def make_decoder(config, vae_path: str | None, sharding):
   @jax.jit
   def decode(z):
     return to_uint8(nnx.merge(graphdef, state).decode(from_latent(z)), rounding=rounding)
-  return decode
+  return decode, (weights_digest(nnx.to_pure_dict(state))
+                  if jax.process_index() == 0 else None)
+
+
+MANIFEST = "manifest.json"
+
+
+def prepare_parts(parts_dir: str, key: dict) -> None:
+  """Keeps the parts in `parts_dir` only if `key` drew them; else deletes them, saying why.
+
+  Args:
+    parts_dir: the folder of finished batches (created if missing).
+    key: JSON-serialisable settings that fix the samples (see the module docstring);
+      written to `parts_dir/manifest.json`.
+  """
+  os.makedirs(parts_dir, exist_ok=True)
+  key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
+  path = os.path.join(parts_dir, MANIFEST)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except FileNotFoundError:
+    old = None
+  except (OSError, ValueError):
+    old = "unreadable"
+  if old == key:
+    return
+  parts = sorted(name for name in os.listdir(parts_dir) if name.endswith(".npz"))
+  if parts:
+    if isinstance(old, dict):
+      was, now = _flat(old), _flat(key)
+      why = [f"{k}: {was.get(k)} there, {now.get(k)} now"
+             for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+      why = "; ".join(why[:4]) + (f"; {len(why) - 4} more" if len(why) > 4 else "")
+    else:
+      why = f"{MANIFEST} is {old or 'missing'}"
+    print(f"[sample] {parts_dir} holds {len(parts)} batches drawn otherwise ({why}): "
+          "starting over (pass another --out to keep them)", flush=True)
+    for name in parts:
+      os.remove(os.path.join(parts_dir, name))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(key, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_part(path: str, image_shape: tuple[int, ...], labels: np.ndarray | None) -> str | None:
+  """Why the finished batch at `path` cannot be used, or None if it can.
+
+  Args:
+    path: a part written by `run`.
+    image_shape: (n, H, W, C) of its images.
+    labels: its n labels (None: an unconditional model).
+  """
+  try:
+    with np.load(path) as f:
+      images, got = f["images"], f["labels"]
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    return f"{type(e).__name__}: {e}"
+  if images.dtype != np.uint8 or images.shape != tuple(image_shape):
+    return f"images {images.dtype} {images.shape}, expected uint8 {tuple(image_shape)}"
+  if not np.array_equal(got, np.zeros(0) if labels is None else labels):
+    return "labels other than this run's"
+  return None
 
 
 def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_samples=64,
@@ -191,30 +294,44 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   scfg = train.sampler_config(config)
   sampler = samplers.make_sampler(scfg, apply_fn, models.input_shape(config.model)[1:], mesh=mesh)
 
-  decode = make_decoder(config, vae or config.get("vae"), replicated)
-  state = restore_params(state, load_sampling_weights(workdir, checkpoint_path),
-                         workdir or checkpoint_path, config.model.name, replicated)
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
+  decode, vae_digest = make_decoder(config, vae or config.get("vae"), replicated)
+  params, step = load_sampling_weights(workdir, checkpoint_path)
+  state = restore_params(state, params, workdir or checkpoint_path, config.model.name, replicated)
   parts_dir = os.path.join(out, "parts")
-  if chief:
-    os.makedirs(parts_dir, exist_ok=True)
-
-  # Batches already on disk (from an interrupted run with the same settings) are kept.
-  settings = repr((scfg, labels, seed, batch_size, os.path.abspath(workdir or checkpoint_path)))
-  tag = f"{scfg.name}{scfg.num_steps}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
   starts = range(0, num_samples, batch_size)
-  part_path = lambda start: os.path.join(
-      parts_dir, f"{tag}_{start:08d}_{min(start + batch_size, num_samples):08d}.npz")
+  stop_of = lambda start: min(start + batch_size, num_samples)
+  part_path = lambda start: os.path.join(parts_dir, f"{start:08d}_{stop_of(start):08d}.npz")
   # What is left to do is the chief's view of the folder, so that every process runs the
   # same batches (each is a collective computation).
-  todo = np.array([not os.path.exists(part_path(start)) for start in starts])
+  todo = np.ones(len(starts), bool)
+  if chief:
+    prepare_parts(parts_dir, {
+        "checkpoint_step": step, "weights_sha256": weights_digest(params),
+        "vae_sha256": vae_digest, "model": config.model.to_dict(),
+        "sampler": dataclasses.asdict(scfg), "labels": labels, "seed": seed,
+        "num_samples": num_samples, "batch_size": batch_size})
+    image_shape = jax.eval_shape(decode, jax.ShapeDtypeStruct(
+        models.input_shape(config.model), jnp.float32)).shape[1:]
+    for i, start in enumerate(starts):
+      if not os.path.exists(part_path(start)):
+        continue
+      why = check_part(part_path(start), (stop_of(start) - start, *image_shape),
+                       None if all_labels is None else all_labels[start:stop_of(start)])
+      todo[i] = why is not None
+      if why:
+        print(f"[sample] part {part_path(start)} is unreadable or incomplete ({why}): "
+              "recomputing it", flush=True)
+  del params  # the host copy; the network holds its own
   if jax.process_count() > 1:
     todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
   t0, done = time.time(), 0
   for i, start in enumerate(starts):
     if not todo[i]:
       continue
-    stop = min(start + batch_size, num_samples)
+    stop = stop_of(start)
     # Every call has the full batch size (one compilation); the tail is cut off after.
     indices = np.arange(start, start + batch_size)
     batch_labels = None if all_labels is None else np.resize(all_labels, indices.size + start)[start:]
@@ -274,9 +391,8 @@ def main(argv):
     run(config, workdir=FLAGS.workdir, checkpoint_path=FLAGS.checkpoint, vae=FLAGS.vae,
         out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)  # a user error: the message, not a traceback
-    sys.exit(2)
+  except (ValueError, OSError) as e:  # a bad flag or file, a missing checkpoint, a full disk
+    sys.exit(cli.report_user_error(e))
 
 
 if __name__ == "__main__":

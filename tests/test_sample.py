@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m diffit_jax.sample` on a tiny random-weight network."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +26,37 @@ def tiny_config(num_classes=10):
   return cfg
 
 
-def write_checkpoint(path, cfg, seed=0):
+def random_params(cfg, seed=0):
   model = models.build_model(cfg.model, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)  # random weights: a zero head would hide mistakes
-  params = jax.tree.map(lambda x: 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  checkpoint.save_weights(str(path), params, metadata={"kind": "diffit", "config": cfg.to_dict()})
+  return jax.tree.map(lambda x: 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def write_checkpoint(path, cfg, seed=0):
+  checkpoint.save_weights(str(path), random_params(cfg, seed),
+                          metadata={"kind": "diffit", "config": cfg.to_dict()})
   return str(path)
+
+
+def write_train_checkpoint(workdir, cfg, step, seed):
+  """A training checkpoint at `step` whose EMA weights are `random_params(cfg, seed)`."""
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), async_save=False)
+  ckpt.save(step, {"step": np.int32(step), "ema_params": random_params(cfg, seed)},
+            config=cfg.to_dict())
+  ckpt.close()
+
+
+def write_config_file(path, cfg):
+  """A `--config` file holding `cfg` (JSON inside a `get_config`)."""
+  path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict(json.loads({json.dumps(cfg.to_dict())!r}))\n")
+  return str(path)
+
+
+def run_cli(*flags):
+  return subprocess.run([sys.executable, "-m", "diffit_jax.sample", *flags], cwd=ROOT,
+                        capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +82,7 @@ def test_writes_exactly_num_samples_and_resumes(conditional_checkpoint, tmp_path
                      num_samples=7, batch_size=4, labels="cycle", seed=1)
   np.testing.assert_array_equal(load(other)[0], images)
   # An interrupted run keeps its finished batches: delete one part and the result, rerun.
-  parts = sorted(os.listdir(out / "parts"))
+  parts = sorted(p for p in os.listdir(out / "parts") if p.endswith(".npz"))
   assert len(parts) == 3
   os.remove(out / "parts" / parts[1])
   os.remove(path)
@@ -106,6 +131,10 @@ def test_cli_end_to_end(conditional_checkpoint, tmp_path):
       [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
        f"--out={tmp_path}", "--sampler=plms"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
+  (tmp_path / "a_file").write_text("")
+  not_a_folder = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path / 'a_file'}")
+  assert not_a_folder.returncode == 2 and "Traceback" not in not_a_folder.stderr
+  assert not_a_folder.stderr.splitlines()[-1].startswith("error: --out="), not_a_folder.stderr
 
 
 def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
@@ -141,7 +170,8 @@ def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
   # may differ by one step where a value sits on a rounding boundary.
   diff = np.abs(images.astype(int) - want_images.astype(int))
   assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
-  assert len(os.listdir(out / "parts")) == 2
+  assert sorted(os.listdir(out / "parts")) == [
+      "00000000_00000006.npz", "00000006_00000007.npz", "manifest.json"]
 
 
 def test_latent_model_decodes_through_the_vae(tmp_path):
@@ -162,3 +192,55 @@ def test_latent_model_decodes_through_the_vae(tmp_path):
   images, labels = load(path)
   assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8  # 8x8 latents, VAE x2
   assert labels.min() >= 0 and labels.max() < 5
+
+
+def test_parts_of_older_weights_are_not_reused(tmp_path):
+  """Training went on from step 20 to 30: the same command must draw from the step-30
+  weights, not join the step-20 batches it finds in OUT/parts."""
+  cfg = tiny_config()
+  workdir, out = tmp_path / "run", tmp_path / "eval"
+  write_train_checkpoint(workdir, cfg, step=20, seed=0)
+  flags = [f"--config={write_config_file(tmp_path / 'tiny.py', cfg)}", f"--workdir={workdir}",
+           f"--out={out}", "--num_samples=3", "--batch_size=2", "--labels=cycle"]
+  first = run_cli(*flags)
+  assert first.returncode == 0, first.stderr
+  step20, _ = load(out / "samples_3x16x16x1.npz")
+  write_train_checkpoint(workdir, cfg, step=30, seed=1)
+  second = run_cli(*flags)
+  assert second.returncode == 0, second.stderr
+  step30, _ = load(out / "samples_3x16x16x1.npz")
+  assert not np.array_equal(step30, step20)
+  want = sample.run(cfg, workdir=str(workdir), out=str(tmp_path / "fresh"), num_samples=3,
+                    batch_size=2, labels="cycle")
+  np.testing.assert_array_equal(step30, load(want)[0])
+  assert "starting over" in second.stdout, second.stdout
+  assert "checkpoint_step: 20 there, 30 now" in second.stdout and "weights_sha256" in second.stdout
+
+
+def test_damaged_parts_are_recomputed(conditional_checkpoint, tmp_path):
+  """A resume after a kill finds a truncated, an empty and a wrong-sized part: each is
+  named, recomputed, and the result is bitwise a clean run's."""
+  clean = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "clean"),
+                     num_samples=7, batch_size=2, labels="cycle", seed=1)
+  out = tmp_path / "resumed"
+  flags = [f"--checkpoint={conditional_checkpoint}", f"--out={out}", "--num_samples=7",
+           "--batch_size=2", "--labels=cycle", "--seed=1"]
+  assert run_cli(*flags).returncode == 0
+  os.remove(out / "samples_7x16x16x1.npz")  # as if killed before joining the parts
+  parts = sorted(p for p in os.listdir(out / "parts") if p.endswith(".npz"))
+  assert len(parts) == 4
+  with open(out / "parts" / parts[1], "r+b") as f:
+    f.truncate(os.path.getsize(out / "parts" / parts[1]) // 2)
+  open(out / "parts" / parts[2], "wb").close()
+  np.savez(out / "parts" / parts[3], images=np.zeros((5, 16, 16, 1), np.uint8),
+           labels=np.zeros(5, np.int32))
+  mtime = os.path.getmtime(out / "parts" / parts[0])
+  resumed = run_cli(*flags)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "Traceback" not in resumed.stderr
+  for bad in parts[1:]:
+    assert f"{bad} is unreadable or incomplete" in resumed.stdout, resumed.stdout
+  assert resumed.stdout.count("recomputing") == 3
+  assert os.path.getmtime(out / "parts" / parts[0]) == mtime  # the good part is kept
+  for got, want in zip(load(out / "samples_7x16x16x1.npz"), load(clean)):
+    np.testing.assert_array_equal(got, want)
