@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffit_jax.models import cpu_kernels
+
 LN_EPS = 1e-6
 
 
@@ -77,101 +79,10 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-# Hand-written backward passes laid out for XLA:CPU. A gradient that contracts over the
-# rows of both operands (a weight gradient x^T g, or p^T g in attention) is a "transposed"
-# matrix product: XLA:CPU either copies the larger operand into a transposed layout or
-# runs a slower kernel. Transposing the smaller operand explicitly, behind an optimization
-# barrier so that XLA cannot fold the transpose back into the product, turns each one
-# into a plain row-major matmul. Together with the attention backward below this makes a
-# latent DiffiT training step 10-20% faster on CPU; the math is autodiff's.
-
-
-def materialized_transpose(x: jax.Array) -> jax.Array:
-  """`x` with its last two axes swapped, as an array of its own (not a layout hint)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x, w)  # (..., K) @ (K, N) -> (..., N)
-
-
-def _matmul_fwd(x, w):
-  return jnp.dot(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, g):
-  x, w = residuals
-  k, n = w.shape
-  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)  # (M, K), (M, N)
-  dx = jnp.dot(g, w.T)  # (..., K): contracts over N, a plain product
-  if k <= n:
-    dw = jnp.dot(materialized_transpose(x2), g2)  # (K, M) @ (M, N)
-  else:  # ((N, M) @ (M, K))^T; the barrier keeps XLA from folding the .T into the product
-    dw = jax.lax.optimization_barrier(jnp.dot(materialized_transpose(g2), x2)).T
-  return dx, dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                      **kwargs):
-  """`nnx.Linear`'s dot_general with the CPU-friendly weight gradient (`_matmul`).
-
-  Used for token-wise layers on CPU; anything else (other backends, a few rows such as
-  the time token's projections, other contractions, explicit precision or sharding) is
-  `jax.lax.dot_general` unchanged.
-  """
-  (lhs_contract, rhs_contract), batch_dims = dimension_numbers
-  rows = lhs.size // max(lhs.shape[-1], 1)
-  if (jax.default_backend() == "cpu" and rhs.ndim == 2 and lhs_contract == (lhs.ndim - 1,)
-      and rhs_contract == (0,) and batch_dims == ((), ()) and rows > 64 and precision is None
-      and preferred_element_type is None and kwargs.get("out_sharding") is None
-      and lhs.dtype == rhs.dtype):
-    return _matmul(lhs, rhs)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type, **kwargs)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                     scale: float) -> jax.Array:
-  """softmax(q k^T * scale + bias) v over heads-major (N, heads, T, hd) operands.
-
-  `bias` is (1, heads, T, T), shared by all N windows. The logits and softmax are float32
-  even under bfloat16 compute; the probabilities meet v in the compute dtype. The backward
-  is autodiff's, with the two products that contract over queries (p^T g and ds^T q) run
-  on materialised transposes and the bias gradient summed over windows with a
-  matrix-vector product (XLA:CPU's reduce kernel for that sum is several times slower).
-  """
-  return _einsum_attention_fwd(q, k, v, bias, scale)[0]
-
-
-def _einsum_attention_fwd(q, k, v, bias, scale):
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits * scale + bias, axis=-1)  # (N, heads, T, T) float32
-  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v), (q, k, v, probs)
-
-
-def _einsum_attention_bwd(scale, residuals, g):
-  q, k, v, probs = residuals
-  dv = jnp.einsum("bhkq,bhqd->bhkd", materialized_transpose(probs.astype(v.dtype)), g)
-  dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=jnp.float32)
-  dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))  # softmax VJP
-  dbias = jnp.tensordot(jnp.ones((dlogits.shape[0],), dlogits.dtype), dlogits, axes=1)[None]
-  dlogits = (dlogits * scale).astype(q.dtype)
-  dq = jnp.einsum("bhqk,bhkd->bhqd", dlogits, k)
-  dk = jnp.einsum("bhkq,bhqd->bhkd", materialized_transpose(dlogits), q)
-  return dq, dk, dv, dbias
-
-
-einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
-
-
 # How Eq. 6 is computed (`config.model.attention`); every choice is the same math.
-#   "einsum"  `einsum_attention`: two heads-major einsums, float32 logits and softmax, and a
-#             backward laid out for XLA:CPU. With heads-major operands both products are
+#   "einsum"  `cpu_kernels.einsum_attention`: two heads-major einsums, float32 logits and
+#             softmax, and a backward laid out for XLA:CPU; the Linear layers then use
+#             `cpu_kernels.dense_dot_general` too. With heads-major operands both products are
 #             plain batched matmuls; in jax.nn.dot_product_attention's (B, T, heads, hd)
 #             layout XLA:CPU runs them several times slower and a latent training step
 #             9-12% slower.
@@ -223,7 +134,7 @@ def attention(qkv: jax.Array, bias: jax.Array, implementation: str) -> jax.Array
   head_dim = qkv.shape[-1]
   if implementation == "einsum":
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, T, hd)
-    out = einsum_attention(q, k, v, bias[None], head_dim ** -0.5)  # (N, heads, T, hd)
+    out = cpu_kernels.einsum_attention(q, k, v, bias[None], head_dim ** -0.5)  # (N, heads, T, hd)
     return out.transpose(0, 2, 1, 3)  # (N, T, heads, hd)
   q, k, v = (qkv[:, :, i] for i in range(3))  # each (N, T, heads, hd)
   bias = bias[None]  # (1, heads, T, T): broadcast over windows
@@ -232,10 +143,12 @@ def attention(qkv: jax.Array, bias: jax.Array, implementation: str) -> jax.Array
   return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
-def _linear(in_features, out_features, *, dtype, rngs):
-  # Official init for every Linear: xavier-uniform weight, zero bias.
+def _linear(in_features, out_features, *, attention: str, dtype, rngs):
+  # Official init for every Linear: xavier-uniform weight, zero bias. With the XLA:CPU
+  # attention ("einsum") the weight gradients are laid out for XLA:CPU too.
+  dot_general = cpu_kernels.dense_dot_general if attention == "einsum" else jax.lax.dot_general
   return nnx.Linear(in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(),
-                    bias_init=nnx.initializers.zeros, dot_general=dense_dot_general, dtype=dtype,
+                    bias_init=nnx.initializers.zeros, dot_general=dot_general, dtype=dtype,
                     rngs=rngs)
 
 
@@ -254,9 +167,10 @@ class TMSA(nnx.Module):
     self.num_heads = num_heads
     self.window_size = window_size
     self.attention = resolve_attention(attention, dtype)
-    self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
-    self.qkv_temb = _linear(time_dim, 3 * dim, dtype=dtype, rngs=rngs)
-    self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
+    linear = partial(_linear, attention=self.attention, dtype=dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim)
+    self.qkv_temb = linear(time_dim, 3 * dim)
+    self.proj = linear(dim, dim)
     # Official init: trunc_normal(std=0.02).
     self.relative_position_bias_table = nnx.Param(nnx.initializers.truncated_normal(0.02)(
         rngs.params(), ((2 * window_size - 1) ** 2, num_heads), jnp.float32))
@@ -287,9 +201,11 @@ class Mlp(nnx.Module):
   """Linear -> GELU(tanh) -> Linear (timm `Mlp`, names `fc1`/`fc2` as in the release)."""
 
   def __init__(self, dim: int, hidden_dim: int, *, dropout_rate: float = 0.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = _linear(dim, hidden_dim, dtype=dtype, rngs=rngs)
-    self.fc2 = _linear(hidden_dim, dim, dtype=dtype, rngs=rngs)
+               attention: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+    linear = partial(_linear, attention=resolve_attention(attention, dtype), dtype=dtype,
+                     rngs=rngs)
+    self.fc1 = linear(dim, hidden_dim)
+    self.fc2 = linear(hidden_dim, dim)
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -309,7 +225,8 @@ class DiffiTBlock(nnx.Module):
     self.attn = TMSA(dim, num_heads, time_dim=time_dim, window_size=window_size,
                      attention=attention, dtype=dtype, rngs=rngs)
     self.norm2 = norm()
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout_rate=dropout_rate, attention=attention,
+                   dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Args: x: (B, H, W, C) token grid; c: (B, Dt) time token; rng: dropout key or None."""
