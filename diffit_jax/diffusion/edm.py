@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffit_jax.diffusion.gaussian import mean_flat
+from diffit_jax.diffusion.gaussian import mean_flat, per_example
 
 # net_fn(x_in (B,H,W,C), c_noise (B,) float, y (B,) int or None) -> F (B,H,W,C).
 NetFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -29,12 +29,6 @@ P_STD = 1.2
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0
-
-
-def _per_example(sigma: jax.Array, x: jax.Array) -> jax.Array:
-  """Scalar sigma stays scalar; (B,) sigma becomes (B, 1, 1, 1) to broadcast over x."""
-  sigma = jnp.asarray(sigma, jnp.float32)
-  return sigma if sigma.ndim == 0 else sigma.reshape(sigma.shape + (1,) * (x.ndim - 1))
 
 
 def edm_precond(sigma: jax.Array, sigma_data: float = SIGMA_DATA
@@ -74,8 +68,8 @@ def edm_denoise(net_fn: NetFn, x: jax.Array, sigma: jax.Array, y: Any, *,
   """
   c_skip, c_out, c_in, c_noise = edm_precond(sigma, sigma_data)
   c_noise = jnp.broadcast_to(c_noise, x.shape[:1])  # the network takes one value per example
-  f = net_fn(_per_example(c_in, x) * x, c_noise, y).astype(jnp.float32)
-  return _per_example(c_skip, x) * x + _per_example(c_out, x) * f
+  f = net_fn(per_example(c_in, x) * x, c_noise, y).astype(jnp.float32)
+  return per_example(c_skip, x) * x + per_example(c_out, x) * f
 
 
 def sample_training_sigmas(rng: jax.Array, batch_size: int, p_mean: float = P_MEAN,
@@ -119,7 +113,7 @@ def edm_loss(net_fn: NetFn, x0: jax.Array, y: Any, rng: jax.Array, *,
   if noise is None:
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
   # 2. Noise the data: x = x_0 + sigma n.
-  x = x0 + _per_example(sigma, x0) * noise
+  x = x0 + per_example(sigma, x0) * noise
   # 3. Denoise with the preconditioned network [EDM Eq. 7].
   denoised = edm_denoise(net_fn, x, sigma, y, sigma_data=sigma_data)
   # 4. Weight the squared error by lambda(sigma) [EDM Eq. 8].

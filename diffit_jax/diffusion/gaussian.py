@@ -162,15 +162,25 @@ def schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = Non
   )
 
 
+def per_example(values: jax.Array, x: jax.Array) -> jax.Array:
+  """Per-example values broadcastable against x: (B,) -> (B, 1, ..., 1); others unchanged.
+
+  The one place the samplers, losses and guidance turn a batch of scalars (timesteps'
+  coefficients, sigmas, guidance weights, noise masks) into something that multiplies
+  a (B, H, W, C) batch.
+  """
+  values = jnp.asarray(values)
+  if values.ndim != 1:
+    return values  # a scalar, or already broadcastable
+  return values.reshape(values.shape + (1,) * (x.ndim - 1))  # (B,) -> (B, 1, 1, 1)
+
+
 def extract(arr: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
   """arr[t] broadcastable against x: a scalar for scalar t, (B, 1, ..., 1) for (B,) t.
 
   ADM's `_extract_into_tensor`.
   """
-  values = arr[t]
-  if values.ndim == 0:
-    return values
-  return values.reshape(values.shape + (1,) * (x.ndim - 1))  # (B,) -> (B, 1, 1, 1)
+  return per_example(arr[t], x)
 
 
 def mean_flat(x: jax.Array) -> jax.Array:

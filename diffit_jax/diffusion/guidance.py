@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffit_jax.diffusion.gaussian import per_example
+
 GUIDANCE_SCHEDULES = ("constant", "power_cosine")
 
 
@@ -112,9 +114,7 @@ def combine_cfg(cond: jax.Array, uncond: jax.Array, w: jax.Array, channels: int 
   Returns:
     (B, H, W, K) guided output.
   """
-  w = jnp.asarray(w, cond.dtype)
-  if w.ndim == 1:
-    w = w.reshape(w.shape + (1,) * (cond.ndim - 1))  # (B,) -> (B, 1, 1, 1)
+  w = per_example(jnp.asarray(w, cond.dtype), cond)  # (B,) -> (B, 1, 1, 1)
   k = cond.shape[-1] if channels is None else channels
   guided = uncond[..., :k] + w * (cond[..., :k] - uncond[..., :k])
   return jnp.concatenate([guided, cond[..., k:]], axis=-1)

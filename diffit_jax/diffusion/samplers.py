@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffit_jax.diffusion import edm as edm_lib
 from diffit_jax.diffusion.gaussian import (GaussianSchedule, extract, get_named_beta_schedule,
-                                           p_mean_variance, predict_eps_from_x0)
+                                           p_mean_variance, per_example, predict_eps_from_x0)
 from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
 from diffit_jax.diffusion.respace import create_schedule, space_timesteps
 
@@ -236,8 +236,7 @@ def ddpm_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array,
 
 def _nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
   """1 where t > 0 else 0 (no noise is added on the last step), broadcastable to x."""
-  mask = (jnp.asarray(t) > 0).astype(x.dtype)
-  return mask if mask.ndim == 0 else mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  return per_example((jnp.asarray(t) > 0).astype(x.dtype), x)
 
 
 def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
