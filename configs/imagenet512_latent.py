@@ -13,6 +13,8 @@ significant improvements" at 512).
 
 from diffit_jax.config_lib import load_config
 
+ARGS = ("runlocal",)  # the `:arg` variants: a laptop-sized run
+
 
 def get_config(arg=None):
   config = load_config("imagenet256_latent.py", relative_to=__file__)
