@@ -220,12 +220,14 @@ def field_paths(config: Any, prefix: str = "config") -> dict[str, bool]:
   return paths
 
 
-def unknown_field(path: str, declared: list[str], where: str = "") -> ConfigError:
+def unknown_field(path: str, declared: list[str], model: str) -> ConfigError:
   """The error for a field not in `declared`, naming the closest one (a sibling first)."""
-  parent = path.rpartition(".")[0]
-  siblings = [p for p in declared if p.rpartition(".")[0] == parent]
-  close = (difflib.get_close_matches(path, siblings, n=1) or
-           difflib.get_close_matches(path, declared, n=1))
+  parent, _, key = path.rpartition(".")
+  siblings = {p.rpartition(".")[2]: p for p in declared if p.rpartition(".")[0] == parent}
+  elsewhere = {p.rpartition(".")[2]: p for p in reversed(declared)}  # a misplaced field
+  close = [names[k] for names in (siblings, elsewhere)
+           for k in difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)]
+  where = f" of the {model!r} model" if parent == "config.model" else ""
   hint = f"; did you mean {close[0]}?" if close else f"; the fields there are {sorted(siblings)}."
   return ConfigError(f"{path} is not a field{where}{hint}")
 
@@ -246,8 +248,7 @@ def check_config(config: Any) -> None:
     parent = path.rpartition(".")[0]
     if parent in have and parent not in want:
       continue  # reported for the parent
-    where = f" of the {model!r} model" if parent == "config.model" else ""
-    raise unknown_field(path, list(want), where)
+    raise unknown_field(path, list(want), model)
   missing = [p for p in want if p not in have]
   if missing:
     raise ConfigError(f"{missing[0]} is missing: a config starts from "
@@ -320,7 +321,7 @@ class _ConfigFileParser(ConfigFileFlagParser):
     fields = field_paths(config)
     for field in _overridden_paths(self.name, sys.argv):
       if field not in fields:
-        raise unknown_field(field, list(fields))
+        raise unknown_field(field, list(fields), config.model.name)
     if self._lock_config:
       config.lock()
     return config
