@@ -14,6 +14,8 @@ one, documented there.
 
 from diffit_jax.config_lib import load_config
 
+ARGS = ("runlocal",)  # the `:arg` variants: a laptop-sized run
+
 
 def get_config(arg=None):
   config = load_config("cifar10.py", relative_to=__file__)

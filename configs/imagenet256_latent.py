@@ -1,6 +1,6 @@
 """Latent DiffiT-XL/2 on ImageNet-256 SD-VAE latents (paper Table 1: FID 1.73, IS 276.49).
 
-Encode:  python -m diffit_jax.encode --config=configs/imagenet256_latent.py --vae=VAE_DIR --dst=data/in256_latents
+Encode:  python -m diffit_jax.encode --vae=VAE_DIR --data=tfds:imagenet2012 --image_size=256 --dst=data/in256_latents
 Train:   python -m diffit_jax.main --config=configs/imagenet256_latent.py --workdir=runs/in256
 Summary: python -m diffit_jax.main --config=configs/imagenet256_latent.py --dry_run
 Sample:  python -m diffit_jax.sample --config=configs/imagenet256_latent.py --workdir=runs/in256
@@ -26,60 +26,39 @@ memory (340 img/s in 12.2 GiB): the way to larger per-device batches.
 How much memory a run needs per device: `--dry_run` (see the README, "Will it fit").
 """
 
-import ml_collections
+from diffit_jax import config_lib
+
+ARGS = ("runlocal",)  # the `:arg` variants: a laptop-sized run
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
-  config.model = ml_collections.ConfigDict(dict(
-      name="latent", variant="XL/2", input_size=32, in_channels=4, num_classes=1000,
-      learn_sigma=True, window_size=0, mlp_ratio=4.0, remat=False, remat_policy="nothing",
-      scan_blocks=False, scan_unroll=1, attention="auto", dtype="float32"))
-
-  config.diffusion = ml_collections.ConfigDict(dict(
-      name="adm", num_timesteps=1000, beta_schedule="linear", prediction="eps",
-      learn_sigma=True, class_dropout_prob=0.1))
-
-  config.data = ml_collections.ConfigDict(dict(
-      name="latents:data/in256_latents", image_size=256, channels=4, random_flip=True,
-      data_dir="", num_workers=4))
+  config = config_lib.base_config("latent")
+  config.model.update(variant="XL/2", input_size=32, in_channels=4, num_classes=1000,
+                      learn_sigma=True, window_size=0, mlp_ratio=4.0, scan_blocks=False)
+  config.diffusion.update(name="adm", num_timesteps=1000, beta_schedule="linear",
+                          prediction="eps", learn_sigma=True, class_dropout_prob=0.1)
+  config.data.update(name="latents:data/in256_latents", image_size=256, channels=4,
+                     random_flip=True, num_workers=4)
   config.vae = ""  # a converted SD VAE (python -m diffit_jax.convert vae), for decoding
 
   config.batch_size = 256
   config.num_train_steps = 1_000_000
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      warmup_steps=0, grad_clip_norm=0.0))
-  config.ema = ml_collections.ConfigDict(dict(decay=0.9999, halflife_kimg=0.0, rampup_ratio=0.0))
+  config.optimizer.update(name="adamw", learning_rate=3e-4, weight_decay=0.0, warmup_steps=0,
+                          grad_clip_norm=0.0)
+  config.ema.update(decay=0.9999)
 
-  config.sampler = ml_collections.ConfigDict(dict(
-      name="ddpm", num_steps=250, eta=0.0, clip_denoised=False,
-      guidance=ml_collections.ConfigDict(dict(
-          scale=4.4, schedule="power_cosine", power=4.0, channels=3))))
+  config.sampler.update(name="ddpm", num_steps=250, eta=0.0, clip_denoised=False)
+  config.sampler.guidance.update(scale=4.4, schedule="power_cosine", power=4.0, channels=3)
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 10_000
   config.sample_every_steps = 50_000
-  config.keep_checkpoints = 3
   # EMA sample grids (decoded with config.vae when set): one row per class, DiT's classes.
-  config.sample_grid = ml_collections.ConfigDict(dict(
-      classes=(88, 207, 279, 360, 387, 417, 974, 979), per_class=8, num_images=64, seed=0,
-      scale=1))
-  # Periodic FID needs a converted Inception (python -m diffit_jax.convert inception), the
-  # ADM reference batch and config.vae; 0 = off.
-  config.eval = ml_collections.ConfigDict(dict(
-      every_steps=0, num_samples=50_000, batch_size=256, inception="", reference=""))
-
-  # Parallelism: one ("data", "fsdp") mesh; data=-1 takes every device left. fsdp > 1
-  # shards parameters of >= fsdp_min_size elements (and their EMA and Adam moments).
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
-  config.step_impl = "jit"  # or "shard_map": data parallel with an explicit all-reduce
-  # Multi-process runs: a coordinator here or in JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
-  # JAX_PROCESS_ID); auto=True lets JAX detect TPU pods, SLURM, etc.
-  config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=-1, auto=False))
+  config.sample_grid.update(classes=(88, 207, 279, 360, 387, 417, 974, 979), per_class=8)
+  # Periodic FID (config.eval) needs a converted Inception (python -m diffit_jax.convert
+  # inception), the ADM reference batch and config.vae.
+  # Parallelism (config.mesh, config.step_impl, config.distributed): the schema's defaults,
+  # data parallel over every device; see diffit_jax/config_lib.py.
 
   if arg == "runlocal":
     config.model.update(variant="S/2", input_size=8)

@@ -21,6 +21,8 @@ Differs from configs/cifar10.py in size, data, the class labels and schedule.
 
 from diffit_jax.config_lib import load_config
 
+ARGS = ("runlocal",)  # the `:arg` variants: a laptop-sized run
+
 
 def get_config(arg=None):
   config = load_config("cifar10.py", relative_to=__file__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 USER_ERROR_STATUS = 2  # argparse's status for bad arguments, used for every user error.
 
@@ -25,3 +25,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message: str) -> NoReturn:
     self.exit(report_user_error(f"{self.prog}: {message} (see `{self.prog} --help`)"))
+
+
+def parse_absl_flags(argv: Sequence[str]) -> list[str]:
+  """`app.run(main, flags_parser=cli.parse_absl_flags)`: absl flags whose errors are one line.
+
+  An unknown or malformed flag, a missing required one, or a `--config` that its parser
+  refuses (see `config_lib.DEFINE_config_file`) ends the command with `error: ...` and
+  exit status 2, where absl would print its usage text and exit with 1.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from diffit_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
+
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, FileNotFoundError) as e:
+    cause = e.__context__  # absl wraps a parser's error in "flag --config=...: "
+    sys.exit(report_user_error(cause if isinstance(cause, ConfigError) else e))

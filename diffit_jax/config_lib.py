@@ -1,35 +1,335 @@
-"""Loading the python-file configs in `configs/` (each defines `get_config(arg=None)`).
+"""The config schema (every field a run reads, with its default) and loading `configs/*.py`.
+
+`base_config(model)` returns a ConfigDict holding every field once, with its default and
+a comment: each config in `configs/` starts from it and overrides what differs, so every
+declared field exists in every config and `--config.a.b=v` can override any of them.
+`check_config` refuses a field the schema does not declare (naming the closest one) or
+one that is missing; the code reads fields as plain attributes, so defaults live here only.
+
+`config.model` has one sub-schema per network (`MODEL_SCHEMAS`, chosen by
+`config.model.name`): its fields are the network's constructor arguments, and the two
+networks share few of them. The other groups are the union over the formulations, each
+field commented with what uses it: they are read by name (never passed on whole), and
+switching, say, the sampler on the command line then needs no other config file.
 
 `load_config("configs/ffhq64.py:runlocal")` imports the file and calls
-`get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does
-through `ml_collections.config_flags`. Configs use it to start from a base config.
+`get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does through
+`DEFINE_config_file`; a config file lists the `:arg` variants it accepts in `ARGS`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
+import sys
+from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+ConfigDict = ml_collections.ConfigDict
+placeholder = ml_collections.config_dict.placeholder
 
 
-def load_config(spec: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
-  """Loads `path[:arg]` and returns `get_config(arg)`.
+class ConfigError(ValueError):
+  """A config names a field the schema does not declare, or holds a value that cannot run."""
 
-  Args:
-    spec: a config file path, optionally followed by `:arg`.
-    relative_to: a file whose folder relative paths are resolved against (pass
-      `__file__` from inside a config to load a sibling).
+
+# ----------------------------------------------------------------------------------------
+# The schema.
+
+
+def image_model() -> ConfigDict:
+  """`config.model` of the image-space DiffiT (`models.ImageDiffiT`'s arguments)."""
+  return ConfigDict(dict(
+      name="image",
+      image_size=32,               # input side H = W, in pixels
+      in_channels=3,               # image channels in
+      out_channels=3,              # channels predicted
+      channels=(128, 256, 256),    # width of each stage (one stage per entry)
+      num_blocks=(2, 2, 2),        # DiffiT ResBlocks per stage
+      window_size=4,               # TMSA window side (capped at the stage's resolution)
+      time_dim=512,                # time token width
+      frequency_size=128,          # sinusoidal frequencies of the time embedding
+      head_dim=64,                 # attention heads = width / head_dim
+      num_groups=32,               # GroupNorm groups
+      mlp_ratio=4.0,               # transformer MLP hidden width / width
+      dropout_rate=0.0,            # dropout on the MLP's hidden layer
+      num_classes=0,               # 0: unconditional; else class-conditional (+1 null class)
+      attention="auto",            # "auto" | "xla" | "cudnn" (the attention kernel)
+      dtype="float32",             # compute dtype, "float32" | "bfloat16" (weights stay fp32)
+  ))
+
+
+def latent_model() -> ConfigDict:
+  """`config.model` of the latent DiffiT (`models.LatentDiffiT`'s arguments)."""
+  return ConfigDict(dict(
+      name="latent",
+      variant="XL/2",              # size table row "S|B|L|XL/patch", or "custom" (below)
+      input_size=32,               # latent side (image side / 8)
+      in_channels=4,               # latent channels
+      num_classes=1000,            # 0: unconditional; else class-conditional (+1 null class)
+      learn_sigma=True,            # also predict the variance (must match diffusion.learn_sigma)
+      window_size=0,               # TMSA window side in tokens; 0: the whole grid
+      mlp_ratio=4.0,               # transformer MLP hidden width / width
+      remat=False,                 # rematerialise each block in the backward pass
+      remat_policy="nothing",      # what a rematerialised block keeps (models.latent)
+      scan_blocks=False,           # run the blocks as one jax.lax.scan (faster compile)
+      scan_unroll=1,               # blocks per scan iteration
+      attention="auto",            # "auto" | "xla" | "cudnn" (the attention kernel)
+      dtype="float32",             # compute dtype, "float32" | "bfloat16" (weights stay fp32)
+      depth=placeholder(int),      # variant="custom" only: blocks
+      hidden_size=placeholder(int),  # variant="custom" only: token width
+      num_heads=placeholder(int),  # variant="custom" only: attention heads
+      patch_size=placeholder(int),  # variant="custom" only: patch side
+  ))
+
+
+MODEL_SCHEMAS = {"image": image_model, "latent": latent_model}
+
+
+def data_config() -> ConfigDict:
+  """`config.data`: what `diffit_jax.data.create_train_iterator` reads."""
+  return ConfigDict(dict(
+      name="mnist_demo",           # "mnist_demo" | "tfds:NAME" | "folder:DIR" | "latents:DIR"
+      split="train",               # tfds split
+      image_size=32,               # output side (center crop + resize); ignored for latents
+      channels=1,                  # 1 or 3; ignored for latents
+      random_flip=False,           # random horizontal flip (latents: the stored mirror)
+      shuffle=True,                # a fresh order of the records every epoch
+      data_dir="",                 # tfds data_dir ("": tfds' default)
+      manual_dir="",               # tfds manual_dir (imagenet2012)
+      num_workers=0,               # grain worker processes (0: in the training process)
+      worker_buffer_size=1,        # batches each worker prepares ahead
+  ))
+
+
+def mesh_config() -> ConfigDict:
+  """`config.mesh`: one ("data", "fsdp") mesh; -1 takes every device left."""
+  return ConfigDict(dict(
+      data=-1,                     # data-parallel axis size
+      fsdp=1,                      # > 1 shards large weights, EMA and Adam moments (ZeRO-3)
+      fsdp_min_size=2 ** 18,       # arrays this large or larger are sharded over "fsdp"
+  ))
+
+
+def base_config(model: str = "image") -> ConfigDict:
+  """Every field a run reads, with its default, for a `model` ("image" or "latent") network.
+
+  The configs in `configs/` start from this and override what differs.
   """
+  if model not in MODEL_SCHEMAS:
+    raise ConfigError(f"config.model.name={model!r}; use one of {tuple(MODEL_SCHEMAS)}.")
+  config = ConfigDict()
+  config.seed = 0                  # weights init, data order, noise
+  config.model = MODEL_SCHEMAS[model]()
+  config.diffusion = ConfigDict(dict(
+      name="edm",                  # "edm" (EDM's preconditioned loss) | "adm" (IDDPM's hybrid)
+      class_dropout_prob=0.0,      # label dropout for classifier-free guidance
+      sigma_data=0.5,              # edm only: data std
+      p_mean=-1.2,                 # edm only: training ln(sigma) ~ N(p_mean, p_std^2)
+      p_std=1.2,                   # edm only
+      num_timesteps=1000,          # adm only: diffusion steps
+      beta_schedule="linear",      # adm only: "linear" | "cosine"
+      prediction="eps",            # adm only: what the network predicts
+      learn_sigma=False,           # adm only: learned-range variance (hybrid loss)
+  ))
+  config.data = data_config()
+  config.vae = ""                  # latent models: a converted SD VAE, to decode sample grids
+  config.batch_size = 256          # global batch, split over every device
+  config.num_train_steps = 100_000
+  config.optimizer = ConfigDict(dict(
+      name="adam",                 # "adam" | "adamw"
+      learning_rate=1e-3,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,            # adamw only
+      warmup_steps=0,              # linear learning-rate warm-up (0: none)
+      grad_clip_norm=0.0,          # clip the global gradient norm (0: no clipping)
+  ))
+  config.ema = ConfigDict(dict(
+      decay=0.0,                   # constant EMA decay (e.g. 0.9999), or
+      halflife_kimg=0.0,           # EDM's half-life in thousands of images, and
+      rampup_ratio=0.0,            # its ramp-up (half-life <= ratio x images seen); 0: none
+  ))
+  config.sampler = ConfigDict(dict(
+      name="heun",                 # edm: "heun" | "euler" ...; adm: "ddpm" | "ddim"
+      num_steps=18,
+      sigma_min=0.002,             # edm only
+      sigma_max=80.0,              # edm only
+      rho=7.0,                     # edm only: time-step spacing exponent
+      churn=0.0,                   # edm only: stochasticity (S_churn)
+      eta=0.0,                     # adm only: DDIM's eta
+      clip_denoised=False,         # adm only: clip x0 to [-1, 1]
+      guidance=ConfigDict(dict(
+          scale=1.0,               # classifier-free guidance scale (1: none)
+          schedule="constant",     # "constant" | "power_cosine"
+          power=4.0,               # power_cosine only: its exponent
+          channels=0,              # guide only the first N channels (0: all)
+      )),
+  ))
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5_000  # 0: only at the end (and on SIGTERM)
+  config.sample_every_steps = 10_000     # EMA sample grids in WORKDIR/samples; 0: none
+  config.keep_checkpoints = 3            # newest checkpoints kept
+  config.sample_grid = ConfigDict(dict(
+      classes=(),                  # class-conditional: one row per class (): the first 10
+      per_class=8,                 # class-conditional: samples per row
+      num_images=64,               # unconditional: samples in the grid
+      seed=0,
+      scale=1,                     # draw each pixel scale x scale
+  ))
+  config.eval = ConfigDict(dict(
+      every_steps=0,               # periodic FID; 0: off
+      num_samples=50_000,
+      batch_size=256,
+      inception="",                # a converted Inception (python -m diffit_jax.convert inception)
+      reference="",                # reference statistics or images (python -m diffit_jax.evaluate)
+  ))
+  config.mesh = mesh_config()
+  config.step_impl = "jit"         # or "shard_map": data parallel with an explicit all-reduce
+  # Multi-process runs: a coordinator here or in JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID); auto=True lets JAX detect TPU pods, SLURM, etc.
+  config.distributed = ConfigDict(dict(
+      coordinator_address="",      # host:port of process 0
+      num_processes=0,             # 0: from the environment
+      process_id=-1,               # -1: from the environment
+      auto=False,
+  ))
+  return config
+
+
+# ----------------------------------------------------------------------------------------
+# Checking a config against the schema.
+
+
+def field_paths(config: Any, prefix: str = "config") -> dict[str, bool]:
+  """{dotted path: whether it is a group} of every field and group in `config`."""
+  paths = {}
+  for key in config.keys():
+    value, path = config[key], f"{prefix}.{key}"
+    group = isinstance(value, (ConfigDict, dict))
+    paths[path] = group
+    if group:
+      paths.update(field_paths(value, path))
+  return paths
+
+
+def unknown_field(path: str, declared: list[str], model: str) -> ConfigError:
+  """The error for a field not in `declared`, naming the closest one (a sibling first)."""
+  parent, _, key = path.rpartition(".")
+  siblings = {p.rpartition(".")[2]: p for p in declared if p.rpartition(".")[0] == parent}
+  elsewhere = {p.rpartition(".")[2]: p for p in reversed(declared)}  # a misplaced field
+  close = [names[k] for names in (siblings, elsewhere)
+           for k in difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)]
+  where = f" of the {model!r} model" if parent == "config.model" else ""
+  hint = f"; did you mean {close[0]}?" if close else f"; the fields there are {sorted(siblings)}."
+  return ConfigError(f"{path} is not a field{where}{hint}")
+
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError unless `config` has exactly the fields of `base_config(model)`.
+
+  An unknown field is named with the closest declared one, e.g. "config.optimizer.learnig_rate
+  is not a field; did you mean config.optimizer.learning_rate?".
+  """
+  model = config.model.name if "model" in config and "name" in config.model else "image"
+  have, want = field_paths(config), field_paths(base_config(model))
+  for path, group in have.items():
+    if path in want and want[path] == group:
+      continue
+    if path in want:
+      raise ConfigError(f"{path} must be {'a group of fields' if want[path] else 'a value'}.")
+    parent = path.rpartition(".")[0]
+    if parent in have and parent not in want:
+      continue  # reported for the parent
+    raise unknown_field(path, list(want), model)
+  missing = [p for p in want if p not in have]
+  if missing:
+    raise ConfigError(f"{missing[0]} is missing: a config starts from "
+                      "diffit_jax.config_lib.base_config(), which declares every field.")
+
+
+# ----------------------------------------------------------------------------------------
+# Loading config files.
+
+
+def _split(spec: str, relative_to: str | None) -> tuple[str, str | None]:
   path, _, arg = spec.partition(":")
   if relative_to is not None and not os.path.isabs(path):
     path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} does not exist; configs live in configs/*.py.")
+  return path, arg or None
+
+
+def _import(path: str):
   name = "_diffit_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} defines no get_config(arg=None).")
-  return module.get_config(arg or None)
+    raise ConfigError(f"{path} defines no get_config(arg=None).")
+  return module
+
+
+def config_args(path: str) -> tuple[str, ...]:
+  """The `:arg` variants the config file at `path` accepts (its `ARGS`)."""
+  return tuple(getattr(_import(_split(path, None)[0]), "ARGS", ()))
+
+
+def load_config(spec: str, relative_to: str | None = None) -> ConfigDict:
+  """Loads `path[:arg]`, returns `get_config(arg)` checked against the schema.
+
+  Args:
+    spec: a config file path, optionally followed by `:arg`, one of the file's `ARGS`.
+    relative_to: a file whose folder relative paths are resolved against (pass
+      `__file__` from inside a config to load a sibling).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConfigError: an `arg` the file does not list, or a field the schema does not declare.
+  """
+  path, arg = _split(spec, relative_to)
+  module = _import(path)
+  args = tuple(getattr(module, "ARGS", ()))
+  if arg is not None and arg not in args:
+    valid = (f"use one of {', '.join(f'{path}:{a}' for a in args)} or {path} alone" if args
+             else f"{path} takes none")
+    raise ConfigError(f"config {path} has no variant {arg!r}; {valid}.")
+  config = module.get_config(arg)
+  check_config(config)
+  return config
+
+
+def _overridden_paths(name: str, argv: list[str]) -> list[str]:
+  """The dotted fields of `--NAME.a.b=v` / `--[no]NAME.a.b` command-line overrides."""
+  pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+  return [f"config.{m.group(1)}" for m in map(pattern.match, argv) if m]
+
+
+class _ConfigFileParser(ConfigFileFlagParser):
+  """`load_config` for `--config=path[:arg]`; also checks the overrides' field names."""
+
+  def parse(self, path):
+    config = load_config(path)
+    fields = field_paths(config)
+    for field in _overridden_paths(self.name, sys.argv):
+      if field not in fields:
+        raise unknown_field(field, list(fields), config.model.name)
+    if self._lock_config:
+      config.lock()
+    return config
+
+
+def DEFINE_config_file(name: str, help_string: str) -> flags.FlagHolder:  # pylint: disable=invalid-name
+  """A required `--NAME=configs/X.py[:arg]` flag read by `load_config`, `--NAME.a.b=v` overrides."""
+  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+  flags.FLAGS[name].parser = _ConfigFileParser(name, lock_config=True)
+  flags.mark_flag_as_required(name)
+  return holder

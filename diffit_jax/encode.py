@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffit_jax import cli
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import pipeline, transforms
 
@@ -110,7 +111,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   missing = [name for name in ("vae", "data", "dst") if not getattr(FLAGS, name)]
   if missing:
-    raise app.UsageError(f"--{', --'.join(missing)} required.")
+    sys.exit(cli.report_user_error(f"--{', --'.join(missing)} required."))
   data_config = pipeline.get_default_data_config()
   data_config.update(name=FLAGS.data, image_size=FLAGS.image_size, channels=3, split=FLAGS.split,
                      data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
@@ -118,12 +119,11 @@ def main(argv):
     n = encode_dataset(data_config, FLAGS.vae, FLAGS.dst, batch_size=FLAGS.batch_size,
                        dtype=FLAGS.dtype, limit=FLAGS.limit)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback
   print(f"[encode] wrote {n} records to {FLAGS.dst}; train with "
         f"--config.data.name=latents:{FLAGS.dst}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_absl_flags)

@@ -7,12 +7,15 @@ the config's mesh and batch size, from XLA's memory plan of the step compiled fo
 devices present or, with `--dry_run_devices=N`, for N virtual CPU devices. Then it exits.
 """
 
+import sys
+
 from absl import app, flags
-from ml_collections import config_flags
+
+from diffit_jax import cli, config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
-                                lock_config=True)
+config_lib.DEFINE_config_file("config", "A config file in configs/, with its :arg variant "
+                              "if any (e.g. configs/cifar10.py:runlocal).")
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
 flags.DEFINE_bool("dry_run", False, "Print the model summary and the train step's "
                   "per-device memory, and exit.")
@@ -20,7 +23,6 @@ flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: estimate memory for 
                      "many virtual CPU devices (0: the devices present, on their own backend).")
 flags.DEFINE_bool("dry_run_memory", True, "With --dry_run: compile the train step to estimate "
                   "its memory (about a minute for XL/2 on a CPU).")
-flags.mark_flags_as_required(["config"])
 
 
 def model_summary(config) -> str:
@@ -61,19 +63,20 @@ def train_step_memory_summary(config, num_devices: int) -> str:
 
   devices = jax.devices()
   if num_devices > len(devices):
-    raise app.UsageError(f"--dry_run_devices={num_devices}, but JAX already runs on "
+    raise RuntimeError(f"--dry_run_devices={num_devices}, but JAX already runs on "
                          f"{len(devices)} devices; this is a bug.")
   devices = devices[:num_devices] if num_devices else devices
-  mesh = sharding.create_mesh(config.get("mesh"), devices)
+  mesh = sharding.create_mesh(config.mesh, devices)
   m = train.train_step_memory(config, mesh)
   gib = lambda x: f"{x / 2 ** 30:.3f} GiB"
+  remat = f", remat={config.model.remat}" if config.model.name == "latent" else ""
   kind = "virtual CPU" if FLAGS.dry_run_devices else devices[0].platform.upper()
   return "\n".join([
       f"train_step_memory_per_device: {gib(m['total'])} = state and batch "
       f"{gib(m['arguments'])} + XLA temporaries {gib(m['temporaries'])} + outputs not "
       f"donated {gib(m['outputs'] - m['aliased'])}",
       f"  for global batch {config.batch_size} over mesh {dict(mesh.shape)} of {mesh.size} "
-      f"{kind} devices ({devices[0].device_kind}), remat={config.model.get('remat', False)}",
+      f"{kind} devices ({devices[0].device_kind}){remat}",
       MEMORY_NOTE.format(cpu=CPU_VS_GPU),
   ])
 
@@ -81,20 +84,26 @@ def train_step_memory_summary(config, num_devices: int) -> str:
 def main(argv):
   del argv
   config = FLAGS.config
-  if FLAGS.dry_run:
-    if FLAGS.dry_run_devices:
-      import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
-      jax.config.update("jax_platforms", "cpu")
-      jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
-    print(model_summary(config))
-    if FLAGS.dry_run_memory:
-      print(train_step_memory_summary(config, FLAGS.dry_run_devices))
-    return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required for training (or pass --dry_run).")
+  if FLAGS.dry_run and FLAGS.dry_run_devices:
+    import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
   from diffit_jax import train
-  train.train_and_evaluate(config, FLAGS.workdir)
+  # User errors: the config (ConfigError, all checked before anything is written) and
+  # missing files. They end with one `error:` line; anything else keeps its traceback.
+  try:
+    train.validate_config(config)
+    if FLAGS.dry_run:
+      print(model_summary(config))
+      if FLAGS.dry_run_memory:
+        print(train_step_memory_summary(config, FLAGS.dry_run_devices))
+      return
+    if not FLAGS.workdir:
+      sys.exit(cli.report_user_error("--workdir is required for training (or pass --dry_run)."))
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    sys.exit(cli.report_user_error(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_absl_flags)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffit_jax.config_lib import ConfigError
+
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -29,11 +31,20 @@ def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
   EDM ramps the rate linearly over `lr_rampup_kimg` images; `warmup_steps` is that
   length in steps (10 Mimg / batch size in the image configs).
   """
-  lr = float(opt_config["learning_rate"])
-  warmup = int(opt_config.get("warmup_steps", 0))
+  lr = float(opt_config.learning_rate)
+  warmup = int(opt_config.warmup_steps)
   if warmup <= 0:
     return optax.constant_schedule(lr)
   return lambda count: lr * jnp.minimum((count + 1) / warmup, 1.0)
+
+
+def validate_optimizer_config(opt_config: Any) -> None:
+  """Raises a ConfigError for an unknown optimizer or weight decay without AdamW."""
+  if opt_config.name not in OPTIMIZERS:
+    raise ConfigError(f"config.optimizer.name={opt_config.name!r}; use one of {OPTIMIZERS}.")
+  if opt_config.name == "adam" and opt_config.weight_decay:
+    raise ConfigError(f"config.optimizer.weight_decay={opt_config.weight_decay} needs "
+                      "name='adamw' (Adam's L2 penalty is not decoupled weight decay).")
 
 
 def create_optimizer(opt_config: Any) -> optax.GradientTransformation:
@@ -43,30 +54,25 @@ def create_optimizer(opt_config: Any) -> optax.GradientTransformation:
     opt_config: `config.optimizer` with name ("adam" | "adamw"), learning_rate, b1, b2,
       eps, weight_decay (AdamW only), warmup_steps and grad_clip_norm (0: no clipping).
   """
-  name = opt_config.get("name", "adam")
-  if name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name={name!r}; use one of {OPTIMIZERS}.")
-  weight_decay = float(opt_config.get("weight_decay", 0.0))
-  if name == "adam" and weight_decay:
-    raise ValueError(f"config.optimizer.weight_decay={weight_decay} needs name='adamw' "
-                     "(Adam's L2 penalty is not decoupled weight decay).")
-  kwargs = dict(learning_rate=learning_rate_schedule(opt_config), b1=opt_config.get("b1", 0.9),
-                b2=opt_config.get("b2", 0.999), eps=opt_config.get("eps", 1e-8))
-  tx = (optax.adamw(weight_decay=weight_decay, **kwargs) if name == "adamw"
-        else optax.adam(**kwargs))
-  clip = float(opt_config.get("grad_clip_norm", 0.0))
+  validate_optimizer_config(opt_config)
+  kwargs = dict(learning_rate=learning_rate_schedule(opt_config), b1=opt_config.b1,
+                b2=opt_config.b2, eps=opt_config.eps)
+  tx = (optax.adamw(weight_decay=float(opt_config.weight_decay), **kwargs)
+        if opt_config.name == "adamw" else optax.adam(**kwargs))
+  clip = float(opt_config.grad_clip_norm)
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
 def validate_ema_config(ema_config: Any) -> None:
-  decay, halflife = float(ema_config.get("decay", 0.0)), float(ema_config.get("halflife_kimg", 0.0))
+  """Raises a ConfigError unless exactly one EMA form (or none) is set, with sane values."""
+  decay, halflife = float(ema_config.decay), float(ema_config.halflife_kimg)
   if not 0.0 <= decay < 1.0:
-    raise ValueError(f"config.ema.decay={decay} must be in [0, 1).")
+    raise ConfigError(f"config.ema.decay={decay} must be in [0, 1).")
   if decay > 0 and halflife > 0:
-    raise ValueError(f"config.ema sets both decay={decay} and halflife_kimg={halflife}; "
-                     "set the one you want and the other to 0.")
-  if halflife < 0 or float(ema_config.get("rampup_ratio", 0.0)) < 0:
-    raise ValueError("config.ema.halflife_kimg and rampup_ratio must be >= 0.")
+    raise ConfigError(f"config.ema sets both decay={decay} and halflife_kimg={halflife}; "
+                      "set the one you want and the other to 0.")
+  if halflife < 0 or float(ema_config.rampup_ratio) < 0:
+    raise ConfigError("config.ema.halflife_kimg and rampup_ratio must be >= 0.")
 
 
 def ema_decay(step: jax.Array | int, ema_config: Any, batch_size: int) -> jax.Array:
@@ -80,13 +86,13 @@ def ema_decay(step: jax.Array | int, ema_config: Any, batch_size: int) -> jax.Ar
   Returns:
     float32 scalar beta; ema <- p + beta (ema - p).
   """
-  decay = float(ema_config.get("decay", 0.0))
+  decay = float(ema_config.decay)
   if decay > 0:
     return jnp.float32(decay)
-  halflife_nimg = float(ema_config.get("halflife_kimg", 0.0)) * 1000.0
+  halflife_nimg = float(ema_config.halflife_kimg) * 1000.0
   if halflife_nimg <= 0:
     return jnp.float32(0.0)
-  ratio = float(ema_config.get("rampup_ratio", 0.0))
+  ratio = float(ema_config.rampup_ratio)
   halflife = jnp.float32(halflife_nimg)
   if ratio > 0:
     halflife = jnp.minimum(halflife, jnp.asarray(step, jnp.float32) * batch_size * ratio)

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffit_jax import config_lib
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -31,8 +33,8 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
 
 
 def get_default_mesh_config() -> ml_collections.ConfigDict:
-  """`config.mesh`: data parallel over every device (`data=-1` takes what is left)."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+  """`config.mesh`'s defaults: data parallel over every device (`data=-1` takes what is left)."""
+  return config_lib.mesh_config()
 
 
 def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
@@ -49,7 +51,7 @@ def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
   """
   mesh_config = mesh_config or get_default_mesh_config()
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [int(mesh_config.get(DATA_AXIS, -1)), int(mesh_config.get(FSDP_AXIS, 1))]
+  sizes = [int(mesh_config[DATA_AXIS]), int(mesh_config[FSDP_AXIS])]
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh sets both data and fsdp to -1 ({sizes}); fix one of them.")
   if -1 in sizes:
@@ -95,7 +97,7 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, mesh_config: Any = None) -> 
 
   Scalars and small arrays are replicated; large ones follow `param_spec`.
   """
-  min_size = int((mesh_config or get_default_mesh_config()).get("fsdp_min_size", 2 ** 18))
+  min_size = int((mesh_config or get_default_mesh_config())["fsdp_min_size"])
   return jax.tree.map(
       lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), mesh, min_size)), abstract_tree)
 

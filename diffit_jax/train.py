@@ -52,11 +52,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from diffit_jax import checkpoint as checkpoint_lib
+from diffit_jax import config_lib
 from diffit_jax import diffusion
 from diffit_jax import logging_utils
 from diffit_jax import models
 from diffit_jax import optim
 from diffit_jax import sharding as sharding_lib
+from diffit_jax.config_lib import ConfigError
 from diffit_jax.utils import to_uint8
 
 STEP_IMPLS = ("jit", "shard_map")
@@ -92,11 +94,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   """
   if jax.distributed.is_initialized():
     return
-  dist = config.get("distributed") or {}
-  address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
-  process_id = dist.get("process_id", -1)
-  if process_id is None or process_id < 0:
+  dist = config.distributed
+  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = dist.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+  process_id = dist.process_id
+  if process_id < 0:
     process_id = os.environ.get("JAX_PROCESS_ID")
   if address:
     if num_processes is None or process_id is None:
@@ -106,7 +108,7 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
           "JAX_PROCESS_ID.")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
                                process_id=int(process_id))
-  elif dist.get("auto", False):
+  elif dist.auto:
     jax.distributed.initialize()
   else:
     return
@@ -120,40 +122,58 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming a bad training setting and the fix."""
+  """Raises a ConfigError naming a bad training setting and the fix.
+
+  Checks the fields against the schema (`config_lib.check_config`), then every name and
+  value the run will use; nothing is built, read or written. `train_and_evaluate` runs it
+  with the checks that need the devices or the data, before it writes anything.
+  """
+  config_lib.check_config(config)
   name = config.diffusion.name
   if name not in ("edm", "adm"):
-    raise ValueError(f"config.diffusion.name={name!r}; use 'edm' (image space) or 'adm' (latent).")
-  impl = config.get("step_impl", "jit")
-  if impl not in STEP_IMPLS:
-    raise ValueError(f"config.step_impl={impl!r}; use one of {STEP_IMPLS}.")
-  p = float(config.diffusion.get("class_dropout_prob", 0.0))
+    raise ConfigError(f"config.diffusion.name={name!r}; use 'edm' (image space) or 'adm' "
+                      "(latent).")
+  if config.step_impl not in STEP_IMPLS:
+    raise ConfigError(f"config.step_impl={config.step_impl!r}; use one of {STEP_IMPLS}.")
+  p = float(config.diffusion.class_dropout_prob)
   if not 0.0 <= p < 1.0:
-    raise ValueError(f"config.diffusion.class_dropout_prob={p} must be in [0, 1).")
-  if p > 0 and not config.model.get("num_classes", 0):
-    raise ValueError("config.diffusion.class_dropout_prob > 0 needs a class-conditional model "
-                     "(config.model.num_classes > 0).")
-  if name == "adm" and bool(config.model.get("learn_sigma", False)) != bool(
-      config.diffusion.get("learn_sigma", False)):
-    raise ValueError("config.model.learn_sigma and config.diffusion.learn_sigma must agree (the "
-                     "learned-variance channels are what the hybrid loss trains).")
+    raise ConfigError(f"config.diffusion.class_dropout_prob={p} must be in [0, 1).")
+  if p > 0 and not config.model.num_classes:
+    raise ConfigError("config.diffusion.class_dropout_prob > 0 needs a class-conditional model "
+                      "(config.model.num_classes > 0).")
+  learn_sigma = config.model.name == "latent" and config.model.learn_sigma
+  if name == "adm" and bool(learn_sigma) != bool(config.diffusion.learn_sigma):
+    raise ConfigError("config.model.learn_sigma and config.diffusion.learn_sigma must agree (the "
+                      "learned-variance channels are what the hybrid loss trains).")
   for key in ("num_train_steps", "batch_size", "log_every_steps"):
-    if int(config.get(key, 0)) <= 0:
-      raise ValueError(f"config.{key}={config.get(key)} must be a positive integer.")
-  keep = config.get("keep_checkpoints", 3)
+    if int(config[key]) <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be a positive integer.")
+  keep = config.keep_checkpoints
   if keep is not None and int(keep) <= 0:
-    raise ValueError(f"config.keep_checkpoints={keep} would keep no checkpoint: the run could "
-                     "neither resume nor be sampled from. Set it to a positive number (e.g. 3).")
+    raise ConfigError(f"config.keep_checkpoints={keep} would keep no checkpoint: the run could "
+                      "neither resume nor be sampled from. Set it to a positive number (e.g. 3).")
   optim.validate_ema_config(config.ema)
+  optim.validate_optimizer_config(config.optimizer)
+  for group, check in (
+      ("model", lambda: models.model_kwargs(config.model)),
+      ("sampler", lambda: diffusion.samplers.validate(
+          sampler_config(config), models.input_shape(config.model)[1:]))):
+    try:
+      check()
+    except ValueError as e:
+      raise ConfigError(f"config.{group}: {e}") from e
+  if config.eval.every_steps and not (config.eval.inception and config.eval.reference):
+    raise ConfigError("config.eval.every_steps > 0 needs config.eval.inception and "
+                      "config.eval.reference (see python -m diffit_jax.evaluate), or set it to 0.")
 
 
 def _var_type(diffusion_config) -> str:
-  return "learned_range" if diffusion_config.get("learn_sigma", False) else "fixed_large"
+  return "learned_range" if diffusion_config.learn_sigma else "fixed_large"
 
 
 def _adm_schedule(diffusion_config) -> diffusion.GaussianSchedule:
-  return diffusion.create_schedule(diffusion_config.get("beta_schedule", "linear"),
-                                   int(diffusion_config.get("num_timesteps", 1000)))
+  return diffusion.create_schedule(diffusion_config.beta_schedule,
+                                   int(diffusion_config.num_timesteps))
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig:
@@ -162,22 +182,18 @@ def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig
   `config.sampler.guidance.channels = 0` guides every prediction channel.
   """
   s, dif = config.sampler, config.diffusion
-  g = s.get("guidance") or ml_collections.ConfigDict()
-  kwargs = dict(name=s.name, num_steps=int(s.num_steps),
-                guidance_scale=float(g.get("scale", 1.0)),
-                guidance_schedule=g.get("schedule", "constant"),
-                guidance_power=float(g.get("power", 4.0)),
-                guidance_channels=int(g.get("channels", 0)) or None,
-                num_classes=int(config.model.get("num_classes", 0)) or None)
+  g = s.guidance
+  kwargs = dict(name=s.name, num_steps=int(s.num_steps), guidance_scale=float(g.scale),
+                guidance_schedule=g.schedule, guidance_power=float(g.power),
+                guidance_channels=int(g.channels) or None,
+                num_classes=int(config.model.num_classes) or None)
   if dif.name == "edm":
-    kwargs.update(formulation="edm", sigma_min=float(s.get("sigma_min", 0.002)),
-                  sigma_max=float(s.get("sigma_max", 80.0)), rho=float(s.get("rho", 7.0)),
-                  s_churn=float(s.get("churn", 0.0)), sigma_data=float(dif.get("sigma_data", 0.5)))
+    kwargs.update(formulation="edm", sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max),
+                  rho=float(s.rho), s_churn=float(s.churn), sigma_data=float(dif.sigma_data))
   else:
-    kwargs.update(formulation="adm", beta_schedule=dif.get("beta_schedule", "linear"),
-                  diffusion_steps=int(dif.get("num_timesteps", 1000)),
-                  pred_type=dif.get("prediction", "eps"), var_type=_var_type(dif),
-                  eta=float(s.get("eta", 0.0)), clip_denoised=bool(s.get("clip_denoised", False)))
+    kwargs.update(formulation="adm", beta_schedule=dif.beta_schedule,
+                  diffusion_steps=int(dif.num_timesteps), pred_type=dif.prediction,
+                  var_type=_var_type(dif), eta=float(s.eta), clip_denoised=bool(s.clip_denoised))
   return diffusion.SamplerConfig(**kwargs)
 
 
@@ -216,7 +232,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, *,
     raise NotImplementedError("The trainer updates nnx.Param state only, but this network also "
                               f"holds {jax.tree.structure(rest)}.")
   abstract = jax.eval_shape(init)
-  shardings = sharding_lib.state_shardings(abstract, mesh, config.get("mesh"))
+  shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   state = None
@@ -246,12 +262,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any) -> Callable:
     if dif.name == "edm":
       per_example, aux = diffusion.edm_loss(
           net, x0, y, dropout_rng, sigma=level, noise=noise,
-          sigma_data=float(dif.get("sigma_data", 0.5)))
+          sigma_data=float(dif.sigma_data))
       metrics = {"mse": aux["mse"].mean()}
     else:
       per_example, aux = diffusion.adm_loss(
           _adm_schedule(dif), net, x0, y, dropout_rng, t=level, noise=noise,
-          pred_type=dif.get("prediction", "eps"), var_type=_var_type(dif))
+          pred_type=dif.prediction, var_type=_var_type(dif))
       metrics = {"mse": aux["mse"].mean(), "vb": aux["vb"].mean()}
     loss = per_example.mean()
     return loss, {"loss": loss, **metrics}
@@ -268,15 +284,15 @@ def draw_step_randomness(config: ml_collections.ConfigDict, rng: jax.Array,
   noise_rng, level_rng, label_rng = jax.random.split(rng, 3)
   noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, H, W, C)
   if dif.name == "edm":
-    level = diffusion.sample_training_sigmas(level_rng, b, float(dif.get("p_mean", -1.2)),
-                                             float(dif.get("p_std", 1.2)))  # (B,) sigma
+    level = diffusion.sample_training_sigmas(level_rng, b, float(dif.p_mean),
+                                             float(dif.p_std))  # (B,) sigma
   else:
-    level = diffusion.sample_timesteps(level_rng, b, int(dif.get("num_timesteps", 1000)))  # (B,)
-  num_classes = int(config.model.get("num_classes", 0))
+    level = diffusion.sample_timesteps(level_rng, b, int(dif.num_timesteps))  # (B,)
+  num_classes = int(config.model.num_classes)
   if not num_classes:
     return noise, level, None
   labels = batch["label"].astype(jnp.int32)  # (B,)
-  p = float(dif.get("class_dropout_prob", 0.0))
+  p = float(dif.class_dropout_prob)
   if p > 0:  # classifier-free guidance training: the null class is id num_classes
     labels = jnp.where(jax.random.bernoulli(label_rng, p, (b,)), num_classes, labels)
   return noise, level, labels
@@ -300,7 +316,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh: Mesh
   loss_fn = make_loss_fn(config, setup.graphdef)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   lr_schedule = optim.learning_rate_schedule(config.optimizer)
-  impl = config.get("step_impl", "jit")
+  impl = config.step_impl
   axes = sharding_lib.BATCH_AXES
 
   def local_grads(params, x0, y, noise, level, dropout_rng):
@@ -377,22 +393,22 @@ class SampleWriter:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: Any, mesh: Mesh, workdir: str):
-    grid = config.get("sample_grid") or ml_collections.ConfigDict()
-    num_classes = int(config.model.get("num_classes", 0))
+    grid = config.sample_grid
+    num_classes = int(config.model.num_classes)
     if num_classes:
-      classes = list(grid.get("classes", ()) or range(min(num_classes, 10)))
-      self.labels = np.repeat(np.asarray(classes, np.int32), int(grid.get("per_class", 8)))
+      classes = list(grid.classes or range(min(num_classes, 10)))
+      self.labels = np.repeat(np.asarray(classes, np.int32), int(grid.per_class))
       self.num, self.rows = len(self.labels), len(classes)
     else:
-      self.labels, self.num = None, int(grid.get("num_images", 64))
+      self.labels, self.num = None, int(grid.num_images)
       self.rows = max(1, int(math.sqrt(self.num)))
-    self.seed = int(grid.get("seed", 0))
-    self.scale = int(grid.get("scale", 1))
+    self.seed = int(grid.seed)
+    self.scale = int(grid.scale)
     shape = models.input_shape(config.model)[1:]
     self.sampler = diffusion.make_sampler(sampler_config(config), _apply_fn(graphdef), shape,
                                           mesh=mesh)
     self.decode = None
-    if config.model.name == "latent" and config.get("vae"):
+    if config.model.name == "latent" and config.vae:
       from diffit_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
       from diffit_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
       vae = vae_convert.load_vae(config.vae, sharding=sharding_lib.replicated(mesh))
@@ -425,8 +441,8 @@ class SampleWriter:
 def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
                  ema_params: Any, step: int, evaluator: Any) -> dict[str, float]:
   """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes)."""
-  n, batch = int(config.eval.num_samples), int(config.eval.get("batch_size", 256))
-  num_classes = int(config.model.get("num_classes", 0))
+  n, batch = int(config.eval.num_samples), int(config.eval.batch_size)
+  num_classes = int(config.model.num_classes)
   labels = (np.random.default_rng(step).integers(0, num_classes, n).astype(np.int32)
             if num_classes else None)
 
@@ -564,35 +580,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       is kept).
     checkpoint.CorruptCheckpointError: the workdir has checkpoints but none is intact.
   """
-  # 1. Distributed initialisation, workdir and config. -----------------------------------
+  # 1-3. Distributed initialisation, then everything checked before anything is written:
+  #      the config, the mesh against the devices, the data. ------------------------------
   initialize_distributed(config)
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  workdir = os.path.abspath(workdir)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    _save_config(config, workdir)
-  writer = logging_utils.MetricWriter(workdir, enabled=is_chief)
-
-  # 2. Mesh. -----------------------------------------------------------------------------
-  mesh = sharding_lib.create_mesh(config.get("mesh"))
-  batch_size = int(config.batch_size)
-  if batch_size % mesh.size:
-    raise ValueError(f"config.batch_size={batch_size} must be a multiple of the {mesh.size} "
-                     "devices the batch is split over.")
-  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
-               jax.process_count())
-
-  # 3. Data: this process's shard, checkpointable. ---------------------------------------
   # Imported here: the train step itself needs no input pipeline (grain, tfds), so tools
   # that only build and time it (experiments/accelerator_check.py) run without them.
   from diffit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  data_iter = data_lib.create_train_iterator(config.data, global_batch_size=batch_size,
-                                             seed=config.seed)
+  batch_size = int(config.batch_size)
+  try:
+    mesh = sharding_lib.create_mesh(config.mesh)
+    if batch_size % mesh.size:
+      raise ConfigError(f"config.batch_size={batch_size} must be a multiple of the {mesh.size} "
+                        "devices the batch is split over.")
+    # This process's shard of the data, checkpointable.
+    data_iter = data_lib.create_train_iterator(config.data, global_batch_size=batch_size,
+                                               seed=config.seed)
+  except ValueError as e:  # config.mesh or config.data does not fit the devices or the data
+    raise ConfigError(str(e)) from e
+  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
+               jax.process_count())
   batch_sharding = sharding_lib.batch_sharding(mesh)
-
   image_shape = models.input_shape(config.model, batch_size)  # (B, H, W, C) the network takes
 
   def next_batch() -> dict[str, jax.Array]:
@@ -604,8 +614,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
             for k in ("image", "label")}
 
+  # The workdir and its config.json. ----------------------------------------------------
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+  writer = logging_utils.MetricWriter(workdir, enabled=is_chief)
+
   # 4-6. Model + optimizer, shardings, then restore or initialise. -----------------------
-  ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
   setup, state = create_train_state(config, mesh, initialize=ckpt.latest_step() is None)
   is_finite = make_state_check(setup, mesh)
   latest = None
@@ -635,9 +653,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # 8. The loop. -------------------------------------------------------------------------
   total = int(config.num_train_steps)
   log_every = int(config.log_every_steps)
-  ckpt_every = int(config.get("checkpoint_every_steps", 0))
-  sample_every = int(config.get("sample_every_steps", 0))
-  eval_every = int(config.eval.get("every_steps", 0)) if config.get("eval") else 0
+  ckpt_every = int(config.checkpoint_every_steps)
+  sample_every = int(config.sample_every_steps)
+  eval_every = int(config.eval.every_steps)
   samples = SampleWriter(config, setup.graphdef, mesh, workdir) if sample_every or eval_every else None
   evaluator = None
   if eval_every:

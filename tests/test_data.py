@@ -354,12 +354,10 @@ def test_pipeline_user_errors(tmp_path):
     pipeline.get_dataset_info(_mnist_config(channels=4))
 
 
-def test_pipeline_reads_a_minimal_config():
-  import ml_collections
-
-  # Only the required fields, and "" for "tfds' default data_dir", as the configs/ files write it.
-  config = ml_collections.ConfigDict(
-      dict(name="mnist_demo", image_size=32, channels=1, data_dir=""))
+def test_pipeline_reads_the_schema_defaults():
+  # The schema's config.data (what every config starts from): "" is tfds' default data_dir.
+  config = pipeline.get_default_data_config()
+  assert config.data_dir == "" and config.name == "mnist_demo"
   batch = next(pipeline.create_train_iterator(config, global_batch_size=4, seed=0))
   assert batch["image"].shape == (4, 32, 32, 1)
 

@@ -23,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import evaluation, logging_utils, models, optim, train
+from diffit_jax import config_lib, evaluation, logging_utils, models, optim, train
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import load_config
 from diffit_jax.data import latents
@@ -82,6 +82,20 @@ def run_main(workdir, *flags, env=None, **kwargs):
                           stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def ema_config(**fields):
+  """`config.ema`: the schema's defaults with `fields` set."""
+  config = config_lib.base_config().ema
+  config.update(fields)
+  return config
+
+
+def optimizer_config(**fields):
+  """`config.optimizer`: the schema's defaults with `fields` set."""
+  config = config_lib.base_config().optimizer
+  config.update(fields)
+  return config
+
+
 def host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -96,20 +110,20 @@ def assert_trees_equal(a, b):
 
 def test_ema_decay_matches_numpy():
   batch = 64
-  constant = optim.ema_decay(123, dict(decay=0.9999), batch)
+  constant = optim.ema_decay(123, ema_config(decay=0.9999), batch)
   np.testing.assert_allclose(float(constant), 0.9999, rtol=1e-7)
   # EDM training_loop.py: half-life capped at rampup_ratio * images seen before this step.
-  cfg = dict(decay=0.0, halflife_kimg=10.0, rampup_ratio=0.05)
+  cfg = ema_config(decay=0.0, halflife_kimg=10.0, rampup_ratio=0.05)
   for step in (0, 1, 10, 3124, 3125, 10_000):
     halflife = min(10.0 * 1000, step * batch * 0.05)
     expected = 0.5 ** (batch / max(halflife, 1e-8))
     np.testing.assert_allclose(float(optim.ema_decay(step, cfg, batch)), expected, rtol=1e-5,
                                atol=1e-30)
-  no_rampup = optim.ema_decay(0, dict(halflife_kimg=500.0, rampup_ratio=0.0), 512)
+  no_rampup = optim.ema_decay(0, ema_config(halflife_kimg=500.0, rampup_ratio=0.0), 512)
   np.testing.assert_allclose(float(no_rampup), 0.5 ** (512 / 500_000), rtol=1e-6)
-  assert float(optim.ema_decay(5, dict(decay=0.0, halflife_kimg=0.0), batch)) == 0.0
+  assert float(optim.ema_decay(5, ema_config(decay=0.0, halflife_kimg=0.0), batch)) == 0.0
   with pytest.raises(ValueError, match="both decay"):
-    optim.validate_ema_config(dict(decay=0.999, halflife_kimg=10.0))
+    optim.validate_ema_config(ema_config(decay=0.999, halflife_kimg=10.0))
 
 
 def test_update_ema_matches_numpy():
@@ -122,23 +136,23 @@ def test_update_ema_matches_numpy():
 
 
 def test_optimizer_warmup_clipping_and_names():
-  cfg = dict(name="adam", learning_rate=1e-2, warmup_steps=4, grad_clip_norm=0.0)
+  cfg = optimizer_config(name="adam", learning_rate=1e-2, warmup_steps=4, grad_clip_norm=0.0)
   schedule = optim.learning_rate_schedule(cfg)
   np.testing.assert_allclose([float(schedule(i)) for i in range(6)],
                              [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2], rtol=1e-6)
   # Clipping: a huge gradient gives the same first Adam update direction, bounded.
   params = {"w": jnp.ones(3)}
   grads = {"w": jnp.array([1e6, -2e6, 3e6])}
-  tx = optim.create_optimizer(dict(cfg, grad_clip_norm=1.0, warmup_steps=0))
+  tx = optim.create_optimizer(optimizer_config(**dict(cfg, grad_clip_norm=1.0, warmup_steps=0)))
   clipped, _ = tx.update(grads, tx.init(params), params)
   assert np.all(np.isfinite(clipped["w"]))
   inner = optax.clip_by_global_norm(1.0)
   g, _ = inner.update(grads, inner.init(params))
   np.testing.assert_allclose(float(optax.tree.norm(g)), 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match="adamw"):
-    optim.create_optimizer(dict(cfg, weight_decay=0.1))
+    optim.create_optimizer(optimizer_config(**dict(cfg, weight_decay=0.1)))
   with pytest.raises(ValueError, match="sgd"):
-    optim.create_optimizer(dict(cfg, name="sgd"))
+    optim.create_optimizer(optimizer_config(**dict(cfg, name="sgd")))
 
 
 def test_label_dropout_uses_the_null_class():

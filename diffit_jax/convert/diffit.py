@@ -327,8 +327,7 @@ def resolve_config(detected: dict[str, Any], guessed: set[str],
   model = config.model
   name = variant_name(detected)
   for k in SIZE_FIELDS:
-    if k in model:
-      del model[k]
+    model[k] = None  # only variant="custom" reads them
   model.variant = name
   if name == CUSTOM_VARIANT:
     model.update({k: detected[k] for k in SIZE_FIELDS})
@@ -346,11 +345,11 @@ def model_fields(model_config: Any) -> dict[str, Any]:
   """The comparable fields of a latent `config.model` (the keys `detect_model` returns)."""
   sizes = models.latent_sizes(model_config)
   grid = model_config.input_size // sizes["patch_size"]
-  window = model_config.get("window_size") or 0
+  window = model_config.window_size or 0
   return dict(
       input_size=model_config.input_size, in_channels=model_config.in_channels,
-      num_classes=model_config.get("num_classes", 0), learn_sigma=model_config.learn_sigma,
-      mlp_ratio=model_config.get("mlp_ratio", 4.0), window_size=0 if window == grid else window,
+      num_classes=model_config.num_classes, learn_sigma=model_config.learn_sigma,
+      mlp_ratio=model_config.mlp_ratio, window_size=0 if window == grid else window,
       **sizes)
 
 

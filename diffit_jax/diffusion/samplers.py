@@ -157,7 +157,7 @@ OFFICIAL_512 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=1.49,
 EDM_HEUN_18 = SamplerConfig(name="heun", formulation="edm", num_steps=18, num_classes=None)
 
 
-def _validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
+def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
   """Raises a ValueError naming the bad setting and the fix."""
   if cfg.formulation not in FORMULATIONS:
     raise ValueError(f"Unknown formulation {cfg.formulation!r}; use one of {FORMULATIONS}.")
@@ -511,7 +511,7 @@ def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
   """
   cfg = SamplerConfig.from_config(config)
   shape = tuple(int(s) for s in shape)
-  _validate(cfg, shape)
+  validate(cfg, shape)
   if mesh is None:
     mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,))
   if DATA_AXIS not in mesh.shape:

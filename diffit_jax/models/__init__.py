@@ -28,7 +28,7 @@ def latent_sizes(model_config: Any) -> dict[str, int]:
   """depth / hidden_size / num_heads / patch_size of a latent `config.model`."""
   if model_config.variant != CUSTOM_VARIANT:
     return latent_variant(model_config.variant)
-  missing = [k for k in SIZE_FIELDS if model_config.get(k) is None]
+  missing = [k for k in SIZE_FIELDS if model_config[k] is None]
   if missing:
     raise ValueError(f"config.model.variant={CUSTOM_VARIANT!r} needs {missing} as well.")
   return {k: int(model_config[k]) for k in SIZE_FIELDS}
@@ -37,15 +37,15 @@ def latent_sizes(model_config: Any) -> dict[str, int]:
 def model_kwargs(model_config: Any) -> tuple[type[nnx.Module], dict]:
   """Maps a `config.model` ConfigDict to (network class, constructor kwargs)."""
   cfg = dict(model_config)
-  name = cfg.pop("name", None)
-  dtype = cfg.pop("dtype", "float32")
+  name = cfg.pop("name")
+  dtype = cfg.pop("dtype")
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={dtype!r}; use one of {sorted(DTYPES)}.")
   cfg["dtype"] = DTYPES[dtype]
   if name == "latent":
     cfg.update(latent_sizes(model_config))
     cfg.pop("variant")
-    cfg["window_size"] = cfg.get("window_size") or None  # 0 / None: the whole grid
+    cfg["window_size"] = cfg["window_size"] or None  # 0 / None: the whole grid
     return LatentDiffiT, cfg
   if name == "image":
     cfg["channels"] = tuple(cfg["channels"])
@@ -81,7 +81,7 @@ def forward_flops(model_config: Any, batch_size: int = 1) -> float:
   overrides = {"scan_blocks": False, "remat": False} if model_config.name == "latent" else {}
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: build_model(model_config, rngs=nnx.Rngs(0), **overrides)))
-  num_classes = model_config.get("num_classes", 0)
+  num_classes = model_config.num_classes
   x = jax.ShapeDtypeStruct(input_shape(model_config, batch_size), jnp.float32)
   t = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
   y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if num_classes > 0 else None
