@@ -327,9 +327,11 @@ class _ConfigFileParser(ConfigFileFlagParser):
     return config
 
 
-def DEFINE_config_file(name: str, help_string: str) -> flags.FlagHolder:  # pylint: disable=invalid-name
-  """A required `--NAME=configs/X.py[:arg]` flag read by `load_config`, `--NAME.a.b=v` overrides."""
+def DEFINE_config_file(name: str, help_string: str, *, required: bool = True
+                       ) -> flags.FlagHolder:  # pylint: disable=invalid-name
+  """A `--NAME=configs/X.py[:arg]` flag read by `load_config`, `--NAME.a.b=v` overrides."""
   holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
   flags.FLAGS[name].parser = _ConfigFileParser(name, lock_config=True)
-  flags.mark_flag_as_required(name)
+  if required:
+    flags.mark_flag_as_required(name)
   return holder

@@ -46,9 +46,8 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from diffit_jax import checkpoint, cli, models, train
+from diffit_jax import checkpoint, cli, config_lib, models, train
 from diffit_jax.diffusion import samplers
 from diffit_jax.sharding import to_host
 from diffit_jax.utils import image_grid, save_png, to_uint8
@@ -58,8 +57,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the CLI flags (only when run as a program, so importing this module is free)."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py). Optional with "
-                                  "--checkpoint, whose saved config is used by default.")
+  config_lib.DEFINE_config_file("config", "Config file (configs/*.py[:arg]). Optional with "
+                                "--checkpoint, whose saved config is used by default.",
+                                required=False)
   flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.")
   flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
                       "(python -m diffit_jax.convert diffit).")
@@ -397,4 +397,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_absl_flags)
