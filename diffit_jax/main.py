@@ -88,9 +88,13 @@ def main(argv):
     import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
-  from diffit_jax import train
-  # User errors: the config (ConfigError, all checked before anything is written) and
-  # missing files. They end with one `error:` line; anything else keeps its traceback.
+  from diffit_jax import checkpoint, train
+  # What a user can act on ends with one `error:` line; anything else keeps its traceback:
+  # the config (all checked before anything is written), missing files, a run that
+  # diverged (the message names the newest good checkpoint), a workdir whose checkpoints
+  # are all damaged.
+  user_errors = (config_lib.ConfigError, FileNotFoundError, train.NonFiniteLossError,
+                 checkpoint.CorruptCheckpointError)
   try:
     train.validate_config(config)
     if FLAGS.dry_run:
@@ -101,7 +105,7 @@ def main(argv):
     if not FLAGS.workdir:
       sys.exit(cli.report_user_error("--workdir is required for training (or pass --dry_run)."))
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except user_errors as e:
     sys.exit(cli.report_user_error(e))
 
 

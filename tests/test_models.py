@@ -445,9 +445,9 @@ def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():
   """`--dry_run_devices=8`: FSDP shards the state, and the batch is split 8 ways."""
   def estimate(*overrides):
     out = subprocess.run(
-        [sys.executable, "-m", "diffit_jax.main", "--config=configs/imagenet256_latent.py:runlocal",
+        [sys.executable, "-m", "diffit_jax.main", "--config=configs/mnist_demo.py",
          "--dry_run", "--dry_run_devices=8", "--config.batch_size=16",
-         *overrides], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+         "--config.mesh.fsdp_min_size=1024", *overrides], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     line = out.split("train_step_memory_per_device:")[1].splitlines()
     assert "over mesh" in line[1] and "8 virtual CPU devices" in line[1], line
     fields = line[0].split()
@@ -457,7 +457,7 @@ def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():
   fsdp_total, fsdp_state = estimate("--config.mesh.fsdp=8", "--config.mesh.data=-1")
   # Weights, EMA and Adam moments: 4 copies of the parameters, replicated on every device.
   params = 4 * 4 * models.count_params(nnx.eval_shape(lambda: models.build_model(
-      load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py:runlocal")).model,
+      load_config(os.path.join(ROOT, "configs", "mnist_demo.py")).model,
       rngs=nnx.Rngs(0)))) / 2 ** 30
   assert state >= 0.99 * params  # (printed to 3 decimals)
-  assert fsdp_state < 0.3 * state and fsdp_total < total
+  assert fsdp_state < 0.5 * state and fsdp_total < total

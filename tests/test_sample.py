@@ -49,7 +49,7 @@ def write_train_checkpoint(workdir, cfg, step, seed):
 
 def write_config_file(path, cfg):
   """A `--config` file holding `cfg` (JSON inside a `get_config`)."""
-  path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+  path.write_text("import json\nimport ml_collections\n\n\ndef get_config(arg=None):\n"
                   f"  return ml_collections.ConfigDict(json.loads({json.dumps(cfg.to_dict())!r}))\n")
   return str(path)
 
