@@ -1,8 +1,8 @@
 """`python -m diffit_jax.sample`: draw samples into an ADM-evaluator `.npz` and a PNG grid.
 
-    # EMA weights of the newest training checkpoint in a workdir:
-    python -m diffit_jax.sample --config=configs/mnist_demo.py --workdir=runs/mnist_demo \
-        --num_samples=100 --out=runs/mnist_demo/eval
+    # EMA weights of the newest training checkpoint in a workdir (with the run's config):
+    python -m diffit_jax.sample --workdir=runs/mnist_demo --num_samples=100 \
+        --out=runs/mnist_demo/eval
     # A converted official checkpoint (its config travels with it), decoded by a converted VAE:
     python -m diffit_jax.sample --checkpoint=ckpt/diffit_256 --vae=ckpt/sd_vae_ema \
         --num_samples=50000 --batch_size=256 --out=samples/in256
@@ -57,9 +57,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the CLI flags (only when run as a program, so importing this module is free)."""
-  config_lib.DEFINE_config_file("config", "Config file (configs/*.py[:arg]). Optional with "
-                                "--checkpoint, whose saved config is used by default.",
-                                required=False)
+  config_lib.DEFINE_config_file("config", "Config file (configs/*.py[:arg]). Optional: by "
+                                "default the config saved with the run (WORKDIR/config.json) "
+                                "or with the --checkpoint.", required=False)
   flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.")
   flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
                       "(python -m diffit_jax.convert diffit).")
@@ -109,14 +109,20 @@ def restore_params(abstract_state, params: dict, source: str, model_name: str,
 
 
 def resolve_config(config, workdir, checkpoint_path) -> ml_collections.ConfigDict:
-  """The experiment config: given, or saved with a converted checkpoint (cheap: no weights)."""
+  """The experiment config: given, or the one the run saved (WORKDIR/config.json), or the
+  one saved with a converted checkpoint (cheap: no weights are read)."""
   if bool(workdir) == bool(checkpoint_path):
     raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint "
                      "(a converted weights checkpoint).")
   if config is not None:
     return config
   if workdir:
-    raise ValueError("--config is required with --workdir.")
+    path = os.path.join(workdir, train.CONFIG_FILE)
+    if not os.path.exists(path):
+      raise ValueError(f"{workdir} has no {train.CONFIG_FILE} (training writes it when it "
+                       "starts); pass --config=THE_RUN'S_CONFIG.")
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
   metadata = checkpoint.load_metadata(checkpoint_path)
   if metadata.get("kind") not in (None, "diffit"):
     raise ValueError(f"{checkpoint_path} holds a {metadata['kind']!r} checkpoint, not a DiffiT "

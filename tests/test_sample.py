@@ -217,6 +217,20 @@ def test_parts_of_older_weights_are_not_reused(tmp_path):
   assert "checkpoint_step: 20 there, 30 now" in second.stdout and "weights_sha256" in second.stdout
 
 
+def test_workdir_config_is_the_one_the_run_saved(tmp_path):
+  """`--workdir` alone samples with WORKDIR/config.json, exactly as with --config."""
+  cfg = tiny_config()
+  workdir = tmp_path / "run"
+  write_train_checkpoint(workdir, cfg, step=2, seed=0)
+  common = dict(workdir=str(workdir), num_samples=2, batch_size=2, labels="cycle")
+  with pytest.raises(ValueError, match="has no config.json"):
+    sample.run(None, out=str(tmp_path / "none"), **common)
+  (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+  saved = load(sample.run(None, out=str(tmp_path / "saved"), **common))[0]
+  given = load(sample.run(cfg, out=str(tmp_path / "given"), **common))[0]
+  np.testing.assert_array_equal(saved, given)
+
+
 def test_damaged_parts_are_recomputed(conditional_checkpoint, tmp_path):
   """A resume after a kill finds a truncated, an empty and a wrong-sized part: each is
   named, recomputed, and the result is bitwise a clean run's."""
