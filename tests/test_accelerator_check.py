@@ -62,7 +62,7 @@ def test_smoke_run_measures_every_case_without_the_input_pipeline(tmp_path):
       assert sample["hours_for_50k"] > 0
   # rematerialisation needs less memory than the same scanned step without it
   assert (cases["jax_train_bf16_xla_scan_remat"]["xla_memory"]["temp_gib"]
-          <= cases["jax_train_bf16_xla_scan"]["xla_memory"]["temp_gib"])
+          < cases["jax_train_bf16_xla_scan"]["xla_memory"]["temp_gib"])
   targets = report["targets"]
   assert targets["sampling_bf16_vs_torch_eager"]["ratio"] > 0
   assert targets["train_mfu"]["mfu"] is None  # no datasheet peak for a CPU
