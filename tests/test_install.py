@@ -110,3 +110,37 @@ def test_convert_official_layout_with_the_shipped_config(installed_python, empty
   # The released ImageNet-256 sampler travels with the weights; the model is the file's.
   assert config["sampler"]["guidance"]["schedule"] == "power_cosine", config["sampler"]
   assert config["model"]["input_size"] == 8 and config["model"]["num_classes"] == 10
+
+
+# ----------------------------------------------------------------------------------------
+# Config names, in this process (the checkout's configs are the shipped ones here).
+
+
+def test_a_file_that_exists_wins_over_the_shipped_config_of_that_name(tmp_path, monkeypatch):
+  from diffit_jax import config_lib
+
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "mnist_demo.py").write_text(
+      "from diffit_jax.config_lib import load_config\n\n"
+      "def get_config(arg=None):\n"
+      "  config = load_config('mnist_demo')  # the shipped one, by name\n"
+      "  config.batch_size = 5\n"
+      "  return config\n")
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load_config("configs/mnist_demo.py").batch_size == 5
+  assert config_lib.load_config("mnist_demo").batch_size == 32
+  assert config_lib.load_config("mnist_demo.py:runlocal").batch_size == 16
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+  from diffit_jax import config_lib
+
+  monkeypatch.chdir(tmp_path)
+  names = config_lib.shipped_configs()
+  assert {"mnist_demo", "cifar10", "imagenet256_latent"} <= set(names), names
+  with pytest.raises(FileNotFoundError, match="no config named 'cifar100'.*mnist_demo"):
+    config_lib.load_config("cifar100")
+  with pytest.raises(FileNotFoundError, match="configs/cifar100.py does not exist.*mnist_demo"):
+    config_lib.load_config("configs/cifar100.py")
+  with pytest.raises(config_lib.ConfigError, match="use one of mnist_demo:runlocal"):
+    config_lib.load_config("mnist_demo:bogus")

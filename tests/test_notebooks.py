@@ -2,15 +2,16 @@
 
 SMOKE mode (`DIFFIT_SMOKE=1`, read by each notebook's first code cell) swaps the real
 checkpoints for tiny random stand-ins in the same file formats, so a notebook runs on a
-CPU in about a minute and downloads nothing. Each notebook runs in a fresh kernel of the
-interpreter running the tests (not whatever `python3` kernel Jupyter would find), in a
-temporary working directory; any cell error fails the test with the cell's traceback.
+CPU in about a minute and downloads nothing. Each notebook runs as on Colab after its
+install cell: in a fresh kernel of a virtual environment that holds diffit_jax installed
+from a wheel (the `installed_python` fixture of tests/conftest.py), with no checkout on
+any path, in an empty working directory; any cell error fails the test with the cell's
+traceback.
 """
 
 import glob
 import json
 import os
-import sys
 
 import pytest
 
@@ -45,31 +46,38 @@ def test_committed_clean_with_a_smoke_switch(path):
       f"suite through `SMOKE = SMOKE or {SMOKE_SWITCH}`.")
 
 
-def kernel_manager(tmp_path):
-  """A kernel of this interpreter, with SMOKE on and JAX on the CPU."""
+def kernel_manager(tmp_path, python):
+  """A kernel of the interpreter `python`, with SMOKE on and JAX on the CPU."""
   from jupyter_client.kernelspec import KernelSpecManager
   from jupyter_client.manager import AsyncKernelManager
 
   spec_dir = tmp_path / "kernels" / "diffit-smoke"
   spec_dir.mkdir(parents=True)
   (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "diffit_jax smoke", "language": "python",
       "env": {"DIFFIT_SMOKE": "1", "JAX_PLATFORMS": "cpu",
               # nothing may be downloaded in SMOKE mode
               "PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1",
-              "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))},
+              # only the installed wheel: no checkout on the path
+              "PYTHONPATH": "", "PYTHONNOUSERSITE": "1"},
   }))
   specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
   return AsyncKernelManager(kernel_name="diffit-smoke", kernel_spec_manager=specs)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_runs_in_smoke_mode(path, tmp_path):
+def test_runs_in_smoke_mode_from_the_installed_wheel(path, tmp_path, installed_python):
   nb = nbformat.read(path, as_version=4)
   workdir = tmp_path / "work"
   workdir.mkdir()
-  client = nbclient.NotebookClient(nb, km=kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
+  client = nbclient.NotebookClient(nb, km=kernel_manager(tmp_path, installed_python),
+                                   timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(workdir)}})
   client.execute()  # raises CellExecutionError, with the failing cell's traceback
   assert os.path.isdir(workdir / "diffit_work")
+  # The install cell found the wheel's diffit_jax, in the fresh environment.
+  printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                    for out in cell.outputs)
+  venv = os.path.dirname(os.path.dirname(installed_python))
+  assert f"diffit_jax from {venv}" in printed, printed[:2000]
