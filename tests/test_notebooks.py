@@ -10,8 +10,11 @@ traceback.
 """
 
 import glob
+import importlib
 import json
 import os
+import shutil
+import sys
 
 import pytest
 
@@ -81,3 +84,38 @@ def test_runs_in_smoke_mode_from_the_installed_wheel(path, tmp_path, installed_p
                     for out in cell.outputs)
   venv = os.path.dirname(os.path.dirname(installed_python))
   assert f"diffit_jax from {venv}" in printed, printed[:2000]
+
+
+def test_notebook_01_fetches_the_weights_from_the_hub_by_name(tmp_path, monkeypatch):
+  """SOURCE="hub" (its default) asks the Hub for NVIDIA's file and the VAE's two files, by
+  name, through a stand-in `huggingface_hub` (nothing is downloaded)."""
+  import importlib.machinery
+  import types
+
+  from IPython.core.inputtransformer2 import TransformerManager
+
+  calls = []
+
+  def hf_hub_download(repo_id, filename, *, local_dir):
+    calls.append((repo_id, filename))
+    os.makedirs(local_dir, exist_ok=True)
+    path = os.path.join(local_dir, filename)
+    open(path, "wb").close()
+    return path
+
+  hub = types.ModuleType("huggingface_hub")
+  hub.__spec__ = importlib.machinery.ModuleSpec("huggingface_hub", None)
+  hub.hf_hub_download = hf_hub_download
+  monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+  nb = nbformat.read(os.path.join(ROOT, "notebooks", "01_sample_official_checkpoint.ipynb"),
+                     as_version=4)
+  (cell,) = [c for c in nb.cells if c.get("id") == "weights"]
+  scope = {"os": os, "importlib": importlib, "shutil": shutil, "SMOKE": False,
+           "WORK": str(tmp_path)}
+  exec(TransformerManager().transform_cell(cell.source), scope)  # pylint: disable=exec-used
+  assert calls == [("nvidia/DiffiT", "diffit_256.safetensors"),
+                   ("stabilityai/sd-vae-ft-ema", "config.json"),
+                   ("stabilityai/sd-vae-ft-ema", "diffusion_pytorch_model.safetensors")]
+  assert scope["DIFFIT_FILE"] == str(tmp_path / "hub" / "diffit_256.safetensors")
+  assert sorted(os.listdir(scope["VAE_DIR"])) == ["config.json",
+                                                  "diffusion_pytorch_model.safetensors"]
