@@ -453,18 +453,20 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
-  """The EMA weights of a training run, for samplers and exporters.
+def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
+                    ) -> tuple[dict, dict]:
+  """The EMA weights of a training run, for samplers, exporters and fine-tuning.
 
-  The EMA and config files are checked against the checkpoint's integrity record first.
+  The files read are checked against the checkpoint's integrity record first.
 
   Args:
     workdir: the run folder given to `python -m diffit_jax.main`.
     step: which checkpoint; None: the newest intact one (a broken newer one is skipped
       with a warning).
+    raw: return the trained weights of the train state (`params`) instead of their EMA.
 
   Returns:
-    (params, config): the EMA parameters as a pure nested dict of host numpy arrays
+    (params, config): the EMA (or raw) parameters as a pure nested dict of host numpy arrays
     (the structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a
     model with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
 
@@ -479,16 +481,23 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
+                     STATE_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
+  item = STATE_ITEM if raw else EMA_ITEM
 
   def restore(step: int) -> dict:
-    ema_meta = manager.item_metadata(step)[EMA_ITEM]
-    ema_meta = getattr(ema_meta, "tree", ema_meta)
+    meta = manager.item_metadata(step)[item]
+    meta = getattr(meta, "tree", meta)
+    if raw:  # the params alone, not the optimizer state beside them
+      meta = {"params": meta["params"]}
     # Host numpy arrays: independent of the mesh the run was saved from.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
-    return manager.restore(step, args=ocp.args.Composite(**{
-        EMA_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args),
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.PyTreeRestore(item=meta if raw else None, restore_args=restore_args,
+                                     partial_restore=raw),
         CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return {"weights": restored[item]["params"] if raw else restored[item],
+            CONFIG_ITEM: restored[CONFIG_ITEM]}
 
   try:
     steps = sorted(manager.all_steps(), reverse=True)
@@ -499,7 +508,7 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     broken = []  # (step, why)
     for candidate in steps if step is None else [step]:
       step_dir = os.path.join(directory, str(candidate))
-      why = (verify_integrity(step_dir, (EMA_ITEM, CONFIG_ITEM))
+      why = (verify_integrity(step_dir, (item, CONFIG_ITEM))
              if has_integrity_record(step_dir) else None)
       if why is None:
         try:
@@ -511,7 +520,8 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
       broken.append((candidate, why))
     else:
       reasons = "; ".join(f"{s}: {why}" for s, why in broken)
-      raise CorruptCheckpointError(f"No usable EMA weights in {directory} ({reasons}).")
+      raise CorruptCheckpointError(
+          f"No usable {'trained' if raw else 'EMA'} weights in {directory} ({reasons}).")
   finally:
     manager.close()
-  return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])
+  return _int_keys(restored["weights"]), dict(restored[CONFIG_ITEM])
