@@ -9,7 +9,8 @@ Reads top to bottom in the order a run happens:
                    float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
   5. shardings     the train state's layout: replicated, or FSDP by config.
   6. restore       the newest intact checkpoint in WORKDIR, if any (exact resume); broken
-                   newer ones are skipped and set aside (`diffit_jax.checkpoint`).
+                   newer ones are skipped and set aside (`diffit_jax.checkpoint`). A fresh
+                   run may start from other weights (`config.init_from`, `diffit_jax.finetune`).
   7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed and
                    compiled once, ahead of the loop, with explicit shardings and the state
                    donated; "jit" lets XLA partition the step, "shard_map" writes the
