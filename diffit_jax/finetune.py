@@ -156,6 +156,10 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
     raise IncompatibleSourceError(f"{field}: {e}") from e
   flat = {tuple(path): np.asarray(jax.device_get(v), np.float32)
           for path, v in traverse_util.flatten_dict(tree).items()}
+  bad = [_name(path) for path, v in flat.items() if not np.isfinite(v).all()]
+  if bad:
+    raise IncompatibleSourceError(f"{field}: {len(bad)} tensor(s) hold NaN/Inf ("
+                                  f"{', '.join(bad[:_MAX_LISTED])}); pass another source.")
   return flat, model, what
 
 

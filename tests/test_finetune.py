@@ -252,14 +252,27 @@ def test_mismatched_source_is_refused_by_the_cli_before_anything_runs(official, 
   assert not workdir.exists()  # nothing written
 
 
-def test_params_switch_needs_a_training_run(official, tmp_path):
+def test_sources_that_cannot_be_used_are_refused(official, tmp_path):
   config = latent_config(official.path)
   config.init_from_params = "params"
   with pytest.raises(finetune.IncompatibleSourceError, match="not a training workdir"):
     finetune.load_source(config, str(tmp_path))
-  config.init_from = str(tmp_path / "nothing_here")
   config.init_from_params = "ema"
+  config.init_from = str(tmp_path / "nothing_here")
   with pytest.raises(finetune.IncompatibleSourceError, match="does not exist"):
+    finetune.load_source(config, str(tmp_path))
+  pickled = tmp_path / "official.pt"
+  pickled.write_bytes(b"not read")
+  config.init_from = str(pickled)
+  with pytest.raises(finetune.IncompatibleSourceError, match="pickled PyTorch checkpoints"):
+    finetune.load_source(config, str(tmp_path))
+  poisoned = dict(official.state)
+  poisoned["final_layer.linear.weight"] = poisoned["final_layer.linear.weight"].copy()
+  poisoned["final_layer.linear.weight"][0, 0] = np.nan
+  config.init_from = str(tmp_path / "poisoned.safetensors")
+  safetensors.numpy.save_file(poisoned, config.init_from)
+  with pytest.raises(finetune.IncompatibleSourceError,
+                     match=r"1 tensor\(s\) hold NaN/Inf \(final_layer/linear/kernel\)"):
     finetune.load_source(config, str(tmp_path))
 
 
