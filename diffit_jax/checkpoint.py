@@ -453,6 +453,19 @@ class TrainCheckpointer:
     self._manager.close()
 
 
+def _restore_params(step_dir: str) -> dict:
+  """The `params` of a training checkpoint's train state as host numpy arrays, without
+  reading the optimizer state saved beside them."""
+  path = epath.Path(step_dir) / STATE_ITEM
+  handler = ocp.PyTreeCheckpointHandler()
+  meta = handler.metadata(path)
+  meta = {"params": getattr(meta, "tree", meta)["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  with ocp.Checkpointer(handler) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=meta, restore_args=restore_args, partial_restore=True))["params"]
+
+
 def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
                     ) -> tuple[dict, dict]:
   """The EMA weights of a training run, for samplers, exporters and fine-tuning.
@@ -463,7 +476,7 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     workdir: the run folder given to `python -m diffit_jax.main`.
     step: which checkpoint; None: the newest intact one (a broken newer one is skipped
       with a warning).
-    raw: return the trained weights of the train state (`params`) instead of their EMA.
+    raw: the trained weights of the train state (`params`) instead of their EMA.
 
   Returns:
     (params, config): the EMA (or raw) parameters as a pure nested dict of host numpy arrays
@@ -481,23 +494,20 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
-                     STATE_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
-  item = STATE_ITEM if raw else EMA_ITEM
 
   def restore(step: int) -> dict:
-    meta = manager.item_metadata(step)[item]
-    meta = getattr(meta, "tree", meta)
-    if raw:  # the params alone, not the optimizer state beside them
-      meta = {"params": meta["params"]}
+    if raw:  # returned under EMA_ITEM, the key read below
+      return {EMA_ITEM: _restore_params(os.path.join(directory, str(step))),
+              CONFIG_ITEM: manager.restore(step, args=ocp.args.Composite(**{
+                  CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]}
+    ema_meta = manager.item_metadata(step)[EMA_ITEM]
+    ema_meta = getattr(ema_meta, "tree", ema_meta)
     # Host numpy arrays: independent of the mesh the run was saved from.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        item: ocp.args.PyTreeRestore(item=meta if raw else None, restore_args=restore_args,
-                                     partial_restore=raw),
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
+    return manager.restore(step, args=ocp.args.Composite(**{
+        EMA_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args),
         CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return {"weights": restored[item]["params"] if raw else restored[item],
-            CONFIG_ITEM: restored[CONFIG_ITEM]}
 
   try:
     steps = sorted(manager.all_steps(), reverse=True)
@@ -508,7 +518,7 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     broken = []  # (step, why)
     for candidate in steps if step is None else [step]:
       step_dir = os.path.join(directory, str(candidate))
-      why = (verify_integrity(step_dir, (item, CONFIG_ITEM))
+      why = (verify_integrity(step_dir, (STATE_ITEM if raw else EMA_ITEM, CONFIG_ITEM))
              if has_integrity_record(step_dir) else None)
       if why is None:
         try:
@@ -524,4 +534,4 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
           f"No usable {'trained' if raw else 'EMA'} weights in {directory} ({reasons}).")
   finally:
     manager.close()
-  return _int_keys(restored["weights"]), dict(restored[CONFIG_ITEM])
+  return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])
