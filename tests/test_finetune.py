@@ -11,6 +11,7 @@ MNIST network of `tests/test_train.py` for real.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -315,6 +316,18 @@ def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
       np.testing.assert_array_equal(got[path], value, err_msg=f"{init_from} {weights} {path}")
   assert not np.array_equal(flat(trained.params)[("head", "kernel")],
                             flat(trained.ema_params)[("head", "kernel")])
+  # The raw weights are checked against the checkpoint's integrity record too.
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(pretrained, damaged)
+  state_dir = os.path.join(damaged, "checkpoints", "40", checkpoint.STATE_ITEM)
+  largest = max((os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files),
+                key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    byte = f.read(1)
+    f.seek(0)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(checkpoint.CorruptCheckpointError, match="train_state/.*crc32"):
+    checkpoint.load_ema_params(damaged, 40, raw=True)
 
   scratch = str(tmp_path / "scratch")
   train.train_and_evaluate(image_config(num_train_steps=4), scratch)
