@@ -453,18 +453,33 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
-  """The EMA weights of a training run, for samplers and exporters.
+def _restore_params(step_dir: str) -> dict:
+  """The `params` of a training checkpoint's train state as host numpy arrays, without
+  reading the optimizer state saved beside them."""
+  path = epath.Path(step_dir) / STATE_ITEM
+  handler = ocp.PyTreeCheckpointHandler()
+  meta = handler.metadata(path)
+  meta = {"params": getattr(meta, "tree", meta)["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  with ocp.Checkpointer(handler) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=meta, restore_args=restore_args, partial_restore=True))["params"]
 
-  The EMA and config files are checked against the checkpoint's integrity record first.
+
+def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
+                    ) -> tuple[dict, dict]:
+  """The EMA weights of a training run, for samplers, exporters and fine-tuning.
+
+  The files read are checked against the checkpoint's integrity record first.
 
   Args:
     workdir: the run folder given to `python -m diffit_jax.main`.
     step: which checkpoint; None: the newest intact one (a broken newer one is skipped
       with a warning).
+    raw: the trained weights of the train state (`params`) instead of their EMA.
 
   Returns:
-    (params, config): the EMA parameters as a pure nested dict of host numpy arrays
+    (params, config): the EMA (or raw) parameters as a pure nested dict of host numpy arrays
     (the structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a
     model with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
 
@@ -482,6 +497,10 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
 
   def restore(step: int) -> dict:
+    if raw:  # returned under EMA_ITEM, the key read below
+      return {EMA_ITEM: _restore_params(os.path.join(directory, str(step))),
+              CONFIG_ITEM: manager.restore(step, args=ocp.args.Composite(**{
+                  CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]}
     ema_meta = manager.item_metadata(step)[EMA_ITEM]
     ema_meta = getattr(ema_meta, "tree", ema_meta)
     # Host numpy arrays: independent of the mesh the run was saved from.
@@ -499,7 +518,7 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     broken = []  # (step, why)
     for candidate in steps if step is None else [step]:
       step_dir = os.path.join(directory, str(candidate))
-      why = (verify_integrity(step_dir, (EMA_ITEM, CONFIG_ITEM))
+      why = (verify_integrity(step_dir, (STATE_ITEM if raw else EMA_ITEM, CONFIG_ITEM))
              if has_integrity_record(step_dir) else None)
       if why is None:
         try:
@@ -511,7 +530,8 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
       broken.append((candidate, why))
     else:
       reasons = "; ".join(f"{s}: {why}" for s, why in broken)
-      raise CorruptCheckpointError(f"No usable EMA weights in {directory} ({reasons}).")
+      raise CorruptCheckpointError(
+          f"No usable {'trained' if raw else 'EMA'} weights in {directory} ({reasons}).")
   finally:
     manager.close()
   return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])

@@ -128,6 +128,10 @@ def base_config(model: str = "image") -> ConfigDict:
     raise ConfigError(f"config.model.name={model!r}; use one of {tuple(MODEL_SCHEMAS)}.")
   config = ConfigDict()
   config.seed = 0                  # weights init, data order, noise
+  # Fine-tuning (diffit_jax/finetune.py): first weights from an official .safetensors, a
+  # converted checkpoint or a training WORKDIR[@STEP]; "": from scratch. Weights only.
+  config.init_from = ""
+  config.init_from_params = "ema"  # which weights of a training run: "ema" | "params"
   config.model = MODEL_SCHEMAS[model]()
   config.diffusion = ConfigDict(dict(
       name="edm",                  # "edm" (EDM's preconditioned loss) | "adm" (IDDPM's hybrid)

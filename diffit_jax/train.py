@@ -9,7 +9,8 @@ Reads top to bottom in the order a run happens:
                    float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
   5. shardings     the train state's layout: replicated, or FSDP by config.
   6. restore       the newest intact checkpoint in WORKDIR, if any (exact resume); broken
-                   newer ones are skipped and set aside (`diffit_jax.checkpoint`).
+                   newer ones are skipped and set aside (`diffit_jax.checkpoint`). A fresh
+                   run may start from other weights (`config.init_from`, `diffit_jax.finetune`).
   7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed and
                    compiled once, ahead of the loop, with explicit shardings and the state
                    donated; "jit" lets XLA partition the step, "shard_map" writes the
@@ -54,6 +55,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import config_lib
 from diffit_jax import diffusion
+from diffit_jax import finetune
 from diffit_jax import logging_utils
 from diffit_jax import models
 from diffit_jax import optim
@@ -614,6 +616,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
             for k in ("image", "label")}
 
+  # Fine-tuning: the weights config.init_from names, read and fitted to this network before
+  # anything is written or compiled (None: from scratch, or resuming this workdir's own).
+  source = finetune.load_source(config, workdir)
+
   # The workdir and its config.json. ----------------------------------------------------
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
@@ -625,6 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # 4-6. Model + optimizer, shardings, then restore or initialise. -----------------------
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
   setup, state = create_train_state(config, mesh, initialize=ckpt.latest_step() is None)
+  if state is not None and source is not None:
+    state = finetune.start_from(source, state, setup.shardings)
   is_finite = make_state_check(setup, mesh)
   latest = None
   if state is None:
