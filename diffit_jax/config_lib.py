@@ -12,6 +12,10 @@ networks share few of them. The other groups are the union over the formulations
 field commented with what uses it: they are read by name (never passed on whole), and
 switching, say, the sampler on the command line then needs no other config file.
 
+A few fields may be left to the dataset (`FROM_DATA`: `config.data.image_size=0`,
+`config.model.num_classes=-1`, ...): training fills them when it starts
+(`fill_from_data`, through `train.fit_to_data`) and saves the filled config with the run.
+
 `load_config("configs/ffhq64.py:runlocal")` imports the file and calls
 `get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does through
 `DEFINE_config_file`; a config file lists the `:arg` variants it accepts in `ARGS`.
