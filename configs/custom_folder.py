@@ -25,14 +25,15 @@ Variants (`:arg`):
   classes   class-conditional with as many classes as the dataset has
             (`config.model.num_classes=-1`), labels dropped with probability 0.1 in
             training and sample grids guided with scale 2 (classifier-free guidance).
-  runlocal  a smoke run: a 0.3 M-parameter network, 20 steps of batch 8.
+  runlocal  a smoke run: a 0.53 M-parameter network, 20 steps of batch 8.
 
-Sizes: a 4.8 M-parameter DiffiT (widths 64/128/128, two DiffiT ResBlocks per stage,
-window 4) at batch 64; at 32 px one forward pass is 2.7 GFLOPs per image. 100 K steps
-(6.4 M images, e.g. 640 epochs of 10 K images) is a day on one small GPU; the EMA
-half-life scales EDM's (500 K images over 200 M) to this length. Every other choice
-follows configs/cifar10.py (EDM loss, Adam, Heun sampling, random flips); dropout 0.1
-because one's own datasets are often small.
+Sizes: a 3.98 M-parameter DiffiT (widths 64/128/128, two DiffiT ResBlocks per stage,
+window 4; a quarter of configs/cifar10.py's 15.9 M) at batch 64; one forward pass is
+2.14 GFLOPs per image at 32 px (x4 at 64 px). 100 K steps see 6.4 M images (640 epochs
+of 10 K images); the EMA half-life (20 K images, ramped up over the first 5% of images
+seen) scales EDM's to this length. Every other choice follows configs/cifar10.py (EDM
+loss, Adam with warm-up, Heun sampling, random flips); dropout 0.1 and gradient clipping
+because one's own datasets are often small and the batch is.
 """
 
 from diffit_jax.config_lib import load_config
