@@ -1,7 +1,9 @@
 """Faults in configs and inputs, injected through the real command lines and the public API.
 
-A misspelt field, an unknown `:arg` variant, a wrong name or a batch the devices cannot
-split must be refused before anything is written, with one `error: ...` line and exit
+A misspelt field, an unknown `:arg` variant, a wrong name, a batch the devices cannot
+split or data the model cannot take (latents without labels for a class-conditional model,
+label dropout or guidance for an unconditional one) must be refused before anything is
+written or compiled, with one `error: ...` line and exit
 status 2; every field the schema (`diffit_jax.config_lib`) declares can be overridden on
 the command line, whether a config file sets it or not.
 """
