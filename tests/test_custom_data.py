@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from diffit_jax import config_lib, train
+from test_train import CACHE_DIR  # JAX's persistent compilation cache of the training tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "configs", "custom_folder.py")
@@ -32,7 +33,8 @@ TINY_RUN = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
 
 
 def run_cli(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 
