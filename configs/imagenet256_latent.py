@@ -7,6 +7,14 @@ Sample:  python -m diffit_jax.sample --config=configs/imagenet256_latent.py --wo
 Target:  FID-50K 1.73 / sFID 4.54 / IS 276.49 / P 0.80 / R 0.62 (ADM evaluator against
          VIRTUAL_imagenet256_labeled.npz), 250-step DDPM, power-cosine guidance.
 
+Own images: build them (`python -m diffit_jax.data build --src=MY_IMAGES --dst=data/my_images
+--resolution=256`), encode with `--data=folder:data/my_images --dst=data/my_latents`, train
+with `--config.data.name=latents:data/my_latents --config.model.num_classes=-1` (-1: the
+dataset's classes) and a smaller model, e.g. `--config.model.variant=B/2`. Without class
+sub-folders the model is unconditional: `--config.model.num_classes=0
+--config.diffusion.class_dropout_prob=0 --config.sampler.guidance.scale=1` (a run is refused
+at start, naming these fields, until they agree with the data).
+
 Official (release + paper App. I.2): XL/2 with depth 28 (the paper's "30" contradicts
 the released code and the 561 M count), global-window TMSA, label dropout 0.1, ADM
 diffusion with 1000 linear steps, eps prediction and learned-range variance trained

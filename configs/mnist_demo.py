@@ -30,8 +30,9 @@ def get_config(arg=None):
                       num_blocks=(1, 1, 1), window_size=4, time_dim=128, frequency_size=64,
                       head_dim=32, num_groups=8, dropout_rate=0.0, num_classes=10)
   config.diffusion.class_dropout_prob = 0.1
+  # allow_resize: the digits are stored padded to 32x32 and box-downsampled to 16x16.
   config.data.update(name="mnist_demo", image_size=16, channels=1, random_flip=False,
-                     num_workers=0)
+                     num_workers=0, allow_resize=True)
   config.batch_size = 32
   config.num_train_steps = 2_000
   config.optimizer.update(learning_rate=2e-3, warmup_steps=100, grad_clip_norm=1.0)

@@ -12,6 +12,10 @@ networks share few of them. The other groups are the union over the formulations
 field commented with what uses it: they are read by name (never passed on whole), and
 switching, say, the sampler on the command line then needs no other config file.
 
+A few fields may be left to the dataset (`FROM_DATA`: `config.data.image_size=0`,
+`config.model.num_classes=-1`, ...): training fills them when it starts
+(`fill_from_data`, through `train.fit_to_data`) and saves the filled config with the run.
+
 `load_config("configs/ffhq64.py:runlocal")` imports the file and calls
 `get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does through
 `DEFINE_config_file`; a config file lists the `:arg` variants it accepts in `ARGS`. The
@@ -49,9 +53,9 @@ def image_model() -> ConfigDict:
   """`config.model` of the image-space DiffiT (`models.ImageDiffiT`'s arguments)."""
   return ConfigDict(dict(
       name="image",
-      image_size=32,               # input side H = W, in pixels
-      in_channels=3,               # image channels in
-      out_channels=3,              # channels predicted
+      image_size=32,               # input side H = W, in pixels; 0: config.data's (FROM_DATA)
+      in_channels=3,               # image channels in; 0: config.data's
+      out_channels=3,              # channels predicted; 0: in_channels
       channels=(128, 256, 256),    # width of each stage (one stage per entry)
       num_blocks=(2, 2, 2),        # DiffiT ResBlocks per stage
       window_size=4,               # TMSA window side (capped at the stage's resolution)
@@ -61,7 +65,8 @@ def image_model() -> ConfigDict:
       num_groups=32,               # GroupNorm groups
       mlp_ratio=4.0,               # transformer MLP hidden width / width
       dropout_rate=0.0,            # dropout on the MLP's hidden layer
-      num_classes=0,               # 0: unconditional; else class-conditional (+1 null class)
+      num_classes=0,               # 0: unconditional; else class-conditional (+1 null class);
+                                   # -1: the dataset's number of classes
       attention="auto",            # "auto" | "xla" | "cudnn" (the attention kernel)
       dtype="float32",             # compute dtype, "float32" | "bfloat16" (weights stay fp32)
   ))
@@ -72,9 +77,10 @@ def latent_model() -> ConfigDict:
   return ConfigDict(dict(
       name="latent",
       variant="XL/2",              # size table row "S|B|L|XL/patch", or "custom" (below)
-      input_size=32,               # latent side (image side / 8)
-      in_channels=4,               # latent channels
-      num_classes=1000,            # 0: unconditional; else class-conditional (+1 null class)
+      input_size=32,               # latent side (image side / 8); 0: the dataset's
+      in_channels=4,               # latent channels; 0: the dataset's
+      num_classes=1000,            # 0: unconditional; else class-conditional (+1 null class);
+                                   # -1: the dataset's number of classes
       learn_sigma=True,            # also predict the variance (must match diffusion.learn_sigma)
       window_size=0,               # TMSA window side in tokens; 0: the whole grid
       mlp_ratio=4.0,               # transformer MLP hidden width / width
@@ -99,8 +105,11 @@ def data_config() -> ConfigDict:
   return ConfigDict(dict(
       name="mnist_demo",           # "mnist_demo" | "tfds:NAME" | "folder:DIR" | "latents:DIR"
       split="train",               # tfds split
-      image_size=32,               # output side (center crop + resize); ignored for latents
-      channels=1,                  # 1 or 3; ignored for latents
+      image_size=32,               # output side; 0: the dataset's own; ignored for latents
+      channels=1,                  # 1 or 3 (grey is tiled, RGB reduced to luma); 0: the
+                                   # dataset's own; ignored for latents
+      allow_resize=False,          # True: images stored at another size than image_size are
+                                   # center-cropped and resized; False: such data is refused
       random_flip=False,           # random horizontal flip (latents: the stored mirror)
       shuffle=True,                # a fresh order of the records every epoch
       data_dir="",                 # tfds data_dir ("": tfds' default)
@@ -259,6 +268,67 @@ def check_config(config: Any) -> None:
   if missing:
     raise ConfigError(f"{missing[0]} is missing: a config starts from "
                       "diffit_jax.config_lib.base_config(), which declares every field.")
+
+
+# ----------------------------------------------------------------------------------------
+# Fields taken from the dataset.
+
+# Values that leave a field to the dataset, filled when training starts (`fill_from_data`):
+# a preset for one's own images (configs/custom_folder.py) then fits any resolution.
+FROM_DATA = {
+    "data.image_size": 0, "data.channels": 0,                  # the images as stored
+    "model.image_size": 0, "model.input_size": 0,              # the side config.data yields
+    "model.in_channels": 0, "model.out_channels": 0,           # its channels (out: in's)
+    "model.num_classes": -1,                                   # the dataset's classes
+}
+
+
+def left_to_data(config: Any) -> list[str]:
+  """The fields of `config` that hold their FROM_DATA value, as `config.a.b=v` strings."""
+  left = []
+  for path, value in FROM_DATA.items():
+    group, key = path.split(".")
+    if key in config[group] and config[group][key] == value:
+      left.append(f"config.{path}={value}")
+  return left
+
+
+def fill_from_data(config: Any, example_shape: tuple[int, int, int], num_classes: int
+                   ) -> list[str]:
+  """Sets the fields left to the dataset (FROM_DATA) in place; returns them, set.
+
+  Args:
+    config: a config; changed in place.
+    example_shape: (H, W, C) of one example as `config.data` yields it (images after their
+      center crop, or one latent).
+    num_classes: the dataset's number of classes (0: it has no labels).
+
+  Raises:
+    ConfigError: `config.model.num_classes=-1` for a dataset without classes.
+  """
+  h, _, c = (int(n) for n in example_shape)
+  data, model = config.data, config.model
+  is_latent_data = str(data.name).startswith("latents:")
+  wanted = {("data", "image_size"): None if is_latent_data else h,
+            ("data", "channels"): None if is_latent_data else c,
+            ("model", "image_size"): h, ("model", "input_size"): h,
+            ("model", "in_channels"): c, ("model", "num_classes"): num_classes}
+  filled = []
+  for (group, key), value in wanted.items():
+    if key in config[group] and value is not None and config[group][key] == FROM_DATA[
+        f"{group}.{key}"]:
+      if key == "num_classes" and not value:
+        raise ConfigError(
+            f"config.model.num_classes=-1 takes the classes of the dataset, but {data.name} has "
+            "none (its images were not in class sub-folders): train an unconditional model "
+            "(config.model.num_classes=0, config.diffusion.class_dropout_prob=0, "
+            "config.sampler.guidance.scale=1) or rebuild the dataset from class sub-folders.")
+      config[group][key] = value
+      filled.append(f"config.{group}.{key}={value}")
+  if "out_channels" in model and model.out_channels == FROM_DATA["model.out_channels"]:
+    model.out_channels = model.in_channels
+    filled.append(f"config.model.out_channels={model.out_channels}")
+  return filled
 
 
 # ----------------------------------------------------------------------------------------

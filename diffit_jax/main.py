@@ -97,15 +97,17 @@ def main(argv):
   user_errors = (config_lib.ConfigError, FileNotFoundError, train.NonFiniteLossError,
                  checkpoint.CorruptCheckpointError)
   try:
-    train.validate_config(config)
     if FLAGS.dry_run:
+      if config_lib.left_to_data(config):  # a dry run reads no data unless it must
+        train.fit_to_data(config)
+      train.validate_config(config)
       print(model_summary(config))
       if FLAGS.dry_run_memory:
         print(train_step_memory_summary(config, FLAGS.dry_run_devices))
       return
     if not FLAGS.workdir:
       sys.exit(cli.report_user_error("--workdir is required for training (or pass --dry_run)."))
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)  # checks data and config first
   except user_errors as e:
     sys.exit(cli.report_user_error(e))
 

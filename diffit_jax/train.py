@@ -131,6 +131,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   with the checks that need the devices or the data, before it writes anything.
   """
   config_lib.check_config(config)
+  left = config_lib.left_to_data(config)
+  if left:
+    raise ConfigError(
+        f"{', '.join(left)} leave these fields to the dataset, but they were not filled from "
+        "it: training fills them when it starts (python -m diffit_jax.main); to sample, pass "
+        "the run's --workdir, whose config.json holds them, or set them.")
   name = config.diffusion.name
   if name not in ("edm", "adm"):
     raise ConfigError(f"config.diffusion.name={name!r}; use 'edm' (image space) or 'adm' "
@@ -140,9 +146,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   p = float(config.diffusion.class_dropout_prob)
   if not 0.0 <= p < 1.0:
     raise ConfigError(f"config.diffusion.class_dropout_prob={p} must be in [0, 1).")
-  if p > 0 and not config.model.num_classes:
-    raise ConfigError("config.diffusion.class_dropout_prob > 0 needs a class-conditional model "
-                      "(config.model.num_classes > 0).")
+  scale = float(config.sampler.guidance.scale)
+  conditional_only = [f"{field}={off} (it is {value})" for field, value, off in (
+      ("config.diffusion.class_dropout_prob", p, 0), ("config.sampler.guidance.scale", scale, 1))
+                      if value != off]
+  if not config.model.num_classes and conditional_only:
+    raise ConfigError(
+        "An unconditional model (config.model.num_classes=0) has no class labels to drop or "
+        f"to guide with: set {' and '.join(conditional_only)}, or config.model.num_classes to "
+        "the number of classes for a class-conditional model.")
   learn_sigma = config.model.name == "latent" and config.model.learn_sigma
   if name == "adm" and bool(learn_sigma) != bool(config.diffusion.learn_sigma):
     raise ConfigError("config.model.learn_sigma and config.diffusion.learn_sigma must agree (the "
@@ -167,6 +179,70 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.every_steps and not (config.eval.inception and config.eval.reference):
     raise ConfigError("config.eval.every_steps > 0 needs config.eval.inception and "
                       "config.eval.reference (see python -m diffit_jax.evaluate), or set it to 0.")
+
+
+def fit_to_data(config: ml_collections.ConfigDict) -> Any:
+  """Fills the fields `config` leaves to the dataset; refuses data the model cannot take.
+
+  Reads the dataset's description only (a built dataset's `dataset_info.json`, the first
+  latent record); nothing is written or compiled. The fields holding their
+  `config_lib.FROM_DATA` value are set from it (`config_lib.fill_from_data`), then the run is
+  refused, with the fields to set, when:
+    * the stored images share one size other than `config.data.image_size` (they would be
+      silently up- or downscaled), unless `config.data.allow_resize`;
+    * the network's input differs from what `config.data` yields;
+    * a class-conditional model meets data without labels, or more classes than it has.
+
+  Returns:
+    The `data.DatasetInfo` of `config.data`.
+
+  Raises:
+    ConfigError: as above, or `config.data` names data that cannot be read.
+    FileNotFoundError: no dataset where `config.data.name` points.
+  """
+  config_lib.check_config(config)
+  # Imported here: the train step itself needs no input pipeline (see train_and_evaluate).
+  from diffit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    info = data_lib.get_dataset_info(config.data)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  filled = config_lib.fill_from_data(config, info.example_shape, info.num_classes)
+  if filled:
+    logging.info("From the dataset %s: %s.", config.data.name, ", ".join(filled))
+  data, model = config.data, config.model
+  if info.stored_shape is not None and not data.allow_resize:
+    (h, w, _), size = info.stored_shape, info.example_shape[0]
+    if (h, w) != (size, size):
+      how = "upscale" if size > min(h, w) else "center-crop and downscale"
+      fix = (f"set config.data.image_size={h} and config.model.image_size={h} (0 in both "
+             "takes the dataset's, as configs/custom_folder.py does)" if h == w else
+             "rebuild it square (python -m diffit_jax.data build --resolution=N)")
+      raise ConfigError(
+          f"{data.name} holds {h}x{w} images, but config.data.image_size={size} would {how} "
+          f"them: {fix}, or set config.data.allow_resize=True to resize them.")
+  want, have = tuple(models.input_shape(model)[1:]), tuple(info.example_shape)
+  if want != have:
+    side = "input_size" if model.name == "latent" else "image_size"
+    fix = " and ".join(f"config.model.{k}={v}" for k, v, old in (
+        (side, have[0], want[0]), ("in_channels", have[2], want[2])) if v != old)
+    raise ConfigError(
+        f"The model takes {'x'.join(map(str, want))} inputs, but {data.name} yields "
+        f"{'x'.join(map(str, have))} examples (H x W x C): set {fix}.")
+  num_classes = int(model.num_classes)
+  if num_classes and not info.num_classes:
+    raise ConfigError(
+        f"config.model.num_classes={num_classes} makes a class-conditional model, but "
+        f"{data.name} has no class labels: for an unconditional model set "
+        "config.model.num_classes=0, config.diffusion.class_dropout_prob=0 and "
+        "config.sampler.guidance.scale=1.")
+  if info.num_classes > num_classes > 0:
+    raise ConfigError(f"{data.name} has {info.num_classes} classes, more than "
+                      f"config.model.num_classes={num_classes}: set config.model.num_classes="
+                      f"{info.num_classes}.")
+  return info
 
 
 def _var_type(diffusion_config) -> str:
@@ -583,8 +659,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoint.CorruptCheckpointError: the workdir has checkpoints but none is intact.
   """
   # 1-3. Distributed initialisation, then everything checked before anything is written:
-  #      the config, the mesh against the devices, the data. ------------------------------
+  #      the data against the config (filling what it leaves to the data), the config, the
+  #      mesh against the devices. ---------------------------------------------------------
   initialize_distributed(config)
+  fit_to_data(config)  # the fields left to the dataset; data the model cannot take
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,7 +1,9 @@
 """Faults in configs and inputs, injected through the real command lines and the public API.
 
-A misspelt field, an unknown `:arg` variant, a wrong name or a batch the devices cannot
-split must be refused before anything is written, with one `error: ...` line and exit
+A misspelt field, an unknown `:arg` variant, a wrong name, a batch the devices cannot
+split or data the model cannot take (latents without labels for a class-conditional model,
+label dropout or guidance for an unconditional one) must be refused before anything is
+written or compiled, with one `error: ...` line and exit
 status 2; every field the schema (`diffit_jax.config_lib`) declares can be overridden on
 the command line, whether a config file sets it or not.
 """
@@ -12,9 +14,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from diffit_jax import config_lib, train
+from diffit_jax.data import latents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -159,6 +163,54 @@ def test_bad_values_are_refused_before_the_workdir(tmp_path, field, value):
                      ) as error:
     train.train_and_evaluate(config, str(workdir))
   assert str(value) in str(error.value) or field in str(error.value), error.value
+  assert not workdir.exists()
+
+
+LATENT = os.path.join(ROOT, "configs", "imagenet256_latent.py:runlocal")
+# configs/imagenet256_latent.py:runlocal with a 2-block network on 8x8x4 latents.
+TINY_LATENT_RUN = ["--config.model.variant=custom", "--config.model.depth=2",
+                   "--config.model.hidden_size=32", "--config.model.num_heads=2",
+                   "--config.model.patch_size=2", "--config.model.input_size=8",
+                   "--config.data.num_workers=0", "--config.batch_size=8",
+                   "--config.num_train_steps=1", "--config.sample_every_steps=0"]
+
+
+def unlabelled_latents(path) -> str:
+  """A latent dataset of 16 records of 8x8x4 latents without class labels (as `encode`
+  writes for a folder without class sub-folders)."""
+  rng = np.random.default_rng(0)
+  with latents.LatentShardWriter(str(path), 0, 1) as writer:
+    for _ in range(16):
+      writer.write(rng.normal(size=(2, 8, 8, 4)).astype(np.float16),
+                   np.full((2, 8, 8, 4), -2.0, np.float16))
+  latents.write_info(str(path), num_classes=0)
+  return str(path)
+
+
+@pytest.mark.parametrize("overrides, wanted", [
+    # The latent preset as it is: class-conditional, on data without labels.
+    ([], ["config.model.num_classes=0", "config.diffusion.class_dropout_prob=0",
+          "config.sampler.guidance.scale=1"]),
+    # Made unconditional: the label dropout and the guidance scale, in one line.
+    (["--config.model.num_classes=0"],
+     ["config.diffusion.class_dropout_prob=0 (it is 0.1)", "config.sampler.guidance.scale=1 (it "
+      "is 4.4)"]),
+    # Only the guidance scale left: named as the config field, not the sampler's argument.
+    (["--config.model.num_classes=0", "--config.diffusion.class_dropout_prob=0"],
+     ["config.sampler.guidance.scale=1 (it is 4.4)"]),
+    # Latents of another size than the model's: refused before the step is compiled.
+    (["--config.model.num_classes=0", "--config.diffusion.class_dropout_prob=0",
+      "--config.sampler.guidance.scale=1", "--config.model.input_size=16"],
+     ["config.model.input_size=8"]),
+], ids=["conditional", "dropout_and_guidance", "guidance", "latent_size"])
+def test_an_unconditional_latent_run_is_told_every_field_at_start(tmp_path, overrides, wanted):
+  data = unlabelled_latents(tmp_path / "latents")
+  workdir = tmp_path / "run"
+  error = user_error(run_cli("diffit_jax.main", f"--config={LATENT}", f"--workdir={workdir}",
+                             f"--config.data.name=latents:{data}", *TINY_LATENT_RUN, *overrides))
+  for field in wanted:
+    assert field in error, error
+  assert "guidance_scale=1" not in error, error
   assert not workdir.exists()
 
 

@@ -290,7 +290,8 @@ def test_pipeline_batches_shapes_range_and_values():
     np.testing.assert_array_equal(flat[index], image.reshape(-1))
     assert labels[index] == label
   info = pipeline.get_dataset_info(config)
-  assert info == pipeline.DatasetInfo(5000, 10, (32, 32, 3), tuple("0123456789"))
+  assert info == pipeline.DatasetInfo(5000, 10, (32, 32, 3), tuple("0123456789"),
+                                      stored_shape=(32, 32, 1))  # the digits as stored
 
 
 def test_pipeline_random_flip():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffit_jax import models
+from diffit_jax import config_lib, models
 from diffit_jax.config_lib import load_config
 from diffit_jax.models import cpu_kernels, embeddings, latent, tmsa
 
@@ -413,9 +413,11 @@ def test_exact_official_param_counts():
 def test_every_config_loads_and_builds(path):
   cfg = load_config(path)
   assert cfg.model.name in ("latent", "image")
+  config_lib.fill_from_data(cfg, (32, 32, 3), num_classes=10)  # what it leaves to the data
   model = nnx.eval_shape(lambda: models.build_model(cfg.model, rngs=nnx.Rngs(0)))
   assert models.count_params(model) > 0
   local = load_config(path + ":runlocal")  # the laptop variant builds for real and runs
+  config_lib.fill_from_data(local, (32, 32, 3), num_classes=10)
   model = models.build_model(local.model, rngs=nnx.Rngs(0))
   x = jnp.zeros(models.input_shape(local.model, 2))
   y = jnp.zeros((2,), jnp.int32) if local.model.get("num_classes", 0) else None

@@ -20,7 +20,11 @@ dataset. A build that was killed leaves its partial folder behind; the next buil
 DST removes every such folder whose writer (that PID on this host) is no longer running.
 
 Read the result with `tfds.builder_from_directory(dst).as_data_source()`, or train on it with
-`config.data.name = "folder:<dst>"` (see `pipeline.py`).
+`config.data.name = "folder:<dst>"` (see `pipeline.py`). Every record has one shape, the
+image feature's (H, W, C) in `features.json`; `metadata.json` (printed by `data info`)
+repeats it as `image_shape`, with the source, `resolution` (None: the images' own size),
+`channels`, the crop, `allow_upscale`, the skipped files and the images per class. A run
+with `config.data.image_size=0` takes its resolution from that shape (configs/custom_folder.py).
 """
 
 from __future__ import annotations
@@ -480,7 +484,8 @@ def build_folder_dataset(
   plan = _Plan(
       src=src, files=good, class_names=class_names, image_shape=(side_h, side_w, channels),
       resolution=resolution, strict=strict, num_threads=num_threads, skipped=list(problems),
-      metadata={"source": src, "resolution": resolution, "channels": channels,
+      metadata={"source": src, "image_shape": [side_h, side_w, channels],
+                "resolution": resolution, "channels": channels,
                 "center_crop": "adm" if resolution else None, "allow_upscale": allow_upscale})
 
   dataset_name = _dataset_name(dst, name)

@@ -24,10 +24,13 @@ Fields of `config.data` read here (declared, with their defaults, by the schema,
                           "tfds:imagenet2012" (see data_dir, manual_dir).
     "folder:DIR"          a dataset built by `python -m diffit_jax.data build --dst=DIR`.
     "latents:DIR"         pre-encoded VAE posteriors written by `python -m diffit_jax.encode`.
-  image_size: int, output side H = W. Images of another size go through ADM's center crop
-    (always the case for ImageNet). Ignored for latents (their shape is stored).
-  channels: int, 1 or 3; grey is tiled to RGB and RGB reduced to luma as needed.
-    Ignored for latents.
+  image_size: int, output side H = W; 0 takes the stored images' size (they must all share
+    one square size). Images of another size go through ADM's center crop (always the
+    case for ImageNet). Ignored for latents (their shape is stored).
+  channels: int, 1 or 3; grey is tiled to RGB and RGB reduced to luma as needed; 0 takes
+    the stored images' channels. Ignored for latents.
+  allow_resize: bool, read by the trainer (`train.fit_to_data`): unless True, a run whose
+    image_size differs from the size all stored images share is refused at start.
   split: str, the tfds split.
   random_flip: bool, random horizontal flip (latents: pick the stored mirror at
     random; latent configs want True).
@@ -76,6 +79,8 @@ class DatasetInfo:
   num_classes: int  # 0 when the data is unconditional (labels are then all 0).
   example_shape: tuple[int, int, int]  # (H, W, C) of one yielded "image".
   class_names: tuple[str, ...] = ()
+  # (H, W, C) of the stored images when they all share one size (None: they vary, or latents).
+  stored_shape: tuple[int, int, int] | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,14 +199,18 @@ def create_data_source(data_config: ml_collections.ConfigDict) -> tuple[Any, Dat
   kind, arg = _parse_name(data_config.name)
   size, channels = data_config.image_size, data_config.channels
   if kind != "latents":
-    if not isinstance(size, int) or size <= 0:
-      raise ValueError(f"config.data.image_size must be a positive int, got {size!r}.")
-    if channels not in (1, 3):
-      raise ValueError(f"config.data.channels must be 1 or 3 for images, got {channels!r}.")
+    if not isinstance(size, int) or size < 0:
+      raise ValueError(f"config.data.image_size must be a positive int (or 0: the dataset's "
+                       f"own), got {size!r}.")
+    if channels not in (0, 1, 3):
+      raise ValueError(f"config.data.channels must be 1 or 3 for images (or 0: the dataset's "
+                       f"own), got {channels!r}.")
   if kind == "mnist":
+    stored = (mnist.IMAGE_SIZE, mnist.IMAGE_SIZE, 1)
+    size, channels = size or stored[0], channels or stored[2]
     source = mnist.MnistDemoSource(channels)
     return source, DatasetInfo(len(source), mnist.NUM_CLASSES, (size, size, channels),
-                               tuple(str(i) for i in range(mnist.NUM_CLASSES)))
+                               tuple(str(i) for i in range(mnist.NUM_CLASSES)), stored)
   if kind == "latents":
     source = grain.sources.ArrayRecordDataSource(latents_lib.shard_paths(arg))
     if len(source) == 0:
@@ -220,7 +229,17 @@ def create_data_source(data_config: ml_collections.ConfigDict) -> tuple[Any, Dat
   label = features["label"] if "label" in features.keys() else None
   names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
   num_classes = label.num_classes if label is not None and hasattr(label, "num_classes") else 0
-  return source, DatasetInfo(len(source), num_classes, (size, size, channels), names)
+  shape = tuple(features["image"].shape) if "image" in features.keys() else (None, None, None)
+  stored = shape if None not in shape else None
+  if not size or not channels:  # the dataset's own size or channels
+    if not size and (stored is None or stored[0] != stored[1]):
+      raise ValueError(
+          f"config.data.image_size=0 takes the size of the dataset's images, but {arg} holds "
+          f"images of shape {shape} (H, W, C), not one square size: set config.data.image_size "
+          "(they are center-cropped to it), or build the dataset with `python -m "
+          "diffit_jax.data build --resolution=N`.")
+    size, channels = size or shape[0], channels or shape[2] or 3
+  return source, DatasetInfo(len(source), num_classes, (size, size, channels), names, stored)
 
 
 def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
