@@ -25,6 +25,8 @@ Example (the training loss of one batch, without the trainer):
   t = process.sample_t(t_rng, 8)                            # (B,) sigmas or steps
   noise = jax.random.normal(noise_rng, x0.shape)            # (B, H, W, C)
   loss, aux = process.loss(model, x0, y, t=t, noise=noise)  # (B,); loss.mean() trains
+
+(`nnx.jit(lambda m: process.loss(m, x0, y, t=t, noise=noise))(model)` compiles it once.)
 """
 
 from __future__ import annotations
