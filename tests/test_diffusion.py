@@ -503,3 +503,21 @@ def test_loss_with_given_t_and_noise_needs_no_rng(name):
     process.loss(model_fn, x0, None, t=t)
   with pytest.raises(ValueError, match=f"draws {level} and noise"):
     process.loss(model_fn, x0, None)
+
+
+def test_adm_schedule_is_built_on_first_use_outside_any_trace():
+  """`from_config` makes no arrays (a multi-process run checks its config before JAX starts);
+  the schedule, first needed inside one jitted function, serves the next one too."""
+  config = config_lib.base_config("latent")
+  config.diffusion.update(name="adm", learn_sigma=True, num_timesteps=100)
+  process = diffusion.from_config(config)
+  assert "schedule" not in vars(process)  # not built yet
+  model_fn = lambda x, t, y: jnp.concatenate([0.5 * x, jnp.tanh(x)], -1)
+  x0, noise, t = np.zeros((2, 2, 2, 2), np.float32), np.ones((2, 2, 2, 2), np.float32), [1, 50]
+  loss = lambda x0, t, noise: process.loss(model_fn, x0, None, t=t, noise=noise)[0]
+  first = jax.jit(loss)(x0, jnp.asarray(t), noise)
+  assert not isinstance(vars(process)["schedule"].betas, jax.core.Tracer)  # concrete
+  second = jax.jit(lambda *a: 2 * loss(*a))(x0, jnp.asarray(t), noise)
+  np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, process.schedule,
+               respace.create_schedule("linear", 100))

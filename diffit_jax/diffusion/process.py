@@ -9,7 +9,8 @@ samplers and users share:
          indices t in [0, T), hybrid L_simple + L_vlb loss [IDDPM Eq. 16] with the
          variance type that `config.diffusion.learn_sigma` implies.
 
-Both have `sample_t(rng, batch_size)` (the training distribution of noise levels) and
+`from_config` only reads and checks the config (no arrays are made). Both have
+`sample_t(rng, batch_size)` (the training distribution of noise levels) and
 `loss(model_fn, x0, y, *, t, noise)`, which returns the loss of every example; with `t`
 and `noise` given it needs no PRNG key. `model_fn(x, t_in, y)` is the network as the
 models define it, so a DiffiT model can be passed as it is.
@@ -32,6 +33,7 @@ Example (the training loss of one batch, without the trainer):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Union
 
 import jax
@@ -69,12 +71,22 @@ class EDM:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ADM:
   """ADM's Gaussian process: the training schedule and what the network predicts."""
-  schedule: gaussian.GaussianSchedule  # all T training steps (samplers respace it)
   beta_schedule: str = "linear"
   num_timesteps: int = 1000
   pred_type: str = "eps"               # "eps" | "x0" | "v"
   var_type: str = "fixed_large"        # "learned_range" with a learn_sigma network
   name: str = dataclasses.field(default="adm", init=False)
+
+  @functools.cached_property
+  def schedule(self) -> gaussian.GaussianSchedule:
+    """All T training steps (samplers respace them), as concrete arrays.
+
+    Built on first use, so that `from_config` touches no device (a multi-process run
+    validates its config before `jax.distributed.initialize`), and outside any trace,
+    so that one process serves any number of jitted functions.
+    """
+    with jax.ensure_compile_time_eval():
+      return create_schedule(self.beta_schedule, self.num_timesteps)
 
   def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
     """(B,) int32 steps, t ~ U{0, ..., T-1} [DDPM Alg. 1]."""
@@ -116,7 +128,7 @@ def from_config(config: ml_collections.ConfigDict) -> Diffusion:
     raise ValueError(f"config.diffusion.prediction={dif.prediction!r}; use one of "
                      f"{gaussian.PRED_TYPES}.")
   num_timesteps = int(dif.num_timesteps)
-  return ADM(schedule=create_schedule(dif.beta_schedule, num_timesteps),
-             beta_schedule=dif.beta_schedule, num_timesteps=num_timesteps,
+  gaussian.get_named_beta_schedule(dif.beta_schedule, num_timesteps)  # checks, in NumPy
+  return ADM(beta_schedule=dif.beta_schedule, num_timesteps=num_timesteps,
              pred_type=dif.prediction,
              var_type="learned_range" if dif.learn_sigma else "fixed_large")
