@@ -10,8 +10,8 @@ posterior each time (times 0.18215), so flips and the encoder's noise stay free.
 
 Images get ADM's center crop to `image_size`. The work is split over processes (each
 process takes every process_count-th record and writes its own shard file, so no two
-writers touch one file) and, within a process, over its local devices (the batch is
-sharded on a "data" mesh axis; the VAE is replicated). A shard file appears only when its
+writers touch one file) and, within a process, over its local devices (a data-parallel
+mesh of them: the batch is split, the VAE is replicated). A shard file appears only when its
 writer finishes; an interrupted encode is rerun from the start.
 """
 
@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from diffit_jax import cli
+from diffit_jax import cli, sharding
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import pipeline, transforms
 
@@ -52,9 +52,9 @@ def define_flags() -> None:
 def make_encoder(vae_path: str, mesh: Mesh):
   """A jitted (B, H, W, 3) [-1, 1] batch -> (mean, logvar), each (B, 2, h, w, 4)."""
   from diffit_jax.convert.vae import load_vae
-  vae = load_vae(vae_path, sharding=NamedSharding(mesh, P()))
+  vae = load_vae(vae_path, sharding=sharding.replicated(mesh))
   graphdef, state = nnx.split(vae)
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
 
   @jax.jit
   def encode(state, images):
@@ -73,7 +73,7 @@ def encode_dataset(data_config: ml_collections.ConfigDict, vae_path: str, dst: s
   total = min(info.num_examples, limit) if limit else info.num_examples
   process, num_processes = jax.process_index(), jax.process_count()
   indices = np.arange(process, total, num_processes)
-  mesh = Mesh(np.array(jax.local_devices()), ("data",))
+  mesh = sharding.create_mesh(devices=jax.local_devices())  # each process encodes alone
   batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the local devices
   encode = make_encoder(vae_path, mesh)
   prepare = pipeline.PrepareImage(data_config.image_size, 3)

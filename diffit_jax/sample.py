@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffit_jax import checkpoint, cli, config_lib, models, train
 from diffit_jax.diffusion import samplers
-from diffit_jax.sharding import to_host
+from diffit_jax.sharding import initialize_distributed, to_host
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
 FLAGS = flags.FLAGS
@@ -275,7 +275,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   """Samples `num_samples` images; returns the path of the `.npz` written.
 
   With several processes (`config.distributed` or `JAX_COORDINATOR_ADDRESS`, ...; see
-  `train.initialize_distributed`) every process runs this with the same arguments; the
+  `sharding.initialize_distributed`) every process runs this with the same arguments; the
   batches are sharded over all their devices, and the first process writes every file
   (the others return None).
 
@@ -290,7 +290,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     raise ValueError("--num_samples and --batch_size must be positive.")
   all_labels = draw_labels(labels, num_samples, config.model.get("num_classes", 0), seed)
 
-  train.initialize_distributed(config)  # several hosts: every process runs this same command
+  initialize_distributed(config)  # several hosts: every process runs this same command
   chief = jax.process_index() == 0  # gathers every batch and writes all files
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated = NamedSharding(mesh, P())

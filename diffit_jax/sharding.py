@@ -1,4 +1,10 @@
-"""The device mesh and how arrays are laid out on it.
+"""The device mesh, how arrays are laid out on it, and the processes that share it.
+
+This module owns the mesh axis names (defined here once), mesh creation and the
+multi-process start-up (`initialize_distributed`). Library code (the trainer, samplers,
+the Inception feature extractor, the VAE encoder) takes a mesh as an argument and
+shards batches with `batch_sharding(mesh)`; commands without a config (encode,
+evaluate) use `create_mesh()`, data parallelism over every device.
 
 One mesh, built once from `config.mesh`, with two axes:
 
@@ -16,6 +22,8 @@ along their largest dimension that the axis size divides (big_vision's "fsdp" ru
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import jax
@@ -32,6 +40,39 @@ MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Calls `jax.distributed.initialize` when the run spans several processes.
+
+  The coordinator comes from `config.distributed.coordinator_address` or the environment
+  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`);
+  `config.distributed.auto=True` lets JAX detect the cluster (TPU pods, SLURM, ...).
+  Must run before anything touches a JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return
+  dist = config.distributed
+  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = dist.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+  process_id = dist.process_id
+  if process_id < 0:
+    process_id = os.environ.get("JAX_PROCESS_ID")
+  if address:
+    if num_processes is None or process_id is None:
+      raise ValueError(
+          f"A coordinator address ({address}) is set but not the number of processes and this "
+          "process's id; set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/"
+          "JAX_PROCESS_ID.")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
+                               process_id=int(process_id))
+  elif dist.auto:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
 def get_default_mesh_config() -> ml_collections.ConfigDict:
   """`config.mesh`'s defaults: data parallel over every device (`data=-1` takes what is left)."""
   return config_lib.mesh_config()
@@ -39,6 +80,10 @@ def get_default_mesh_config() -> ml_collections.ConfigDict:
 
 def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
   """Builds the ("data", "fsdp") mesh that `config.mesh` describes.
+
+  `create_mesh()` is the mesh of a command that has no config: pure data parallelism
+  over every device; `create_mesh(devices=jax.local_devices())` the same over this
+  process's devices only.
 
   Args:
     mesh_config: `config.mesh` with `data` and `fsdp` axis sizes; -1 in one of them
@@ -68,12 +113,38 @@ def create_mesh(mesh_config: Any = None, devices: Any = None) -> Mesh:
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The axes of `mesh` that split a batch: ("data", "fsdp"), or those of them it has."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f"The mesh has axes {tuple(mesh.axis_names)} but none of {BATCH_AXES} to "
+                     "split a batch over; build it with diffit_jax.sharding.create_mesh.")
+  return axes
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  """How many pieces `batch_sharding(mesh)` cuts a batch into (batches must be a multiple)."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every device; the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Leading (batch) axis split over the data axes ("data", "fsdp"); the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def constrain_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
+  """Inside jit: keeps x's leading (batch) axis split as `batch_sharding(mesh)` says.
+
+  Works for meshes with Auto axes (a sharding constraint) and Explicit ones (a reshard).
+  """
+  sharding = batch_sharding(mesh)
+  if mesh.axis_types and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (weights of data-parallel runs, scalars)."""
   return NamedSharding(mesh, P())
 
 

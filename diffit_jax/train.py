@@ -2,7 +2,8 @@
 
 Reads top to bottom in the order a run happens:
 
-  1. distributed   `jax.distributed.initialize` when the run spans several processes.
+  1. distributed   `jax.distributed.initialize` when the run spans several processes
+                   (`diffit_jax.sharding.initialize_distributed`).
   2. mesh          one ("data", "fsdp") mesh from `config.mesh` (`diffit_jax.sharding`).
   3. data          this process's shard of the grain pipeline (`diffit_jax.data`).
   4. model + opt   the network split once (`nnx.split`) into a graph and a pure dict of
@@ -80,43 +81,6 @@ class TrainState(NamedTuple):
 class NonFiniteLossError(FloatingPointError):
   """The loss or the state became NaN or Inf; the message names the steps and the last good
   checkpoint."""
-
-
-# ----------------------------------------------------------------------------------------
-# 1. Distributed initialisation.
-
-
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Calls `jax.distributed.initialize` when the run spans several processes.
-
-  The coordinator comes from `config.distributed.coordinator_address` or the environment
-  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`);
-  `config.distributed.auto=True` lets JAX detect the cluster (TPU pods, SLURM, ...).
-  Must run before anything touches a JAX device.
-  """
-  if jax.distributed.is_initialized():
-    return
-  dist = config.distributed
-  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = dist.num_processes or os.environ.get("JAX_NUM_PROCESSES")
-  process_id = dist.process_id
-  if process_id < 0:
-    process_id = os.environ.get("JAX_PROCESS_ID")
-  if address:
-    if num_processes is None or process_id is None:
-      raise ValueError(
-          f"A coordinator address ({address}) is set but not the number of processes and this "
-          "process's id; set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/"
-          "JAX_PROCESS_ID.")
-    jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
-                               process_id=int(process_id))
-  elif dist.auto:
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,15 +209,6 @@ def fit_to_data(config: ml_collections.ConfigDict) -> Any:
   return info
 
 
-def _var_type(diffusion_config) -> str:
-  return "learned_range" if diffusion_config.learn_sigma else "fixed_large"
-
-
-def _adm_schedule(diffusion_config) -> diffusion.GaussianSchedule:
-  return diffusion.create_schedule(diffusion_config.beta_schedule,
-                                   int(diffusion_config.num_timesteps))
-
-
 def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig:
   """The `diffusion.SamplerConfig` that `config.sampler` (with the model and diffusion) means.
 
@@ -271,7 +226,7 @@ def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig
   else:
     kwargs.update(formulation="adm", beta_schedule=dif.beta_schedule,
                   diffusion_steps=int(dif.num_timesteps), pred_type=dif.prediction,
-                  var_type=_var_type(dif), eta=float(s.eta), clip_denoised=bool(s.clip_denoised))
+                  var_type=diffusion.from_config(config).var_type, eta=float(s.eta), clip_denoised=bool(s.clip_denoised))
   return diffusion.SamplerConfig(**kwargs)
 
 
@@ -329,24 +284,17 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, *,
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any) -> Callable:
   """`loss_fn(params, x0, y, noise, level, dropout_rng) -> (loss, metrics)` for one (sub)batch.
 
-  `level` is EDM's sigma or ADM's timestep index; the per-example losses are averaged.
+  The batch mean of `diffusion.from_config(config).loss` at noise levels `level` (EDM's
+  sigma or ADM's step index), for the pure-dict weights `params` the step differentiates.
   """
-  dif = config.diffusion
+  process = diffusion.from_config(config)
 
   @jax.named_scope("diffusion_loss")
   def loss_fn(params, x0, y, noise, level, dropout_rng):
     model = nnx.merge(graphdef, params)
     net = lambda x, t, labels: model(x, t, labels, rng=dropout_rng)
-    if dif.name == "edm":
-      per_example, aux = diffusion.edm_loss(
-          net, x0, y, dropout_rng, sigma=level, noise=noise,
-          sigma_data=float(dif.sigma_data))
-      metrics = {"mse": aux["mse"].mean()}
-    else:
-      per_example, aux = diffusion.adm_loss(
-          _adm_schedule(dif), net, x0, y, dropout_rng, t=level, noise=noise,
-          pred_type=dif.prediction, var_type=_var_type(dif))
-      metrics = {"mse": aux["mse"].mean(), "vb": aux["vb"].mean()}
+    per_example, aux = process.loss(net, x0, y, t=level, noise=noise)
+    metrics = {k: aux[k].mean() for k in ("mse", "vb") if k in aux}
     loss = per_example.mean()
     return loss, {"loss": loss, **metrics}
 
@@ -356,21 +304,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any) -> Callable:
 def draw_step_randomness(config: ml_collections.ConfigDict, rng: jax.Array,
                          batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, Any]:
   """(noise, noise level, labels after label dropout) for the whole global batch."""
-  dif = config.diffusion
   x0 = batch["image"]
   b = x0.shape[0]
   noise_rng, level_rng, label_rng = jax.random.split(rng, 3)
   noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, H, W, C)
-  if dif.name == "edm":
-    level = diffusion.sample_training_sigmas(level_rng, b, float(dif.p_mean),
-                                             float(dif.p_std))  # (B,) sigma
-  else:
-    level = diffusion.sample_timesteps(level_rng, b, int(dif.num_timesteps))  # (B,)
+  level = diffusion.from_config(config).sample_t(level_rng, b)  # (B,) sigma or step index
   num_classes = int(config.model.num_classes)
   if not num_classes:
     return noise, level, None
   labels = batch["label"].astype(jnp.int32)  # (B,)
-  p = float(dif.class_dropout_prob)
+  p = float(config.diffusion.class_dropout_prob)
   if p > 0:  # classifier-free guidance training: the null class is id num_classes
     labels = jnp.where(jax.random.bernoulli(label_rng, p, (b,)), num_classes, labels)
   return noise, level, labels
@@ -661,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # 1-3. Distributed initialisation, then everything checked before anything is written:
   #      the data against the config (filling what it leaves to the data), the config, the
   #      mesh against the devices. ---------------------------------------------------------
-  initialize_distributed(config)
+  sharding_lib.initialize_distributed(config)
   fit_to_data(config)  # the fields left to the dataset; data the model cannot take
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.

@@ -1,10 +1,10 @@
 """Diffusion processes against independent references: closed-form NumPy, diffusers, ADM.
 
-Covers `diffit_jax.diffusion.{gaussian,respace,edm,guidance}`: beta schedules and posterior
+Covers `diffit_jax.diffusion.{gaussian,respace,edm,guidance,process}`: beta schedules and posterior
 coefficients (closed form and diffusers' DDPMScheduler / DDIMScheduler, including a
 learned-range step), ADM's `space_timesteps` examples, the hybrid loss against a float64
 NumPy transcription of ADM's `training_losses`, EDM preconditioning and loss, and the guidance
-weights and channel selection.
+weights and channel selection, and the process `from_config` builds from a run config.
 """
 
 import math
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffit_jax import config_lib, diffusion
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
 
 # ----------------------------------------------------------------------------------------------
@@ -430,3 +431,93 @@ def test_power_cosine_math_matches_mdt_expression():
   for t in (0, 123, 999):
     step = (1 - math.cos(((1 - t / 1000) ** 4) * math.pi)) * 1 / 2
     assert abs(float(guidance.power_cosine_weight(t, 4.6)) - ((4.6 - 1) * step + 1)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The process a config describes.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_from_config_builds_the_configured_process():
+  config = config_lib.base_config("image")
+  config.diffusion.update(sigma_data=0.6, p_mean=-1.0, p_std=1.5)
+  process = diffusion.from_config(config)
+  assert isinstance(process, diffusion.EDM) and process.name == "edm"
+  assert (process.sigma_data, process.p_mean, process.p_std) == (0.6, -1.0, 1.5)
+  np.testing.assert_array_equal(
+      process.sample_t(jax.random.key(1), 16),
+      edm.sample_training_sigmas(jax.random.key(1), 16, -1.0, 1.5))
+
+  config = config_lib.base_config("latent")
+  config.diffusion.update(name="adm", beta_schedule="cosine", num_timesteps=50,
+                          prediction="v", learn_sigma=True)
+  process = diffusion.from_config(config)
+  assert isinstance(process, diffusion.ADM) and process.name == "adm"
+  assert (process.var_type, process.pred_type, process.num_timesteps) == ("learned_range", "v", 50)
+  jax.tree.map(np.testing.assert_array_equal, process.schedule,
+               respace.create_schedule("cosine", 50))
+  t = np.asarray(process.sample_t(jax.random.key(0), 1000))
+  assert t.dtype == np.int32 and t.min() == 0 and t.max() == 49
+  config.diffusion.learn_sigma = False
+  assert diffusion.from_config(config).var_type == "fixed_large"
+
+  for field, value, match in (("name", "ddpm", "'edm', 'adm'"), ("prediction", "score", "eps"),
+                              ("beta_schedule", "sigmoid", "cosine")):
+    bad = config_lib.base_config("latent")
+    bad.diffusion.update(name="adm")
+    bad.diffusion[field] = value
+    with pytest.raises(ValueError, match=match):
+      diffusion.from_config(bad)
+
+
+@pytest.mark.parametrize("name", ["edm", "adm"])
+def test_loss_with_given_t_and_noise_needs_no_rng(name):
+  config = config_lib.base_config("image" if name == "edm" else "latent")
+  config.diffusion.update(name=name, learn_sigma=name == "adm", num_timesteps=100)
+  process = diffusion.from_config(config)
+  channels = 2
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(np.clip(rng.standard_normal((4, 4, 4, channels)), -1, 1), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+  t = process.sample_t(jax.random.key(2), 4)
+
+  def model_fn(x, t_in, y):  # (B,H,W,C) -> (B,H,W,C), or 2C for the learned variance
+    del y
+    out = 0.7 * x + 0.01 * t_in.astype(jnp.float32)[:, None, None, None]
+    return jnp.concatenate([out, jnp.tanh(x)], -1) if name == "adm" else out
+
+  loss, aux = process.loss(model_fn, x0, None, t=t, noise=noise)  # no rng
+  assert loss.shape == (4,) and np.all(np.isfinite(np.asarray(loss)))
+  with_rng, _ = process.loss(model_fn, x0, None, t=t, noise=noise, rng=jax.random.key(9))
+  np.testing.assert_array_equal(loss, with_rng)
+  raw = (gaussian.adm_loss(process.schedule, model_fn, x0, None, t=t, noise=noise,
+                           var_type="learned_range") if name == "adm" else
+         edm.edm_loss(model_fn, x0, None, sigma=t, noise=noise))
+  np.testing.assert_array_equal(loss, raw[0])
+  assert set(aux) == ({"mse", "vb", "t"} if name == "adm" else {"mse", "sigma"})
+  # What is not given is drawn from rng, and a missing rng says what to pass.
+  drawn, _ = process.loss(model_fn, x0, None, t=t, rng=jax.random.key(3))
+  assert drawn.shape == (4,) and not np.array_equal(drawn, loss)
+  level = "t" if name == "adm" else "sigma"
+  with pytest.raises(ValueError, match=f"draws noise from rng.*both {level} and noise"):
+    process.loss(model_fn, x0, None, t=t)
+  with pytest.raises(ValueError, match=f"draws {level} and noise"):
+    process.loss(model_fn, x0, None)
+
+
+def test_adm_schedule_is_built_on_first_use_outside_any_trace():
+  """`from_config` makes no arrays (a multi-process run checks its config before JAX starts);
+  the schedule, first needed inside one jitted function, serves the next one too."""
+  config = config_lib.base_config("latent")
+  config.diffusion.update(name="adm", learn_sigma=True, num_timesteps=100)
+  process = diffusion.from_config(config)
+  assert "schedule" not in vars(process)  # not built yet
+  model_fn = lambda x, t, y: jnp.concatenate([0.5 * x, jnp.tanh(x)], -1)
+  x0, noise, t = np.zeros((2, 2, 2, 2), np.float32), np.ones((2, 2, 2, 2), np.float32), [1, 50]
+  loss = lambda x0, t, noise: process.loss(model_fn, x0, None, t=t, noise=noise)[0]
+  first = jax.jit(loss)(x0, jnp.asarray(t), noise)
+  assert not isinstance(vars(process)["schedule"].betas, jax.core.Tracer)  # concrete
+  second = jax.jit(lambda *a: 2 * loss(*a))(x0, jnp.asarray(t), noise)
+  np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, process.schedule,
+               respace.create_schedule("linear", 100))

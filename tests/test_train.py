@@ -22,8 +22,10 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
+from flax import nnx
+
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import config_lib, evaluation, logging_utils, models, optim, train
+from diffit_jax import config_lib, diffusion, evaluation, logging_utils, models, optim, train
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import load_config
 from diffit_jax.data import latents
@@ -166,6 +168,41 @@ def test_label_dropout_uses_the_null_class():
   np.testing.assert_array_equal(labels[~dropped], np.arange(4000)[~dropped] % 10)
   assert noise.shape == (4000, 2, 2, 1) and sigma.shape == (4000,)
   np.testing.assert_allclose(np.log(np.asarray(sigma)).mean(), -1.2, atol=0.1)  # ln s ~ N(-1.2, 1.2^2)
+
+
+@pytest.mark.parametrize("name", ["edm", "adm"])
+def test_public_loss_is_the_trainers_loss(name):
+  """`diffusion.from_config(config).loss`, used as a user would (no trainer, no rng), gives
+  per-example terms whose mean is the loss the train step differentiates."""
+  if name == "edm":
+    config = tiny_config()
+  else:
+    config = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"))
+    config.model.update(variant="custom", depth=2, hidden_size=32, num_heads=2, patch_size=2,
+                        input_size=8, num_classes=3)
+  # The user's side: a model, the process, the batch's noise levels and noise.
+  model = models.build_model(config.model, rngs=nnx.Rngs(params=config.seed))
+  process = diffusion.from_config(config)
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, models.input_shape(config.model, 8)),
+                   jnp.float32)
+  y = jnp.arange(8) % config.model.num_classes
+  t_rng, noise_rng = jax.random.split(jax.random.key(0))
+  t = process.sample_t(t_rng, 8)
+  noise = jax.random.normal(noise_rng, x0.shape)
+  per_example, aux = nnx.jit(lambda m: process.loss(m, x0, y, t=t, noise=noise))(model)
+  assert per_example.shape == (8,) and aux["mse"].shape == (8,)
+
+  # The trainer's side: its loss function on the same weights and batch.
+  mesh = sharding_lib.create_mesh(devices=jax.devices()[:1])
+  setup, _ = train.create_train_state(config, mesh, initialize=False)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  loss_fn = jax.jit(train.make_loss_fn(config, setup.graphdef))
+  loss, metrics = loss_fn(params, x0, y, noise, t, jax.random.key(1))
+  np.testing.assert_allclose(float(loss), float(per_example.mean()), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["mse"]), float(aux["mse"].mean()), rtol=1e-6)
+  if name == "adm":
+    assert float(metrics["vb"]) > 0
+    np.testing.assert_allclose(float(metrics["vb"]), float(aux["vb"].mean()), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Diffusion processes, losses and samplers as pure functions on arrays (no networks).
 
+`from_config(config)` (in `process`) is the one entry point from a run config: the EDM or
+ADM process with its schedule, variance type, training noise levels and per-example loss.
 `gaussian` (ADM/IDDPM, the latent DiffiT models), `respace` (ADM timestep respacing), `edm`
 (Karras et al. 2022, the image-space models), `guidance` (classifier-free guidance as DiffiT
 applies it) and `samplers` (compiled, sharded sampling loops).
@@ -16,19 +18,20 @@ from diffit_jax.diffusion.gaussian import (GaussianSchedule, PMeanVariance, adm_
                                            schedule_from_betas, vb_terms_bpd)
 from diffit_jax.diffusion.guidance import (Guidance, cfg_forward, combine_cfg, guidance_weight,
                                            power_cosine_weight)
+from diffit_jax.diffusion.process import ADM, EDM, Diffusion, from_config
 from diffit_jax.diffusion.respace import create_schedule, respace_betas, space_timesteps
 from diffit_jax.diffusion.samplers import (EDM_HEUN_18, OFFICIAL_256, OFFICIAL_512, Sampler,
                                            SamplerConfig, ddim_step, ddpm_step, make_sampler,
                                            nnx_apply_fn)
 
 __all__ = [
-    "EDM_HEUN_18", "OFFICIAL_256", "OFFICIAL_512", "GaussianSchedule", "Guidance",
-    "PMeanVariance", "Sampler", "SamplerConfig", "adm_loss", "cfg_forward", "combine_cfg",
-    "create_schedule", "ddim_step", "ddpm_step", "discretized_gaussian_log_likelihood",
-    "edm_denoise", "edm_loss", "edm_loss_weight", "edm_precond", "get_named_beta_schedule",
-    "guidance_weight", "karras_sigmas", "make_sampler", "mean_flat", "nnx_apply_fn",
-    "normal_kl", "p_mean_variance", "power_cosine_weight", "predict_eps_from_x0",
-    "predict_x0_from_eps", "predict_x0_from_v", "q_posterior_mean_variance", "q_sample",
-    "respace_betas", "sample_timesteps", "sample_training_sigmas", "schedule_from_betas",
-    "space_timesteps", "vb_terms_bpd",
+    "ADM", "EDM", "EDM_HEUN_18", "OFFICIAL_256", "OFFICIAL_512", "Diffusion",
+    "GaussianSchedule", "Guidance", "PMeanVariance", "Sampler", "SamplerConfig", "adm_loss",
+    "cfg_forward", "combine_cfg", "create_schedule", "ddim_step", "ddpm_step",
+    "discretized_gaussian_log_likelihood", "edm_denoise", "edm_loss", "edm_loss_weight",
+    "edm_precond", "from_config", "get_named_beta_schedule", "guidance_weight", "karras_sigmas",
+    "make_sampler", "mean_flat", "nnx_apply_fn", "normal_kl", "p_mean_variance",
+    "power_cosine_weight", "predict_eps_from_x0", "predict_x0_from_eps", "predict_x0_from_v",
+    "q_posterior_mean_variance", "q_sample", "respace_betas", "sample_timesteps",
+    "sample_training_sigmas", "schedule_from_betas", "space_timesteps", "vb_terms_bpd",
 ]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffit_jax.diffusion.gaussian import mean_flat, per_example
+from diffit_jax.diffusion.gaussian import loss_keys, mean_flat, per_example
 
 # net_fn(x_in (B,H,W,C), c_noise (B,) float, y (B,) int or None) -> F (B,H,W,C).
 NetFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -83,7 +83,7 @@ def edm_loss_weight(sigma: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Arr
   return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-def edm_loss(net_fn: NetFn, x0: jax.Array, y: Any, rng: jax.Array, *,
+def edm_loss(net_fn: NetFn, x0: jax.Array, y: Any, rng: jax.Array | None = None, *,
              sigma: jax.Array | None = None, noise: jax.Array | None = None,
              p_mean: float = P_MEAN, p_std: float = P_STD, sigma_data: float = SIGMA_DATA
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -97,7 +97,7 @@ def edm_loss(net_fn: NetFn, x0: jax.Array, y: Any, rng: jax.Array, *,
     net_fn: the raw network F, `net_fn(x_in, c_noise, y)`.
     x0: (B, H, W, C) clean data (scaled to about [-1, 1]).
     y: (B,) labels or None.
-    rng: PRNG key for sigma and the noise.
+    rng: PRNG key for sigma and the noise; None when both are given.
     sigma: optional (B,) sigmas instead of sampling them.
     noise: optional (B, H, W, C) standard normal noise instead of sampling it.
     p_mean, p_std: log-normal sigma distribution.
@@ -106,7 +106,7 @@ def edm_loss(net_fn: NetFn, x0: jax.Array, y: Any, rng: jax.Array, *,
   Returns:
     ((B,) weighted loss per example, aux dict with (B,) "sigma" and the unweighted "mse").
   """
-  sigma_rng, noise_rng = jax.random.split(rng)
+  sigma_rng, noise_rng = loss_keys(rng, sigma, noise, "sigma")
   # 1. ln sigma ~ N(P_mean, P_std^2).
   if sigma is None:
     sigma = sample_training_sigmas(sigma_rng, x0.shape[0], p_mean, p_std)

@@ -407,8 +407,25 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jax
   return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
 
 
+def loss_keys(rng: jax.Array | None, level: jax.Array | None, noise: jax.Array | None,
+              level_name: str) -> tuple[jax.Array | None, jax.Array | None]:
+  """(level key, noise key) for a loss that draws what it is not given.
+
+  Given both the noise level and the noise, a loss draws nothing and needs no key.
+  """
+  if level is not None and noise is not None:
+    return None, None
+  if rng is None:
+    missing = " and ".join(n for n, v in ((level_name, level), ("noise", noise)) if v is None)
+    raise ValueError(f"The loss draws {missing} from rng, but rng is None; pass rng, or pass "
+                     f"both {level_name} and noise.")
+  level_rng, noise_rng = jax.random.split(rng)
+  return level_rng, noise_rng
+
+
 def adm_loss(schedule: GaussianSchedule, model_fn: ModelFn, x0: jax.Array, y: Any,
-             rng: jax.Array, *, t: jax.Array | None = None, noise: jax.Array | None = None,
+             rng: jax.Array | None = None, *, t: jax.Array | None = None,
+             noise: jax.Array | None = None,
              pred_type: str = "eps", var_type: str = "learned_range",
              rescale_vb: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The ADM/IDDPM training loss (`training_losses` with loss_type MSE): L_simple + L_vlb.
@@ -422,7 +439,7 @@ def adm_loss(schedule: GaussianSchedule, model_fn: ModelFn, x0: jax.Array, y: An
     model_fn: `model_fn(x_t, t_original, y)`; returns (B,H,W,2C) for learned_range.
     x0: (B, H, W, C) clean data (latents for the latent model).
     y: (B,) class labels (dropped to the null class by the caller or model), or None.
-    rng: PRNG key for t and the noise.
+    rng: PRNG key for t and the noise; None when both are given.
     t: optional (B,) step indices instead of sampling them.
     noise: optional (B, H, W, C) noise instead of sampling it.
     pred_type: "eps", "x0" or "v"; the MSE target follows it.
@@ -432,7 +449,7 @@ def adm_loss(schedule: GaussianSchedule, model_fn: ModelFn, x0: jax.Array, y: An
   Returns:
     ((B,) loss per example, aux dict of (B,) "mse", "vb" and "t").
   """
-  t_rng, noise_rng = jax.random.split(rng)
+  t_rng, noise_rng = loss_keys(rng, t, noise, "t")
   # 1. t ~ U{0..T-1} [DDPM Alg. 1] and eps ~ N(0, I).
   if t is None:
     t = sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)

@@ -208,8 +208,9 @@ class Evaluator:
       inception: a converted Inception checkpoint folder, or the model itself.
       reference: path (see `load_reference`) or precomputed `ReferenceStats`.
       cache_path: file caching computed reference statistics; None disables it.
-      batch_size: global Inception batch size (a multiple of the 'data' axis size).
-      mesh: mesh with a 'data' axis; default all devices.
+      batch_size: global Inception batch size (a multiple of the devices `mesh` splits a
+        batch over).
+      mesh: the run's mesh (`diffit_jax.sharding.create_mesh`); default all devices.
       progress: show progress bars.
     """
     if isinstance(inception, str):

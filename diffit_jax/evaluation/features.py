@@ -1,12 +1,12 @@
-"""Batched Inception feature extraction, jitted once and sharded over a 'data' mesh axis.
+"""Batched Inception feature extraction, jitted once and sharded over the mesh's data axes.
 
 `FeatureExtractor` turns a stream of NHWC image batches (uint8 in [0, 255], any size
 and any batch length) into `Activations`: the three feature sets the ADM evaluator
 reads (pool_3, mixed_6/conv, logits). Batches are re-cut to one fixed global batch
 size so the network compiles once per image size; the last batch is padded and the
-padding dropped again. The model is replicated and each batch split along the mesh
-axis 'data' (other mesh axes replicate), so the same object serves a laptop, one GPU
-or the trainer's mesh. In a multi-process run every process feeds its own images, and
+padding dropped again. The model is replicated and each batch split over the mesh's
+data axes (`diffit_jax.sharding.batch_sharding`), so the same object serves a laptop,
+one GPU or the trainer's mesh. In a multi-process run every process feeds its own images, and
 every process must feed the same number of batches; each receives all features.
 """
 
@@ -19,11 +19,9 @@ from typing import Iterable, Iterator, NamedTuple
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffit_jax import sharding
 from diffit_jax.models.inception import InceptionV3, NUM_CLASSES, POOL_DIM, SPATIAL_DIM
-
-DATA_AXIS = "data"
 
 
 class Activations(NamedTuple):
@@ -34,12 +32,6 @@ class Activations(NamedTuple):
 
   def __len__(self) -> int:
     return len(self.pool)
-
-
-def default_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices with the single axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _check_images(batch: np.ndarray, warned: list[bool]) -> np.ndarray:
@@ -99,21 +91,21 @@ class FeatureExtractor:
 
     Args:
       model: the FID Inception (`diffit_jax.convert.inception.load_inception`).
-      batch_size: global images per forward pass; a multiple of the mesh's 'data' size.
-      mesh: mesh with a 'data' axis; default all devices on one 'data' axis.
+      batch_size: global images per forward pass; a multiple of the number of devices
+        the mesh splits a batch over (`sharding.num_batch_shards`).
+      mesh: the run's mesh (`diffit_jax.sharding.create_mesh`); default: data
+        parallelism over all devices.
     """
-    mesh = mesh or default_mesh()
-    if DATA_AXIS not in mesh.axis_names:
-      raise ValueError(f"the mesh needs a {DATA_AXIS!r} axis, it has {mesh.axis_names}")
-    shards = mesh.shape[DATA_AXIS]
+    mesh = mesh or sharding.create_mesh()
+    shards = sharding.num_batch_shards(mesh)
     if batch_size < 1 or batch_size % shards or batch_size % jax.process_count():
-      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the size of the "
-                       f"mesh axis {DATA_AXIS!r} ({shards}) and of the process count "
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the {shards} "
+                       f"devices the mesh splits a batch over and of the process count "
                        f"({jax.process_count()}).")
     self.batch_size = batch_size
     self._local_batch = batch_size // jax.process_count()
-    self._data = NamedSharding(mesh, P(DATA_AXIS))
-    self._replicated = NamedSharding(mesh, P())
+    self._data = sharding.batch_sharding(mesh)
+    self._replicated = sharding.replicated(mesh)
     self._graphdef, state = nnx.split(model)
     self._state = jax.device_put(state, self._replicated)
 
