@@ -126,6 +126,10 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
   try:
     rest = parse_flags([prog, *argv], flag_values)
   except UsageError as e:
+    words = [a for a in argv if not a.startswith("-")]
+    missing = re.fullmatch(r"--(\w+) is required", str(e))
+    if missing and words:  # e.g. the positional argument of an earlier version
+      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
     _usage_error(prog, e)
   if rest[1:]:
     _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
