@@ -91,8 +91,15 @@ def _usage_error(prog: str, message: Any) -> NoReturn:
 
 
 def _summary(doc: str) -> str:
-  """A docstring's first paragraph: what `--help` shows above the flags."""
-  return doc.strip().split("\n\n")[0]
+  """What `--help` shows above the flags: a docstring's first paragraph and its examples
+  (the indented paragraphs right after it)."""
+  first, *rest = doc.strip().split("\n\n")
+  shown = [first]
+  for paragraph in rest:
+    if not paragraph.startswith(" "):
+      break
+    shown.append(paragraph)
+  return "\n\n".join(shown)
 
 
 def run_command(argv: Sequence[str], *, prog: str, doc: str,
