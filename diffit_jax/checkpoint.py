@@ -44,6 +44,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffit_jax import logging_utils
+
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
 
@@ -476,6 +478,11 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     raise FileNotFoundError(
         f"{workdir} holds no training checkpoints (no {TRAIN_CHECKPOINT_DIR}/ folder); pass "
         "the --workdir of a `python -m diffit_jax.main` run.")
+  # Orbax warns about every item this reader leaves alone (train state, data iterator):
+  # 'Item "train_state" was found in the checkpoint, but could not be restored'. Expected
+  # here, so that one message is dropped while this function runs.
+  unread_items_note = logging_utils.DropMessages('Item "%s" was found in the checkpoint')
+  logging.getLogger("absl").addFilter(unread_items_note)
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
@@ -514,4 +521,5 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
       raise CorruptCheckpointError(f"No usable EMA weights in {directory} ({reasons}).")
   finally:
     manager.close()
+    logging.getLogger("absl").removeFilter(unread_items_note)
   return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])

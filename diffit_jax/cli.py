@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
+import os
 import re
 import sys
 from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
@@ -22,8 +24,37 @@ from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 USER_ERROR_STATUS = 2  # The status for bad arguments (argparse's too), used for every user error.
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
+# tfds's note when it decodes images with PIL (see `quiet_library_noise`).
+TFDS_OPENCV_NOTE = "OpenCV is not installed."
+
 # Flags of earlier versions -> their name in the shared vocabulary.
 RENAMED_FLAGS = {"dst": "out", "image_size": "resolution", "steps": "num_steps"}
+
+
+def quiet_library_noise() -> None:
+  """Silences library messages a user cannot act on; every command calls it before its work.
+
+  Each at its source, and only the message named (a warning about the user's own input or
+  a real failure still shows):
+    * JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open libtpu.so" on a
+      machine without a TPU (libtpu installed, e.g. Colab): the logger of
+      `jax._src.xla_bridge` is set to WARNING (its real warnings, such as a GPU it cannot
+      use, still show).
+    * OpenCV: tfds warns "OpenCV is not installed ... Defaulting to PIL to decode images"
+      when it reads a built dataset (PIL is what diffit_jax uses, and it is enough); that
+      one message of tfds's (absl) logger is dropped. Where OpenCV is installed (e.g.
+      Colab), its own warnings are limited to errors: `OPENCV_LOG_LEVEL=ERROR`, read when
+      cv2 loads, unless the user set it.
+  tfds's download banner and Orbax's notes about checkpoint items a sampler does not read
+  are silenced where those libraries are called (`data.folder`, `checkpoint`).
+  """
+  from diffit_jax import logging_utils  # pylint: disable=g-import-not-at-top
+
+  os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, logging_utils.DropMessages) for f in absl_logger.filters):
+    absl_logger.addFilter(logging_utils.DropMessages(TFDS_OPENCV_NOTE))
 
 
 def report_user_error(error: BaseException | str) -> int:
@@ -80,6 +111,7 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   refuses (see `config_lib.DEFINE_config_file`) ends the command with `error: ...` and
   exit status 2, where absl would print its usage text and exit with 1.
   """
+  quiet_library_noise()
   try:
     return parse_flags(argv)
   except UsageError as e:
@@ -123,6 +155,7 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
+  quiet_library_noise()
   flag_values = flags.FlagValues()
   define_flags(flag_values)
   if any(a in HELP_FLAGS for a in argv):

@@ -203,6 +203,22 @@ class Progress:
     self._last_step, self._last_time = step, time.perf_counter()
 
 
+class DropMessages(logging.Filter):
+  """Drops the log records whose message (its format string) starts with one of `prefixes`.
+
+  For a library's note that a user cannot act on, e.g.
+  `logging.getLogger("absl").addFilter(DropMessages("OpenCV is not installed"))`; every
+  other record of that logger still shows.
+  """
+
+  def __init__(self, *prefixes: str):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefixes)
+
+
 def _eta_text(minutes: float) -> str:
   return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
