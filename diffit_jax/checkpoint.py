@@ -479,12 +479,14 @@ def load_ema_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
         f"{workdir} holds no training checkpoints (no {TRAIN_CHECKPOINT_DIR}/ folder); pass "
         "the --workdir of a `python -m diffit_jax.main` run.")
   # Orbax warns about every item this reader leaves alone (train state, data iterator):
-  # 'Item "train_state" was found in the checkpoint, but could not be restored'. Expected
-  # here, so that one message is dropped while this function runs.
-  unread_items_note = logging_utils.DropMessages('Item "%s" was found in the checkpoint')
+  # 'Item "train_state" was found in the checkpoint, but could not be restored', and that
+  # the folder is read-only. Expected here, so those messages are dropped meanwhile.
+  unread_items_note = logging_utils.DropMessages(logging_utils.ORBAX_UNREAD_ITEM_NOTE,
+                                                 *logging_utils.ORBAX_READ_ONLY_NOTES)
   logging.getLogger("absl").addFilter(unread_items_note)
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                                      create=False),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
 

@@ -24,9 +24,6 @@ from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 USER_ERROR_STATUS = 2  # The status for bad arguments (argparse's too), used for every user error.
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
-# tfds's note when it decodes images with PIL (see `quiet_library_noise`).
-TFDS_OPENCV_NOTE = "OpenCV is not installed."
-
 # Flags of earlier versions -> their name in the shared vocabulary.
 RENAMED_FLAGS = {"dst": "out", "image_size": "resolution", "steps": "num_steps"}
 
@@ -45,6 +42,8 @@ def quiet_library_noise() -> None:
       one message of tfds's (absl) logger is dropped. Where OpenCV is installed (e.g.
       Colab), its own warnings are limited to errors: `OPENCV_LOG_LEVEL=ERROR`, read when
       cv2 loads, unless the user set it.
+    * Orbax's notes on every read-only checkpoint manager (a sampler's): "read_only=True,
+      setting create=False", "Given directory is read only=...": dropped likewise.
   tfds's download banner and Orbax's notes about checkpoint items a sampler does not read
   are silenced where those libraries are called (`data.folder`, `checkpoint`).
   """
@@ -54,7 +53,8 @@ def quiet_library_noise() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, logging_utils.DropMessages) for f in absl_logger.filters):
-    absl_logger.addFilter(logging_utils.DropMessages(TFDS_OPENCV_NOTE))
+    absl_logger.addFilter(logging_utils.DropMessages(
+        logging_utils.TFDS_OPENCV_NOTE, *logging_utils.ORBAX_READ_ONLY_NOTES))
 
 
 def report_user_error(error: BaseException | str) -> int:

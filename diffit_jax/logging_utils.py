@@ -203,6 +203,15 @@ class Progress:
     self._last_step, self._last_time = step, time.perf_counter()
 
 
+# Library log messages (the starts of their format strings) that a user cannot act on.
+TFDS_OPENCV_NOTE = "OpenCV is not installed."  # tfds decodes with PIL, as diffit_jax wants
+# Orbax on a read-only CheckpointManager, which is what readers of a run want.
+ORBAX_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True, setting",
+                         "Given directory is read only")
+# Orbax, for each checkpoint item a reader leaves alone (a sampler reads only the EMA weights).
+ORBAX_UNREAD_ITEM_NOTE = 'Item "%s" was found in the checkpoint, but could not be restored'
+
+
 class DropMessages(logging.Filter):
   """Drops the log records whose message (its format string) starts with one of `prefixes`.
 

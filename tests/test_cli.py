@@ -4,6 +4,8 @@ The sub-command programs (`convert`, `data`) and `evaluate` run in-process throu
 `main(argv)`; usage errors end them with SystemExit(2), as `python -m` would.
 """
 
+import os
+
 import pytest
 
 from diffit_jax import evaluate
@@ -63,3 +65,52 @@ def test_flags_parse_afresh_on_every_call(tmp_path, capsys):
   for _ in range(2):
     assert data_cli.main(["info", f"--src={tmp_path / 'missing'}"]) == 2
     _one_error_line(capsys, "is neither a built dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise a user cannot act on.
+
+
+def test_main_prints_no_tpu_backend_line_on_cpu():
+  """JAX's INFO "Unable to initialize backend 'tpu': ... libtpu.so" is not shown on a CPU."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "diffit_jax.main", "--config=configs/mnist_demo.py:runlocal",
+       "--dry_run", "--nodry_run_memory"], cwd=root, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "trainable_params" in result.stdout
+  assert "Unable to initialize backend" not in result.stderr, result.stderr
+  assert "libtpu" not in result.stderr, result.stderr
+
+
+def test_reading_ema_weights_logs_no_orbax_notes(tmp_path, caplog):
+  """A sampler reads only the EMA and config items: no Orbax warning per unread item, none
+  about the read-only folder; a real warning (a skipped checkpoint) still shows."""
+  import logging
+
+  import numpy as np
+
+  from diffit_jax import checkpoint
+
+  saver = checkpoint.TrainCheckpointer(str(tmp_path), async_save=False)
+  state = {"params": {"w": np.ones(3, np.float32)}, "step": np.int32(1),
+           "ema_params": {"w": np.full(3, 2, np.float32)}}
+  saver.save(1, state, config={"seed": 0})
+  saver.save(2, state, config={"seed": 0})
+  saver.wait_until_finished()
+  saver.close()
+  os.remove(os.path.join(tmp_path, "checkpoints", "2", "config", "metadata"))  # a broken one
+
+  with caplog.at_level(logging.WARNING):
+    ema, config = checkpoint.load_ema_params(str(tmp_path))
+  np.testing.assert_array_equal(ema["w"], 2)
+  assert config == {"seed": 0}
+  shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not any("could not be restored" in m or "read only" in m or "read_only" in m
+                 for m in shown), shown
+  assert any("Skipping checkpoint" in m for m in shown), shown
