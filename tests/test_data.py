@@ -292,6 +292,12 @@ def test_data_build_reads_the_cifar10_tarball_with_labels(tmp_path):
     np.testing.assert_array_equal(by_label[CIFAR_NAMES[(3 + i) % 10]], image)
 
 
+def _one_line(capsys):
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
 def test_data_build_refuses_a_hostile_cifar10_tarball(tmp_path, capsys):
   """A batch whose pickle calls os.system is refused by name; nothing runs, nothing is written."""
   import pickle
@@ -317,6 +323,15 @@ def test_data_build_refuses_a_hostile_cifar10_tarball(tmp_path, capsys):
   _cifar_tarball(tarball, batches)
   assert data_cli.main(["build", f"--src={tarball}", f"--out={tmp_path / 'ds'}"]) == 2
   assert "not a plain numeric type" in capsys.readouterr().err
+  # A truncated download, and a file that is not the tarball: one line each.
+  truncated = tmp_path / "cut.tar.gz"
+  truncated.write_bytes(tarball.read_bytes()[:len(tarball.read_bytes()) // 2])
+  other = tmp_path / "notes.txt"
+  other.write_text("not a tarball")
+  for src, message in ((truncated, "damaged tar file"), (other, "not the official")):
+    assert data_cli.main(["build", f"--src={src}", f"--out={tmp_path / 'ds'}"]) == 2
+    assert message in _one_line(capsys)
+  assert not (tmp_path / "ds").exists()
 
 
 def test_data_build_prints_progress_lines_and_no_tfds_noise(tmp_path):

@@ -76,6 +76,10 @@ def build(args: flags.FlagValues) -> int:
             "(32x32 RGB images, labelled); drop it.")
       report = cifar10.build_cifar10_dataset(args.src, args.out, split=args.split,
                                              name=args.name, overwrite=args.overwrite)
+    elif os.path.isfile(args.src):
+      return cli.report_user_error(
+          f"--src={args.src} is a file but not the official cifar-10-python.tar.gz (it holds no "
+          f"{cifar10.ROOT}/{cifar10.META}); pass a folder of images or that tarball.")
     else:
       if args["split"].present:
         return cli.report_user_error(

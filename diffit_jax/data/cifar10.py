@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -31,12 +32,24 @@ SIDE = 32
 ROW_BYTES = 3 * SIDE * SIDE  # one image: R, G, B planes of 32x32
 
 
+# What a damaged tarball raises while it is read.
+_UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
 def is_cifar10_tarball(path: str) -> bool:
-  """Whether `path` is a tar file laid out as the official CIFAR-10 python version."""
+  """Whether `path` is a tar file laid out as the official CIFAR-10 python version.
+
+  Raises:
+    FolderDatasetError: `path` is a tar file that cannot be read to its end.
+  """
   if not os.path.isfile(path) or not tarfile.is_tarfile(path):
     return False
-  with tarfile.open(path) as tar:
-    return f"{ROOT}/{META}" in tar.getnames()
+  try:
+    with tarfile.open(path) as tar:
+      return f"{ROOT}/{META}" in tar.getnames()
+  except _UNREADABLE as e:
+    raise folder.FolderDatasetError(
+        f"{path} is a damaged tar file ({type(e).__name__}: {e}); download it again.") from None
 
 
 def _read_member(tar: tarfile.TarFile, name: str, path: str):
@@ -66,6 +79,14 @@ def read_cifar10(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarra
   """
   if split not in BATCHES:
     raise ValueError(f"--split={split!r}: CIFAR-10 has the splits {', '.join(BATCHES)}.")
+  try:
+    return _read_split(path, split)
+  except _UNREADABLE as e:
+    raise folder.FolderDatasetError(
+        f"{path} is a damaged tar file ({type(e).__name__}: {e}); download it again.") from None
+
+
+def _read_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   with tarfile.open(path) as tar:
     meta = _read_member(tar, META, path)
     names = meta.get(b"label_names") if isinstance(meta, dict) else None
