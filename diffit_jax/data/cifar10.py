@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from diffit_jax import logging_utils
 from diffit_jax.convert import safe_pickle
 from diffit_jax.data import folder
 
@@ -127,8 +128,10 @@ def build_cifar10_dataset(src: str, dst: str, *, split: str = "train", name: str
   with tempfile.TemporaryDirectory(prefix="diffit_jax-cifar10-") as tmp:
     for folder_name in folders:
       os.makedirs(os.path.join(tmp, folder_name))
+    lines = logging_utils.ProgressLines("unpacking images", len(images))
     for i, (image, label) in enumerate(zip(images, labels)):
       Image.fromarray(image).save(os.path.join(tmp, folders[label], f"{split}_{i:05d}.png"),
                                   compress_level=1)
+      lines.update()
     return folder.build_folder_dataset(tmp, dst, name=name or "cifar10", overwrite=overwrite,
                                        source=f"{os.path.abspath(src)} ({split} split)")
