@@ -37,15 +37,16 @@ def quiet_library_noise() -> None:
       machine without a TPU (libtpu installed, e.g. Colab): the logger of
       `jax._src.xla_bridge` is set to WARNING (its real warnings, such as a GPU it cannot
       use, still show).
-    * OpenCV: tfds warns "OpenCV is not installed ... Defaulting to PIL to decode images"
-      when it reads a built dataset (PIL is what diffit_jax uses, and it is enough); that
-      one message of tfds's (absl) logger is dropped. Where OpenCV is installed (e.g.
-      Colab), its own warnings are limited to errors: `OPENCV_LOG_LEVEL=ERROR`, read when
-      cv2 loads, unless the user set it.
+    * OpenCV, where it is installed (e.g. Colab; tfds decodes images with it): its own
+      warnings are limited to errors, `OPENCV_LOG_LEVEL=ERROR`, read when cv2 loads,
+      unless the user set it.
     * Orbax's notes on every read-only checkpoint manager (a sampler's): "read_only=True,
-      setting create=False", "Given directory is read only=...": dropped likewise.
-  tfds's download banner and Orbax's notes about checkpoint items a sampler does not read
-  are silenced where those libraries are called (`data.folder`, `checkpoint`).
+      setting create=False", "Given directory is read only=...": those messages of the
+      absl logger are dropped.
+  tfds's download banner, its note that OpenCV is not installed, and Orbax's notes about
+  checkpoint items a sampler does not read are silenced where those libraries are called
+  (`data.folder`, `data.pipeline`, `checkpoint`), so grain's worker processes and library
+  users are covered too.
   """
   from diffit_jax import logging_utils  # pylint: disable=g-import-not-at-top
 
@@ -53,8 +54,7 @@ def quiet_library_noise() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, logging_utils.DropMessages) for f in absl_logger.filters):
-    absl_logger.addFilter(logging_utils.DropMessages(
-        logging_utils.TFDS_OPENCV_NOTE, *logging_utils.ORBAX_READ_ONLY_NOTES))
+    absl_logger.addFilter(logging_utils.DropMessages(*logging_utils.ORBAX_READ_ONLY_NOTES))
 
 
 def report_user_error(error: BaseException | str) -> int:

@@ -349,6 +349,31 @@ def test_data_build_prints_progress_lines_and_no_tfds_noise(tmp_path):
   assert re.search(r"^writing images 3/3 \| ", result.stdout, re.M), result.stdout
 
 
+def test_reading_a_built_dataset_in_grain_workers_logs_no_opencv_note(tmp_path):
+  """tfds's "OpenCV is not installed ... Defaulting to PIL" note, once per grain worker and
+  for nothing a user must do, is not shown."""
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 8, 8))
+  folder.build_folder_dataset(str(tmp_path / "src"), str(tmp_path / "ds"))
+  script = tmp_path / "read.py"
+  script.write_text(
+      "from absl import flags\n"
+      "from diffit_jax.data import pipeline\n"
+      "if __name__ == '__main__':\n"
+      "  flags.FLAGS.mark_as_parsed()\n"
+      "  config = pipeline.get_default_data_config()\n"
+      f"  config.update(name='folder:{tmp_path / 'ds'}', image_size=8, channels=3, "
+      "num_workers=1)\n"
+      "  batch = next(pipeline.create_train_iterator(config, global_batch_size=2, seed=0))\n"
+      "  print(batch['image'].shape)\n")
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "(2, 8, 8, 3)" in result.stdout
+  assert "OpenCV" not in result.stderr, result.stderr
+
+
 def test_center_crop_and_channels():
   image = Image.fromarray(np.arange(64 * 128, dtype=np.uint32).reshape(64, 128).astype(np.uint8))
   assert transforms.center_crop_arr(image, 16).shape == (16, 16)

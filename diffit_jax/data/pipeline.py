@@ -57,11 +57,16 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffit_jax import config_lib
+from diffit_jax import config_lib, logging_utils
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import mnist, transforms
 
 MNIST_DEMO = "mnist_demo"
+
+# tfds decodes a built dataset's images with PIL where OpenCV is not installed, as diffit_jax
+# intends, and warns about it once in every process that reads records (each grain worker
+# imports this module): that one message is dropped.
+logging.getLogger("absl").addFilter(logging_utils.DropMessages(logging_utils.TFDS_OPENCV_NOTE))
 _PREFIXES = ("tfds:", "folder:", "latents:")
 
 
