@@ -53,7 +53,8 @@ def quiet_library_noise() -> None:
   os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, logging_utils.DropMessages) for f in absl_logger.filters):
+  if not any(isinstance(f, logging_utils.DropMessages)
+             and f.prefixes == logging_utils.ORBAX_READ_ONLY_NOTES for f in absl_logger.filters):
     absl_logger.addFilter(logging_utils.DropMessages(*logging_utils.ORBAX_READ_ONLY_NOTES))
 
 
