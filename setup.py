@@ -17,7 +17,6 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "safetensors==0.8.0",
-    "tqdm==4.70.1",  # progress bars
     # TensorBoard event files without TensorFlow (needs only numpy, packaging, protobuf).
     "tensorboardX==2.6.5",
     # Ships 5,000 real MNIST digits inside its wheel: the offline demo dataset.

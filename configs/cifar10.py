@@ -1,5 +1,9 @@
 """Image-space DiffiT on CIFAR-10 32x32, EDM formulation (paper Table 2: FID 1.95).
 
+Data:    python -m diffit_jax.data build --src=cifar-10-python.tar.gz --out=data/cifar10
+         (once, from the official tarball; no TensorFlow needed. The config reads
+         folder:data/cifar10, relative to where you run; elsewhere pass
+         --config.data.name=folder:DIR, or tfds:cifar10 for a tfds-prepared copy.)
 Train:   python -m diffit_jax.main --config=configs/cifar10.py --workdir=runs/cifar10
 Summary: python -m diffit_jax.main --config=configs/cifar10.py --dry_run
 Laptop:  python -m diffit_jax.main --config=configs/cifar10.py:runlocal --workdir=runs/local
@@ -43,7 +47,7 @@ def get_config(arg=None):
       num_groups=32, mlp_ratio=4.0, dropout_rate=0.13, num_classes=0)
   config.diffusion.update(name="edm", sigma_data=0.5, p_mean=-1.2, p_std=1.2,
                           class_dropout_prob=0.0)
-  config.data.update(name="tfds:cifar10", split="train", image_size=32, channels=3,
+  config.data.update(name="folder:data/cifar10", split="train", image_size=32, channels=3,
                      random_flip=True, num_workers=4)
 
   config.batch_size = 512

@@ -1,6 +1,6 @@
 """Image-space DiffiT on FFHQ 64x64, EDM formulation (paper Table 2: FID 2.22).
 
-Build the dataset: python -m diffit_jax.data build --src=FFHQ_PNGS --dst=data/ffhq64 --resolution=64
+Build the dataset: python -m diffit_jax.data build --src=FFHQ_PNGS --out=data/ffhq64 --resolution=64
 Train:   python -m diffit_jax.main --config=configs/ffhq64.py --workdir=runs/ffhq64
 Summary: python -m diffit_jax.main --config=configs/ffhq64.py --dry_run
 Target:  FID 2.22 on 50K samples against the training set, 40-step EDM Heun (79 NFE).

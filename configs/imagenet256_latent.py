@@ -1,6 +1,6 @@
 """Latent DiffiT-XL/2 on ImageNet-256 SD-VAE latents (paper Table 1: FID 1.73, IS 276.49).
 
-Encode:  python -m diffit_jax.encode --vae=VAE_DIR --data=tfds:imagenet2012 --image_size=256 --dst=data/in256_latents
+Encode:  python -m diffit_jax.encode --vae=VAE_DIR --data=tfds:imagenet2012 --resolution=256 --out=data/in256_latents
 Train:   python -m diffit_jax.main --config=configs/imagenet256_latent.py --workdir=runs/in256
 Summary: python -m diffit_jax.main --config=configs/imagenet256_latent.py --dry_run
 Sample:  python -m diffit_jax.sample --config=configs/imagenet256_latent.py --workdir=runs/in256

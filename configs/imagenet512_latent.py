@@ -1,6 +1,6 @@
 """Latent DiffiT-XL/2 on ImageNet-512 SD-VAE latents (paper Table 1: FID 2.67, IS 252.12).
 
-Encode:  python -m diffit_jax.encode --vae=VAE_DIR --data=tfds:imagenet2012 --image_size=512 --dst=data/in512_latents
+Encode:  python -m diffit_jax.encode --vae=VAE_DIR --data=tfds:imagenet2012 --resolution=512 --out=data/in512_latents
 Train:   python -m diffit_jax.main --config=configs/imagenet512_latent.py --workdir=runs/in512
 Summary: python -m diffit_jax.main --config=configs/imagenet512_latent.py --dry_run
 Target:  FID-50K 2.67 / sFID 4.99 / IS 252.13 / P 0.83 / R 0.55 (ADM evaluator against

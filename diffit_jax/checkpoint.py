@@ -44,6 +44,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffit_jax import logging_utils
+
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
 
@@ -491,8 +493,15 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     raise FileNotFoundError(
         f"{workdir} holds no training checkpoints (no {TRAIN_CHECKPOINT_DIR}/ folder); pass "
         "the --workdir of a `python -m diffit_jax.main` run.")
+  # Orbax warns about every item this reader leaves alone (train state, data iterator):
+  # 'Item "train_state" was found in the checkpoint, but could not be restored', and that
+  # the folder is read-only. Expected here, so those messages are dropped meanwhile.
+  unread_items_note = logging_utils.DropMessages(logging_utils.ORBAX_UNREAD_ITEM_NOTE,
+                                                 *logging_utils.ORBAX_READ_ONLY_NOTES)
+  logging.getLogger("absl").addFilter(unread_items_note)
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                                      create=False),
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
 
@@ -534,4 +543,5 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
           f"No usable {'trained' if raw else 'EMA'} weights in {directory} ({reasons}).")
   finally:
     manager.close()
+    logging.getLogger("absl").removeFilter(unread_items_note)
   return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])

@@ -1,17 +1,61 @@
-"""What the command lines share: a mistake a user can fix is one `error: ...` line, exit status 2.
+"""What the command lines share: absl flags, and a user's mistake is one `error: ...` line, exit 2.
 
-Errors a user can cause (a missing or malformed file, a refused pickle global, a bad
-argument) are reported by their message, which says what was wrong and how to fix it,
+Every command takes absl flags (`--x=v`, booleans `--x` / `--nox`); `convert` and `data`
+take a sub-command as their first word (`python -m diffit_jax.convert diffit --src=...`).
+Errors a user can cause (a missing or malformed file, a refused pickle global, a bad or
+unknown flag) are reported by their message, which says what was wrong and how to fix it,
 without a traceback; anything else is a bug and keeps its traceback.
+
+The flags share one vocabulary: what a command reads is `--src`, what it writes `--out`, a
+pixel size `--resolution`, a number of sampler steps `--num_steps`, a config `--config`.
+A flag of the old vocabulary gets a pointer to its new name (`RENAMED_FLAGS`).
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import importlib
+import logging
+import os
+import re
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 
-USER_ERROR_STATUS = 2  # argparse's status for bad arguments, used for every user error.
+USER_ERROR_STATUS = 2  # The status for bad arguments (argparse's too), used for every user error.
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
+
+# Flags of earlier versions -> their name in the shared vocabulary.
+RENAMED_FLAGS = {"dst": "out", "image_size": "resolution", "steps": "num_steps"}
+
+
+def quiet_library_noise() -> None:
+  """Silences library messages a user cannot act on; every command calls it before its work.
+
+  Each at its source, and only the message named (a warning about the user's own input or
+  a real failure still shows):
+    * JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open libtpu.so" on a
+      machine without a TPU (libtpu installed, e.g. Colab): the logger of
+      `jax._src.xla_bridge` is set to WARNING (its real warnings, such as a GPU it cannot
+      use, still show).
+    * OpenCV, where it is installed (e.g. Colab; tfds decodes images with it): its own
+      warnings are limited to errors, `OPENCV_LOG_LEVEL=ERROR`, read when cv2 loads,
+      unless the user set it.
+    * Orbax's notes on every read-only checkpoint manager (a sampler's): "read_only=True,
+      setting create=False", "Given directory is read only=...": those messages of the
+      absl logger are dropped.
+  tfds's download banner, its note that OpenCV is not installed, and Orbax's notes about
+  checkpoint items a sampler does not read are silenced where those libraries are called
+  (`data.folder`, `data.pipeline`, `checkpoint`), so grain's worker processes and library
+  users are covered too.
+  """
+  from diffit_jax import logging_utils  # pylint: disable=g-import-not-at-top
+
+  os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, logging_utils.DropMessages)
+             and f.prefixes == logging_utils.ORBAX_READ_ONLY_NOTES for f in absl_logger.filters):
+    absl_logger.addFilter(logging_utils.DropMessages(*logging_utils.ORBAX_READ_ONLY_NOTES))
 
 
 def report_user_error(error: BaseException | str) -> int:
@@ -20,11 +64,45 @@ def report_user_error(error: BaseException | str) -> int:
   return USER_ERROR_STATUS
 
 
-class ArgumentParser(argparse.ArgumentParser):
-  """An `argparse.ArgumentParser` whose usage errors are one `error:` line, exit status 2."""
+class UsageError(ValueError):
+  """A command line that does not parse; its message is the `error:` line."""
 
-  def error(self, message: str) -> NoReturn:
-    self.exit(report_user_error(f"{self.prog}: {message} (see `{self.prog} --help`)"))
+
+def _unknown_flag_message(e: Any, flag_values: Any) -> str:
+  """absl's message with the new name of a renamed flag, or `--noX` for a `--no_X` boolean."""
+  name = e.flagname
+  if name in RENAMED_FLAGS and RENAMED_FLAGS[name] in flag_values:
+    return f"--{name} is now --{RENAMED_FLAGS[name]}; use --{RENAMED_FLAGS[name]}=..."
+  if name.startswith("no_") and name[3:] in flag_values and flag_values[name[3:]].boolean:
+    return f"unknown flag --{name}; booleans are negated as --no{name[3:]}"
+  return str(e)
+
+
+def parse_flags(argv: Sequence[str], flag_values: Any = None) -> list[str]:
+  """Parses absl flags; raises `UsageError` with a one-line message instead of absl's usage.
+
+  Args:
+    argv: the command line, program name first.
+    flag_values: the `flags.FlagValues` to parse into (default: `flags.FLAGS`).
+
+  Returns:
+    The arguments that are not flags, program name first.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from diffit_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
+
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(list(argv))
+  except flags.UnrecognizedFlagError as e:
+    raise UsageError(_unknown_flag_message(e, flag_values)) from None
+  except (flags.Error, ValueError, FileNotFoundError) as e:
+    cause = e.__context__  # absl wraps a parser's error in "flag --config=...: "
+    missing = re.search(r"Flag --(\w+) must have a value other than None", str(e))
+    if missing:
+      raise UsageError(f"--{missing.group(1)} is required") from None
+    raise UsageError(cause if isinstance(cause, ConfigError) else e) from None
 
 
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
@@ -34,12 +112,115 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   refuses (see `config_lib.DEFINE_config_file`) ends the command with `error: ...` and
   exit status 2, where absl would print its usage text and exit with 1.
   """
+  quiet_library_noise()
+  try:
+    return parse_flags(argv)
+  except UsageError as e:
+    sys.exit(report_user_error(e))
+
+
+def _usage_error(prog: str, message: Any) -> NoReturn:
+  sys.exit(report_user_error(f"{prog}: {message} (see `{prog} --help`)"))
+
+
+def _summary(doc: str) -> str:
+  """What `--help` shows above the flags: a docstring's first paragraph and its examples
+  (the indented paragraphs right after it)."""
+  first, *rest = doc.strip().split("\n\n")
+  shown = [first]
+  for paragraph in rest:
+    if not paragraph.startswith(" "):
+      break
+    shown.append(paragraph)
+  return "\n\n".join(shown)
+
+
+def run_command(argv: Sequence[str], *, prog: str, doc: str,
+                define_flags: Callable[[Any], None], run: Callable[[Any], int | None]) -> int:
+  """Runs one command: fresh absl flags defined by `define_flags(flag_values)`, then `run`.
+
+  The flags live in their own `FlagValues` (not absl's global `FLAGS`), so a command can run
+  more than once in one process (tests) and `--help` lists only its own flags.
+
+  Args:
+    argv: the arguments after the program (and sub-command) name.
+    prog: how the user typed the command, for messages (`python -m diffit_jax.data build`).
+    doc: the docstring whose first paragraph `--help` shows above the flags.
+    define_flags: defines the command's flags in the `FlagValues` it is given.
+    run: the command, given the parsed `FlagValues` (read as `values.src`); returns the
+      exit status (None: 0).
+
+  Returns:
+    `run`'s exit status. A command line that does not parse exits with status 2 and one
+    `error:` line; `--help` prints the help and returns 0.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  from diffit_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
-
+  quiet_library_noise()
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  if any(a in HELP_FLAGS for a in argv):
+    listed = "\n".join(line for line in flag_values.module_help(define_flags.__module__)
+                       .splitlines() if line.startswith(" "))  # not the module's name
+    print(f"{_summary(doc)}\n\nflags of `{prog}`:\n{listed}")
+    return 0
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError, FileNotFoundError) as e:
-    cause = e.__context__  # absl wraps a parser's error in "flag --config=...: "
-    sys.exit(report_user_error(cause if isinstance(cause, ConfigError) else e))
+    rest = parse_flags([prog, *argv], flag_values)
+  except UsageError as e:
+    words = [a for a in argv if not a.startswith("-")]
+    missing = re.fullmatch(r"--(\w+) is required", str(e))
+    if missing and words:  # e.g. the positional argument of an earlier version
+      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
+    _usage_error(prog, e)
+  if rest[1:]:
+    _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
+                       "--out=...)")
+  return run(flag_values) or 0
+
+
+class Command(NamedTuple):
+  """A sub-command: `module.define_flags(flag_values)` and `module.run(flag_values)`.
+
+  The module is imported only when its command runs; `define_flags` and `run` may name
+  other functions of it. `--help` shows the first paragraph of `doc` (default: the module's
+  docstring).
+  """
+  summary: str
+  module: str
+  define_flags: str = "define_flags"
+  run: str = "run"
+  doc: str | None = None
+
+
+def run_subcommand(argv: Sequence[str], *, prog: str, doc: str,
+                   commands: Mapping[str, Command]) -> int:
+  """Runs `prog COMMAND --flags...`: the first word picks a module, the rest are its flags.
+
+  Args:
+    argv: the arguments after the program name.
+    prog: how the user typed the program (`python -m diffit_jax.convert`).
+    doc: the program's help text, shown above the list of commands.
+    commands: name -> its `Command`.
+
+  Returns:
+    The command's exit status (see `run_command`).
+  """
+  listing = "\n".join(f"  {name:<10} {c.summary}" for name, c in commands.items())
+  usage = (f"{doc.rstrip()}\n\ncommands (`{prog} COMMAND --help` lists a command's flags):\n"
+           f"{listing}")
+  if not argv or argv[0] in HELP_FLAGS:
+    if not argv:
+      _usage_error(prog, f"name a command: {', '.join(commands)}")
+    print(usage)
+    return 0
+  name = argv[0]
+  if name not in commands:
+    close = difflib.get_close_matches(name, list(commands), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    _usage_error(prog, f"unknown command {name!r}; {hint}commands: {', '.join(commands)}")
+  command = commands[name]
+  module = importlib.import_module(command.module)
+  return run_command(argv[1:], prog=f"{prog} {name}",
+                     doc=command.doc or module.__doc__ or command.summary,
+                     define_flags=getattr(module, command.define_flags),
+                     run=getattr(module, command.run))

@@ -1,14 +1,14 @@
 """`python -m diffit_jax.encode`: pre-encode an image dataset into SD-VAE posterior records.
 
     python -m diffit_jax.encode --vae=ckpt/sd_vae_ema --data=tfds:imagenet2012 \
-        --image_size=256 --dst=data/in256_latents [--manual_dir=...] [--batch_size=64]
+        --resolution=256 --out=data/in256_latents [--manual_dir=...] [--batch_size=64]
 
 Latent DiffiT trains on VAE latents. Encoding once, up front, stores for every image and
 its horizontal mirror the diagonal Gaussian posterior (mean, log-variance) in the record
 format of `diffit_jax.data.latents`; training then draws a fresh latent from the stored
 posterior each time (times 0.18215), so flips and the encoder's noise stay free.
 
-Images get ADM's center crop to `image_size`. The work is split over processes (each
+Images get ADM's center crop to `--resolution`. The work is split over processes (each
 process takes every process_count-th record and writes its own shard file, so no two
 writers touch one file) and, within a process, over its local devices (a data-parallel
 mesh of them: the batch is split, the VAE is replicated). A shard file appears only when its
@@ -39,8 +39,9 @@ def define_flags() -> None:
   """Defines the CLI flags (only when run as a program, so importing this module is free)."""
   flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae).")
   flags.DEFINE_string("data", None, "Image data: tfds:NAME, folder:DIR or mnist_demo.")
-  flags.DEFINE_integer("image_size", 256, "Center-crop size of the images (latents are /8).")
-  flags.DEFINE_string("dst", None, "Output folder for the latent shards.")
+  flags.DEFINE_integer("resolution", 256, "Center-crop size of the images (latents are /8).",
+                       lower_bound=8)
+  flags.DEFINE_string("out", None, "Output folder for the latent shards.")
   flags.DEFINE_string("split", "train", "tfds split.")
   flags.DEFINE_string("data_dir", None, "tfds data_dir.")
   flags.DEFINE_string("manual_dir", None, "tfds manual_dir (imagenet2012).")
@@ -109,19 +110,19 @@ def encode_dataset(data_config: ml_collections.ConfigDict, vae_path: str, dst: s
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  missing = [name for name in ("vae", "data", "dst") if not getattr(FLAGS, name)]
+  missing = [name for name in ("vae", "data", "out") if not getattr(FLAGS, name)]
   if missing:
     sys.exit(cli.report_user_error(f"--{', --'.join(missing)} required."))
   data_config = pipeline.get_default_data_config()
-  data_config.update(name=FLAGS.data, image_size=FLAGS.image_size, channels=3, split=FLAGS.split,
+  data_config.update(name=FLAGS.data, image_size=FLAGS.resolution, channels=3, split=FLAGS.split,
                      data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
   try:
-    n = encode_dataset(data_config, FLAGS.vae, FLAGS.dst, batch_size=FLAGS.batch_size,
+    n = encode_dataset(data_config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
                        dtype=FLAGS.dtype, limit=FLAGS.limit)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback
-  print(f"[encode] wrote {n} records to {FLAGS.dst}; train with "
-        f"--config.data.name=latents:{FLAGS.dst}")
+  print(f"[encode] wrote {n} records to {FLAGS.out}; train with "
+        f"--config.data.name=latents:{FLAGS.out}")
 
 
 if __name__ == "__main__":

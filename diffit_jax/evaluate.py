@@ -13,16 +13,18 @@ sampler's output) or a folder. The Inception checkpoint comes from
 `python -m diffit_jax.convert inception --src=pt_inception-2015-12-05-6726825d.pth`.
 
 Computed reference statistics are cached next to `--out` (`--ref_cache` to choose the
-file, `--no_ref_cache` to disable), keyed on the reference file and the Inception weights.
+file, `--nocache` to disable), keyed on the reference file and the Inception weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
+
+from diffit_jax import cli
 from diffit_jax.evaluation.evaluator import Evaluator
 from diffit_jax.evaluation.images import open_images
 
@@ -36,52 +38,58 @@ def default_cache_path(ref: str, out: str | None) -> str:
   return os.path.join(folder, f"{name}.inception_stats.npz")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m diffit_jax.evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--ref", required=True,
-                      help="reference batch .npz, statistics .npz or image folder")
-  parser.add_argument("--samples", required=True, help="sample batch .npz (arr_0) or image folder")
-  parser.add_argument("--inception", required=True,
-                      help="Inception checkpoint from `python -m diffit_jax.convert inception`")
-  parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
-  parser.add_argument("--batch_size", type=int, default=64,
-                      help="global Inception batch size (multiple of the device count)")
-  parser.add_argument("--ref_cache", default=None,
-                      help="reference statistics cache file (default: next to --out)")
-  parser.add_argument("--no_ref_cache", action="store_true", help="never read or write the cache")
-  parser.add_argument("--no_precision_recall", action="store_true",
-                      help="skip precision/recall (pairwise distances of all features)")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-  return parser
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the command's flags in `flag_values`."""
+  fv = flag_values
+  flags.DEFINE_string("ref", None, "Reference batch .npz, statistics .npz or image folder.",
+                      required=True, flag_values=fv)
+  flags.DEFINE_string("samples", None, "Sample batch .npz (arr_0) or image folder.",
+                      required=True, flag_values=fv)
+  flags.DEFINE_string("inception", None, "Inception checkpoint from `python -m "
+                      "diffit_jax.convert inception`.", required=True, flag_values=fv)
+  flags.DEFINE_string("out", None, "Write the metrics as JSON to this file.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Global Inception batch size (multiple of the device "
+                       "count).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("ref_cache", None, "Reference statistics cache file (default: next to "
+                      "--out).", flag_values=fv)
+  flags.DEFINE_bool("cache", True, "Read and write the reference statistics cache "
+                    "(--nocache: never).", flag_values=fv)
+  flags.DEFINE_bool("precision_recall", True, "Compute precision/recall (pairwise distances of "
+                    "all features; --noprecision_recall skips them).", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Print progress lines.", flag_values=fv)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-  """Runs the evaluation described by parsed CLI arguments; returns the JSON-able result."""
+def evaluate(args: flags.FlagValues) -> dict:
+  """Runs the evaluation described by the parsed flags; returns the JSON-able result."""
   for name in ("ref", "samples"):
     if not os.path.exists(getattr(args, name)):
       raise FileNotFoundError(f"--{name}={getattr(args, name)} does not exist.")
   if not os.path.isdir(args.inception):
     raise FileNotFoundError(
         f"--inception={args.inception} is not a checkpoint folder; convert pytorch-fid's "
-        "weights with `python -m diffit_jax.convert inception --src=... --dst=...`.")
+        "weights with `python -m diffit_jax.convert inception --src=... --out=...`.")
   samples = open_images(args.samples)  # Fails early on a bad samples file.
-  cache = None if args.no_ref_cache else (args.ref_cache or default_cache_path(args.ref, args.out))
+  cache = None if not args.cache else (args.ref_cache or default_cache_path(args.ref, args.out))
   evaluator = Evaluator(args.inception, args.ref, cache_path=cache, batch_size=args.batch_size,
-                        progress=not args.no_progress)
+                        progress=args.progress)
   scores = evaluator(samples.batches(args.batch_size), total=len(samples),
-                     precision_recall=not args.no_precision_recall)
+                     precision_recall=args.precision_recall)
   return {**scores, "ref": os.path.abspath(args.ref), "samples": os.path.abspath(args.samples),
           "inception": os.path.abspath(args.inception)}
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else argv
+  return cli.run_command(argv, prog="python -m diffit_jax.evaluate", doc=__doc__,
+                         define_flags=define_flags, run=run)
+
+
+def run(args: flags.FlagValues) -> int:
+  """Evaluates, prints the scores and writes `--out`; a user's mistake is one `error:` line."""
   try:
     result = evaluate(args)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report_user_error(e)
   def show(value):
     return "n/a" if value is None else value
   print("Inception Score:", result["inception_score"])

@@ -6,7 +6,9 @@
     tensorboardX, so without TensorFlow. A resumed run first drops the JSONL rows logged
     after its checkpoint (`rewind`), so each step keeps one row; TensorBoard shows the
     resumed run's values of the steps logged twice.
-  * `Progress`: steps/s, images/s and ETA over the last log interval.
+  * `Progress`: steps/s, images/s and ETA over the last log interval, printed by
+    `format_progress`; `ProgressLines`: the same style of line for any long loop over
+    items (data build, Inception features), in place of progress bars.
   * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
 
 Only process 0 writes files; the other processes get no-op writers.
@@ -201,16 +203,93 @@ class Progress:
     self._last_step, self._last_time = step, time.perf_counter()
 
 
+# Library log messages (the starts of their format strings) that a user cannot act on.
+TFDS_OPENCV_NOTE = "OpenCV is not installed."  # tfds decodes with PIL, as diffit_jax wants
+# Orbax on a read-only CheckpointManager, which is what readers of a run want.
+ORBAX_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True, setting",
+                         "Given directory is read only")
+# Orbax, for each checkpoint item a reader leaves alone (a sampler reads only the EMA weights).
+ORBAX_UNREAD_ITEM_NOTE = 'Item "%s" was found in the checkpoint, but could not be restored'
+
+
+class DropMessages(logging.Filter):
+  """Drops the log records whose message (its format string) starts with one of `prefixes`.
+
+  For a library's note that a user cannot act on, e.g.
+  `logging.getLogger("absl").addFilter(DropMessages("OpenCV is not installed"))`; every
+  other record of that logger still shows.
+  """
+
+  def __init__(self, *prefixes: str):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefixes)
+
+
+def _eta_text(minutes: float) -> str:
+  return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
 def format_progress(step: int, total: int, scalars: Mapping[str, float],
                     rates: Mapping[str, float]) -> str:
   """One line: step, the scalars, then steps/s, images/s and ETA."""
   parts = [f"step {step}/{total}"]
   parts += [f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()]
-  eta = rates["eta_min"]
-  eta_text = f"{eta:.1f} min" if eta < 120 else f"{eta / 60:.1f} h"
   parts += [f"{rates['steps_per_sec']:.2f} steps/s", f"{rates['images_per_sec']:.1f} img/s",
-            f"ETA {eta_text}"]
+            f"ETA {_eta_text(rates['eta_min'])}"]
   return " | ".join(parts)
+
+
+class ProgressLines:
+  """Progress through `total` items as lines in `format_progress`'s style, not a bar.
+
+  `update(n)` counts items done and prints `LABEL done/total | rate UNIT/s | ETA ...` at most
+  every `every_secs` seconds, and always once all are done (or at `close()`), so a log
+  file holds a few readable lines and a terminal shows that work goes on.
+
+  Args:
+    label: what is being done, e.g. "inception features".
+    total: the number of items (None: unknown; no ETA).
+    unit: the items' unit in the rate.
+    every_secs: the least time between two lines.
+    enabled: False prints nothing (other processes, or a quiet run).
+  """
+
+  def __init__(self, label: str, total: int | None, *, unit: str = "img",
+               every_secs: float = 10.0, enabled: bool = True):
+    self.label, self.total, self.unit = label, total, unit
+    self.every_secs, self.enabled = every_secs, enabled
+    self.done, self._shown = 0, -1
+    self._start = self._last = time.perf_counter()
+
+  def line(self) -> str:
+    """The current progress line."""
+    seconds = max(time.perf_counter() - self._start, 1e-9)
+    rate = self.done / seconds
+    parts = [f"{self.label} {self.done}/{self.total if self.total is not None else '?'}",
+             f"{rate:.1f} {self.unit}/s"]
+    if self.done == self.total:
+      parts.append(f"done in {seconds:.1f} s")
+    elif self.total is not None:
+      parts.append(f"ETA {_eta_text((self.total - self.done) / max(rate, 1e-9) / 60)}")
+    return " | ".join(parts)
+
+  def _show(self) -> None:
+    if self.enabled and self._shown != self.done:
+      print(self.line(), flush=True)
+      self._shown, self._last = self.done, time.perf_counter()
+
+  def update(self, n: int = 1) -> None:
+    """Counts `n` more items done; prints a line when it is time or all are done."""
+    self.done += n
+    if self.done == self.total or time.perf_counter() - self._last >= self.every_secs:
+      self._show()
+
+  def close(self) -> None:
+    """Prints the last line, unless it was just printed."""
+    self._show()
 
 
 def save_image_grid(path: str, images: np.ndarray, rows: int, *, scale: int = 1) -> None:

@@ -241,4 +241,4 @@ def test_encode_usage_errors_are_one_line():
   error = user_error(run_cli("diffit_jax.encode", "--config=configs/imagenet256_latent.py"))
   assert "config" in error, error
   error = user_error(run_cli("diffit_jax.encode", "--data=mnist_demo"))
-  assert "--vae" in error and "--dst" in error, error
+  assert "--vae" in error and "--out" in error, error

@@ -91,7 +91,7 @@ class Converted:
     self.state = state_np(self.torch)
     self.src = save(state_np(self.torch, prefix), tmp / "official.safetensors")
     self.dst = str(tmp / "converted")
-    convert("diffit", f"--src={self.src}", f"--dst={self.dst}")
+    convert("diffit", f"--src={self.src}", f"--out={self.dst}")
     self.model, self.config = load_diffit(self.dst)
     apply_fn, self.params = nnx_apply_fn(self.model)
     self.apply = jax.jit(apply_fn)
@@ -174,7 +174,7 @@ def test_load_diffit_sharded_and_config(converted):
 
 def test_export_then_import_is_identity(converted, tmp_path):
   exported = str(tmp_path / "exported.safetensors")
-  convert("export", f"--src={converted.dst}", f"--dst={exported}")
+  convert("export", f"--src={converted.dst}", f"--out={exported}")
   assert [f for f in os.listdir(tmp_path)] == ["exported.safetensors"]  # no temporary left
   tensors = read_safetensors(exported)
   assert tensors.keys() == converted.state.keys()  # parameters and buffers, prefix removed
@@ -186,7 +186,7 @@ def test_export_then_import_is_identity(converted, tmp_path):
       np.testing.assert_array_equal(tensors[key], value, err_msg=key)  # bitwise
 
   again = str(tmp_path / "again")
-  convert("diffit", f"--src={exported}", f"--dst={again}")
+  convert("diffit", f"--src={exported}", f"--out={again}")
   first, _ = checkpoint.load_weights(converted.dst)
   second, _ = checkpoint.load_weights(again)
   flat1, flat2 = traverse_util.flatten_dict(first), traverse_util.flatten_dict(second)
@@ -211,14 +211,14 @@ def test_export_from_training_workdir(converted, tmp_path):
   ckpt.save(7, {"step": np.int32(7), "ema_params": params}, config=converted.config.to_dict())
   ckpt.close()
   dst = str(tmp_path / "ema.safetensors")
-  convert("export", f"--src={workdir}", f"--dst={dst}")
+  convert("export", f"--src={workdir}", f"--out={dst}")
   tensors = read_safetensors(dst)
   assert tensors.keys() == converted.state.keys()
   for key, value in converted.state.items():
     if key != "pos_embed":
       np.testing.assert_array_equal(tensors[key], value, err_msg=key)
   with pytest.raises(FileNotFoundError, match="step 8"):
-    convert("export", f"--src={workdir}", f"--dst={tmp_path}/ema8.safetensors", "--step=8")
+    convert("export", f"--src={workdir}", f"--out={tmp_path}/ema8.safetensors", "--step=8")
 
 
 def test_export_params_checks_the_config(converted):
@@ -258,7 +258,7 @@ def test_truncated_file_fails_cleanly(small_state, tmp_path):
     f.write(data[: len(data) // 2])
   dst = str(tmp_path / "out")
   with pytest.raises(ConversionError, match="truncated"):
-    convert("diffit", f"--src={src}", f"--dst={dst}")
+    convert("diffit", f"--src={src}", f"--out={dst}")
   assert_nothing_written(tmp_path, dst)
 
 
@@ -270,7 +270,7 @@ def test_mismatched_file_lists_every_problem(small_state, tmp_path):
   src = save(state, tmp_path / "bad.safetensors")
   dst = str(tmp_path / "out")
   with pytest.raises(ConversionError) as e:
-    convert("diffit", f"--src={src}", f"--dst={dst}")
+    convert("diffit", f"--src={src}", f"--out={dst}")
   message = str(e.value)
   assert "missing (1):\n    blocks.1.attn.proj.bias" in message
   assert "unexpected (1):\n    blocks.0.attn.extra.weight" in message
@@ -289,7 +289,7 @@ def test_bad_buffers_are_reported(small_state, tmp_path):
   src = save(state, tmp_path / "bad.safetensors")
   dst = str(tmp_path / "out")
   with pytest.raises(ConversionError) as e:
-    convert("diffit", f"--src={src}", f"--dst={dst}")
+    convert("diffit", f"--src={src}", f"--out={dst}")
   assert "blocks.1.attn.relative_position_index" in str(e.value)
   assert "row-first" in str(e.value)
   assert_nothing_written(tmp_path, dst)
@@ -307,12 +307,12 @@ def test_config_that_does_not_fit_is_refused(small_state, tmp_path):
   src = save(small_state, tmp_path / "small.safetensors")
   dst = str(tmp_path / "out")
   with pytest.raises(ConversionError, match=r"(?s)input_size: file 16, config 64.*Drop --config"):
-    convert("diffit", f"--src={src}", f"--dst={dst}",
+    convert("diffit", f"--src={src}", f"--out={dst}",
             f"--config={REPO}/configs/imagenet512_latent.py")
   assert_nothing_written(tmp_path, dst)
   os.makedirs(dst)
   with pytest.raises(ConversionError, match="already exists"):
-    convert("diffit", f"--src={src}", f"--dst={dst}")
+    convert("diffit", f"--src={src}", f"--out={dst}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _leftovers(parent):
 
 def test_folder_build_reports_and_skips_bad_images(class_folder, tmp_path, capsys):
   dst = str(tmp_path / "built")
-  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}"]) == 0
+  assert data_cli.main(["build", f"--src={class_folder}", f"--out={dst}"]) == 0
   out = capsys.readouterr().out
   for name in ("cat/corrupt.png", "dog/odd.png", "dog/truncated.jpg"):
     assert name in out
@@ -73,7 +73,7 @@ def test_folder_build_reports_and_skips_bad_images(class_folder, tmp_path, capsy
   assert source[0]["image"].shape == (24, 20, 3) and source[0]["image"].dtype == np.uint8
   assert _leftovers(tmp_path) == []
 
-  assert data_cli.main(["info", dst]) == 0
+  assert data_cli.main(["info", f"--src={dst}"]) == 0
   assert "7 examples" in capsys.readouterr().out
 
 
@@ -87,7 +87,7 @@ def test_folder_build_strict_rejects_and_writes_nothing(class_folder, tmp_path, 
   # A file whose header is fine but whose pixels are cut is found during writing: still rejected.
   os.remove(os.path.join(class_folder, "cat", "corrupt.png"))
   os.remove(os.path.join(class_folder, "dog", "odd.png"))
-  assert data_cli.main(["build", f"--src={class_folder}", f"--dst={dst}", "--strict"]) == 2
+  assert data_cli.main(["build", f"--src={class_folder}", f"--out={dst}", "--strict"]) == 2
   assert "dog/truncated.jpg" in capsys.readouterr().err
   assert not os.path.exists(dst) and _leftovers(tmp_path) == []
 
@@ -178,7 +178,7 @@ def test_folder_build_converts_16_bit_float_and_transparent_images(tmp_path):
   (src / "hdr").mkdir()
   Image.fromarray(unit * 4).save(src / "hdr" / "a.tif")  # Mode F beyond [0, 1]: refused.
 
-  result = _data_cli("build", f"--src={src}", f"--dst={tmp_path / 'ds'}")
+  result = _data_cli("build", f"--src={src}", f"--out={tmp_path / 'ds'}")
   assert result.returncode == 0, result.stderr
   images = _by_label(tmp_path / "ds")
   np.testing.assert_array_equal(images["g16"][..., 0], np.round(ramp / 257), "exact 16 -> 8 bits")
@@ -208,7 +208,7 @@ def test_folder_build_removes_stale_partial_folders(tmp_path):
   unnamed = tmp_path / "ds.partial-fedcba98"  # Named by an older version: no writer to check.
   unnamed.mkdir()
 
-  result = _data_cli("build", f"--src={tmp_path / 'src'}", f"--dst={dst}")
+  result = _data_cli("build", f"--src={tmp_path / 'src'}", f"--out={dst}")
   assert result.returncode == 0, result.stderr
   assert f"Removed {stale}" in result.stdout and not stale.exists()
   assert live.exists(), "a running build's folder must be kept"
@@ -218,16 +218,160 @@ def test_folder_build_removes_stale_partial_folders(tmp_path):
 
 
 def test_data_cli_user_errors_are_one_line(tmp_path, capsys):
-  assert data_cli.main(["build", f"--src={tmp_path / 'missing'}", f"--dst={tmp_path / 'ds'}"]) == 2
+  assert data_cli.main(["build", f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'ds'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
   with pytest.raises(SystemExit) as e:
-    data_cli.main(["build", f"--src={tmp_path}", f"--dst={tmp_path / 'ds'}", "--channels=2"])
+    data_cli.main(["build", f"--src={tmp_path}", f"--out={tmp_path / 'ds'}", "--channels=2"])
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
   assert "--channels" in err[0] and "--help" in err[0]
-  assert data_cli.main(["info", str(tmp_path / "missing")]) == 2
+  assert data_cli.main(["info", f"--src={tmp_path / 'missing'}"]) == 2
   assert capsys.readouterr().err.startswith("error: ")
+
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
+
+
+def _cifar_tarball(path, batches, meta=None):
+  """A tarball in the official cifar-10-python layout: Python pickles (protocol 2, bytes keys)."""
+  import io
+  import pickle
+  import tarfile
+
+  meta = meta or {b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_vis": 3072}
+  with tarfile.open(path, "w:gz") as tar:
+    for name, obj in [("batches.meta", meta), *batches.items()]:
+      raw = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(raw)
+      tar.addfile(info, io.BytesIO(raw))
+
+
+def _cifar_batch(rng, n, first_label=0):
+  images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R, G, B planes, as CIFAR-10 stores
+  labels = [(first_label + i) % 10 for i in range(n)]
+  return images, {b"batch_label": b"training batch", b"data": rows, b"labels": labels}
+
+
+def test_data_build_reads_the_cifar10_tarball_with_labels(tmp_path):
+  """`data build --src=cifar-10-python.tar.gz`: a labelled dataset the cifar10 config trains on."""
+  rng = np.random.default_rng(0)
+  train, batches = {}, {}
+  for b in range(5):  # data_batch_1..5: two images each, so the 10 labels 0..9 all occur.
+    images, batches[f"data_batch_{b + 1}"] = _cifar_batch(rng, 2, first_label=2 * b)
+    train.update({2 * b + i: image for i, image in enumerate(images)})
+  test_images, batches["test_batch"] = _cifar_batch(rng, 10, first_label=3)
+  tarball = tmp_path / "cifar-10-python.tar.gz"
+  _cifar_tarball(tarball, batches)
+
+  result = _data_cli("build", f"--src={tarball}", f"--out={tmp_path / 'cifar10'}")
+  assert result.returncode == 0, result.stderr
+  builder = tfds.builder_from_directory(str(tmp_path / "cifar10"))
+  assert builder.info.features["label"].names == CIFAR_NAMES  # CIFAR-10's ids, in order
+  assert builder.info.metadata["source"].startswith(str(tarball))
+  images = _by_label(tmp_path / "cifar10")  # one image per class: label -> image
+  assert len(images) == 10
+  for label, image in train.items():
+    np.testing.assert_array_equal(images[CIFAR_NAMES[label]], image, err_msg=CIFAR_NAMES[label])
+
+  from diffit_jax import config_lib
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                               "cifar10.py"))
+  assert config.data.name == "folder:data/cifar10"  # where the docstring's build writes
+  config.data.update(name=f"folder:{tmp_path / 'cifar10'}", num_workers=0)
+  batch = next(pipeline.create_train_iterator(config.data, global_batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
+
+  assert data_cli.main(["build", f"--src={tarball}", f"--out={tmp_path / 'test'}",
+                        "--split=test"]) == 0
+  by_label = _by_label(tmp_path / "test")
+  for i, image in enumerate(test_images):
+    np.testing.assert_array_equal(by_label[CIFAR_NAMES[(3 + i) % 10]], image)
+
+
+def _one_line(capsys):
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def test_data_build_refuses_a_hostile_cifar10_tarball(tmp_path, capsys):
+  """A batch whose pickle calls os.system is refused by name; nothing runs, nothing is written."""
+  import pickle
+
+  marker = tmp_path / "PWNED"
+
+  class Shell:
+    def __reduce__(self):
+      return os.system, (f"touch '{marker}'",)
+
+  rng = np.random.default_rng(0)
+  batches = {f"data_batch_{b}": _cifar_batch(rng, 2)[1] for b in range(1, 6)}
+  batches["data_batch_3"] = pickle.dumps({b"data": Shell(), b"labels": [0]}, protocol=2)
+  tarball = tmp_path / "cifar-10-python.tar.gz"
+  _cifar_tarball(tarball, batches)
+  assert data_cli.main(["build", f"--src={tarball}", f"--out={tmp_path / 'ds'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: refusing to load"), err
+  assert f"global {os.system.__module__}.system" in err[0]
+  assert not marker.exists() and not (tmp_path / "ds").exists()
+  # An array of Python objects is refused too (only numeric arrays are read).
+  batches["data_batch_3"] = {b"data": np.array([None, 1], dtype=object), b"labels": [0, 1]}
+  _cifar_tarball(tarball, batches)
+  assert data_cli.main(["build", f"--src={tarball}", f"--out={tmp_path / 'ds'}"]) == 2
+  assert "not a plain numeric type" in capsys.readouterr().err
+  # A truncated download, and a file that is not the tarball: one line each.
+  truncated = tmp_path / "cut.tar.gz"
+  truncated.write_bytes(tarball.read_bytes()[:len(tarball.read_bytes()) // 2])
+  other = tmp_path / "notes.txt"
+  other.write_text("not a tarball")
+  for src, message in ((truncated, "damaged tar file"), (other, "not the official")):
+    assert data_cli.main(["build", f"--src={src}", f"--out={tmp_path / 'ds'}"]) == 2
+    assert message in _one_line(capsys)
+  assert not (tmp_path / "ds").exists()
+
+
+def test_data_build_prints_progress_lines_and_no_tfds_noise(tmp_path):
+  """No tqdm bars and no tfds "Downloading and preparing dataset Unknown size" banner."""
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 8, 8))
+  result = _data_cli("build", f"--src={tmp_path / 'src'}", f"--out={tmp_path / 'ds'}")
+  assert result.returncode == 0, result.stderr
+  output = result.stdout + result.stderr
+  for noise in ("Downloading and preparing", "downloaded and prepared", "Unknown size", "%|",
+                "\r", "Generating splits", "Shuffling"):
+    assert noise not in output, (noise, output)
+  assert re.search(r"^checking images 3/3 \| [\d.]+ img/s \| done in", result.stdout, re.M)
+  assert re.search(r"^writing images 3/3 \| ", result.stdout, re.M), result.stdout
+
+
+def test_reading_a_built_dataset_in_grain_workers_logs_no_opencv_note(tmp_path):
+  """tfds's "OpenCV is not installed ... Defaulting to PIL" note, once per grain worker and
+  for nothing a user must do, is not shown."""
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 8, 8))
+  folder.build_folder_dataset(str(tmp_path / "src"), str(tmp_path / "ds"))
+  script = tmp_path / "read.py"
+  script.write_text(
+      "from absl import flags\n"
+      "from diffit_jax.data import pipeline\n"
+      "if __name__ == '__main__':\n"
+      "  flags.FLAGS.mark_as_parsed()\n"
+      "  config = pipeline.get_default_data_config()\n"
+      f"  config.update(name='folder:{tmp_path / 'ds'}', image_size=8, channels=3, "
+      "num_workers=1)\n"
+      "  batch = next(pipeline.create_train_iterator(config, global_batch_size=2, seed=0))\n"
+      "  print(batch['image'].shape)\n")
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "(2, 8, 8, 3)" in result.stdout
+  assert "OpenCV" not in result.stderr, result.stderr
 
 
 def test_center_crop_and_channels():

@@ -57,6 +57,6 @@ def _latent_cfg(dst):
 def test_encode_cli_reports_bad_input(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "diffit_jax.encode", f"--vae={tmp_path}/missing", "--data=mnist_demo",
-       "--image_size=32", f"--dst={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True)
+       "--resolution=32", f"--out={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and "error:" in result.stderr
   assert not os.path.exists(tmp_path / "out" / latents.shard_filename(0, 1))

@@ -70,7 +70,7 @@ def run(setup, ref, samples, out_name, *extra):
   root, ckpt, files = setup
   out = root / "results" / out_name
   argv = [f"--ref={files.get(ref, ref)}", f"--samples={files.get(samples, samples)}",
-          f"--inception={ckpt}", f"--out={out}", "--batch_size=8", "--no_progress", *extra]
+          f"--inception={ckpt}", f"--out={out}", "--batch_size=8", "--noprogress", *extra]
   assert evaluate.main(argv) == 0
   with open(out) as f:
     return json.load(f)
@@ -159,8 +159,8 @@ def test_clear_errors_for_bad_files(setup, tmp_path, capsys):
       ([f"--ref={files['a']}", f"--samples={files['b']}", "--batch_size=12"], "multiple"),
   ]
   for argv, message in cases:
-    assert evaluate.main([*argv, f"--inception={ckpt}", "--no_progress"]) == 2
+    assert evaluate.main([*argv, f"--inception={ckpt}", "--noprogress"]) == 2
     assert message in capsys.readouterr().err
   assert evaluate.main([f"--ref={files['a']}", f"--samples={files['b']}",
-                        f"--inception={tmp_path}", "--no_progress"]) == 2
+                        f"--inception={tmp_path}", "--noprogress"]) == 2
   assert "not a diffit_jax weights checkpoint" in capsys.readouterr().err

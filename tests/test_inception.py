@@ -219,7 +219,7 @@ def pth(torch_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(pth, tmp_path_factory):
   dst = str(tmp_path_factory.mktemp("ckpt") / "inception")
-  assert convert_main.main(["inception", f"--src={pth}", f"--dst={dst}"]) == 0
+  assert convert_main.main(["inception", f"--src={pth}", f"--out={dst}"]) == 0
   return dst
 
 
@@ -291,7 +291,7 @@ def test_converter_rejects_wrong_weights_and_writes_nothing(torch_model, tmp_pat
   src, dst = tmp_path / "bad.pth", tmp_path / "out"
   torch.save(state_dict, src)
   with pytest.raises(ValueError, match=message):
-    convert_main.main(["inception", f"--src={src}", f"--dst={dst}"])
+    convert_main.main(["inception", f"--src={src}", f"--out={dst}"])
   assert not dst.exists() and os.listdir(tmp_path) == ["bad.pth"]
 
 
@@ -299,4 +299,4 @@ def test_converter_checks_hash_in_file_name(pth, tmp_path):
   src = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
   src.write_bytes(open(pth, "rb").read())
   with pytest.raises(ValueError, match="corrupt"):
-    convert_main.main(["inception", f"--src={src}", f"--dst={tmp_path / 'out'}"])
+    convert_main.main(["inception", f"--src={src}", f"--out={tmp_path / 'out'}"])

@@ -57,7 +57,7 @@ def _zip_pth(path, marker):
 def test_crafted_pth_runs_no_code(make, tmp_path):
   src, marker, dst = tmp_path / "evil.pth", tmp_path / "PWNED", tmp_path / "out"
   make(src, marker)
-  result = _convert("inception", f"--src={src}", f"--dst={dst}")
+  result = _convert("inception", f"--src={src}", f"--out={dst}")
   assert not marker.exists(), "the crafted pickle ran a shell command"
   _assert_user_error(result, f"refusing to load {src}", f"global {os.system.__module__}.system")
   assert not dst.exists()
@@ -66,9 +66,9 @@ def test_crafted_pth_runs_no_code(make, tmp_path):
 def test_convert_user_errors_are_one_line(tmp_path):
   junk = tmp_path / "junk.pth"
   junk.write_bytes(b"not a pickle at all")
-  _assert_user_error(_convert("inception", f"--src={junk}", f"--dst={tmp_path / 'o'}"),
+  _assert_user_error(_convert("inception", f"--src={junk}", f"--out={tmp_path / 'o'}"),
                      "is not a PyTorch .pth file")
-  _assert_user_error(_convert("inception", f"--src={junk}"), "--dst", "--help")
+  _assert_user_error(_convert("inception", f"--src={junk}"), "--out is required", "--help")
   assert not (tmp_path / "o").exists()
 
 

@@ -61,7 +61,7 @@ def state_np(model) -> dict[str, np.ndarray]:
 
 
 def convert(src, dst, *extra) -> None:
-  assert convert_main(["vae", f"--src={src}", f"--dst={dst}", *extra]) == 0
+  assert convert_main(["vae", f"--src={src}", f"--out={dst}", *extra]) == 0
 
 
 def reference(model, image_size: int, batch: int):

@@ -1,39 +1,36 @@
-"""`python -m diffit_jax.convert {diffit,export,vae,inception} --src=... --dst=...`.
+"""`python -m diffit_jax.convert COMMAND --src=... --out=...`: weights in and out of diffit_jax.
 
-Each sub-command is a module of `diffit_jax.convert` with `add_arguments(parser)`
-and `run(args)`. Modules are imported only when their sub-command runs.
+    python -m diffit_jax.convert diffit --src=diffit_256.safetensors --out=ckpt/diffit_256
+    python -m diffit_jax.convert vae --src=sd-vae-ft-ema --out=ckpt/sd_vae_ema
+    python -m diffit_jax.convert inception --src=pt_inception-2015-12-05-6726825d.pth \\
+        --out=ckpt/inception
+    python -m diffit_jax.convert export --src=CKPT_OR_WORKDIR --out=diffit.safetensors
+
+Each command is a module of `diffit_jax.convert` with `define_flags(flag_values)` and
+`run(flag_values)`, imported only when its command runs. Nothing is written on error; an
+error the user can fix is one `error: ...` line, exit status 2.
 """
 
-import importlib
 import sys
 
 from diffit_jax import cli
 
-SUBCOMMANDS = {
-    "diffit": ("diffit", "official latent DiffiT safetensors -> diffit_jax checkpoint"),
-    "export": ("export", "diffit_jax latent DiffiT checkpoint -> official-layout safetensors"),
-    "vae": ("vae", "diffusers / LDM SD-VAE weights -> Flax VAE checkpoint"),
-    "inception": ("inception", "pytorch-fid Inception .pth -> Flax Inception checkpoint"),
+COMMANDS = {
+    "diffit": cli.Command("official latent DiffiT safetensors -> diffit_jax checkpoint",
+                          "diffit_jax.convert.diffit"),
+    "export": cli.Command("diffit_jax latent DiffiT checkpoint -> official-layout safetensors",
+                          "diffit_jax.convert.export"),
+    "vae": cli.Command("diffusers / LDM SD-VAE weights -> Flax VAE checkpoint",
+                       "diffit_jax.convert.vae"),
+    "inception": cli.Command("pytorch-fid Inception .pth -> Flax Inception checkpoint",
+                             "diffit_jax.convert.inception"),
 }
 
 
-def main(argv=None) -> int:
-  parser = cli.ArgumentParser(prog="python -m diffit_jax.convert", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  modules = {}
-  for name, (module_name, help_text) in SUBCOMMANDS.items():
-    p = sub.add_parser(name, help=help_text)
-    try:
-      modules[name] = importlib.import_module(f"diffit_jax.convert.{module_name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"diffit_jax.convert.{module_name}":
-        raise
-      continue
-    modules[name].add_arguments(p)
-  args = parser.parse_args(argv)
-  if args.command not in modules:
-    parser.error(f"converter {args.command!r} is not available in this version of diffit_jax")
-  return modules[args.command].run(args) or 0
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  return cli.run_subcommand(argv, prog="python -m diffit_jax.convert", doc=__doc__,
+                            commands=COMMANDS)
 
 
 if __name__ == "__main__":

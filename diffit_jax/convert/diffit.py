@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.convert diffit --src=diffit_256.safetensors --dst=DIR`: weights in.
+"""`python -m diffit_jax.convert diffit --src=diffit_256.safetensors --out=DIR`: weights in.
 
 This file owns converting NVIDIA's official latent DiffiT state dicts (`diffit_256.safetensors`,
 `diffit_512.safetensors`; layout and forward math in `docs/official_checkpoint.md`)
@@ -20,7 +20,6 @@ tensors `blocks.{i}.*` are stacked along the leading depth axis of the stacked b
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint, models
@@ -63,24 +63,25 @@ _LEAF_NAMES = {"kernel": "weight", "embedding": "weight"}
 # ----------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the `diffit` sub-command's flags."""
-  parser.add_argument("--src", required=True,
-                      help="official latent DiffiT .safetensors (diffit_256 / diffit_512)")
-  parser.add_argument("--dst", required=True, help="output checkpoint folder (must not exist)")
-  parser.add_argument("--config", default=None,
-                      help="experiment config to store with the weights (default: chosen by the "
-                           "detected resolution: configs/imagenet256_latent.py for 32x32 latents, "
-                           "configs/imagenet512_latent.py for 64x64); its model must match "
-                           "the file")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the `diffit` command's flags."""
+  flags.DEFINE_string("src", None, "Official latent DiffiT .safetensors (diffit_256 / "
+                      "diffit_512).", required=True, flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output checkpoint folder (must not exist).", required=True,
+                      flag_values=flag_values)
+  flags.DEFINE_string("config", None, "Experiment config (configs/X.py[:arg]) to store with "
+                      "the weights (default: chosen by the detected resolution: "
+                      "configs/imagenet256_latent.py for 32x32 latents, "
+                      "configs/imagenet512_latent.py for 64x64); its model must match the file.",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
-def run(args: argparse.Namespace) -> int:
-  """Converts `args.src` and writes the checkpoint `args.dst`; nothing is written on error."""
-  dst = os.path.abspath(args.dst)
+def run(args: flags.FlagValues) -> int:
+  """Converts `args.src` and writes the checkpoint `args.out`; nothing is written on error."""
+  dst = os.path.abspath(args.out)
   if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--dst {dst} already exists; choose a new folder or pass --overwrite.")
+    raise ConversionError(f"--out {dst} already exists; choose a new folder or pass --overwrite.")
   params, config, info = convert_diffit(args.src, config=args.config)
   print(f"writing {dst}")
   checkpoint.save_weights(dst, params, overwrite=args.overwrite, metadata={
@@ -472,7 +473,7 @@ def load_diffit(path: str, *, dtype: str | None = None,
   if metadata.get("kind") != "diffit" or "config" not in metadata:
     raise ValueError(
         f"{path} is a {metadata.get('kind')!r} checkpoint, not a converted DiffiT; create one "
-        "with `python -m diffit_jax.convert diffit --src=diffit_256.safetensors --dst=DIR`.")
+        "with `python -m diffit_jax.convert diffit --src=diffit_256.safetensors --out=DIR`.")
   config = ml_collections.ConfigDict(metadata["config"])
   if dtype is not None:
     config.model.dtype = dtype

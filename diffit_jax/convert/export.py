@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.convert export --src=CHECKPOINT --dst=FILE.safetensors`: weights out.
+"""`python -m diffit_jax.convert export --src=CHECKPOINT --out=FILE.safetensors`: weights out.
 
 This file owns writing a latent DiffiT in the official PyTorch layout of NVIDIA's release
 (`docs/official_checkpoint.md`), so that the official code loads it with
@@ -17,7 +17,6 @@ name and renamed, so a crash never leaves a partial `.safetensors` behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import uuid
@@ -27,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 import safetensors.numpy
+from absl import flags
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint
@@ -37,26 +37,27 @@ from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, flax
                                                flax_linear_to_torch)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the `export` sub-command's flags."""
-  parser.add_argument("--src", required=True,
-                      help="a converted weights checkpoint (python -m diffit_jax.convert diffit) "
-                           "or a training workdir (the EMA weights of its newest checkpoint)")
-  parser.add_argument("--dst", required=True, help="output .safetensors file (must not exist)")
-  parser.add_argument("--step", type=int, default=None,
-                      help="with a training workdir: the checkpoint step (default: the newest)")
-  parser.add_argument("--config", default=None,
-                      help="override the config stored with the weights (rarely needed)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the `export` command's flags."""
+  flags.DEFINE_string("src", None, "A converted weights checkpoint (python -m diffit_jax.convert "
+                      "diffit) or a training workdir (the EMA weights of its newest checkpoint).",
+                      required=True, flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output .safetensors file (must not exist).", required=True,
+                      flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "With a training workdir: the checkpoint step (default: "
+                       "the newest).", flag_values=flag_values)
+  flags.DEFINE_string("config", None, "Override the config stored with the weights "
+                      "(configs/X.py[:arg]; rarely needed).", flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
-def run(args: argparse.Namespace) -> int:
-  """Exports `args.src` to `args.dst`; nothing is written on error."""
-  dst = os.path.abspath(args.dst)
+def run(args: flags.FlagValues) -> int:
+  """Exports `args.src` to `args.out`; nothing is written on error."""
+  dst = os.path.abspath(args.out)
   if not dst.endswith(".safetensors"):
-    raise ConversionError(f"--dst {args.dst} must end in .safetensors.")
+    raise ConversionError(f"--out {args.out} must end in .safetensors.")
   if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--dst {dst} already exists; choose a new file or pass --overwrite.")
+    raise ConversionError(f"--out {dst} already exists; choose a new file or pass --overwrite.")
   params, config = _load_source(args.src, args.config, args.step)
   print(f"exporting {args.src}")
   tensors = export_params(params, config.model)

@@ -1,7 +1,7 @@
 """pytorch-fid's Inception weights (`pt_inception-2015-12-05-*.pth`) -> Flax FID Inception.
 
     python -m diffit_jax.convert inception \\
-        --src=pt_inception-2015-12-05-6726825d.pth --dst=checkpoints/inception_fid
+        --src=pt_inception-2015-12-05-6726825d.pth --out=checkpoints/inception_fid
 
 The `.pth` is the one pytorch-fid publishes as `FID_WEIGHTS_URL` (a port of the
 2015-12-05 TensorFlow graph that the ADM evaluator runs); users download it by hand,
@@ -16,7 +16,6 @@ right shape and every key of the file must be used (`fc.bias` and BatchNorm's
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import os
@@ -25,6 +24,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from diffit_jax import checkpoint
@@ -165,7 +165,7 @@ def load_inception(path: str) -> InceptionV3:
   """Loads a checkpoint written by this converter into an `InceptionV3`.
 
   Args:
-    path: the checkpoint folder (`python -m diffit_jax.convert inception --dst=...`).
+    path: the checkpoint folder (`python -m diffit_jax.convert inception --out=...`).
 
   Returns:
     The FID Inception, eval-mode, parameters as float32 arrays.
@@ -182,17 +182,19 @@ def load_inception(path: str) -> InceptionV3:
   return nnx.merge(graphdef, state)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--src", required=True,
-                      help="pytorch-fid's pt_inception-2015-12-05-*.pth (downloaded by hand)")
-  parser.add_argument("--dst", required=True, help="output checkpoint folder")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the `inception` command's flags."""
+  flags.DEFINE_string("src", None, "pytorch-fid's pt_inception-2015-12-05-*.pth (downloaded by "
+                      "hand).", required=True, flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output checkpoint folder.", required=True,
+                      flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
-def run(args: argparse.Namespace) -> int:
-  """Converts `args.src` into the checkpoint folder `args.dst`; writes nothing on error."""
-  if os.path.exists(args.dst) and not args.overwrite:
-    raise ConversionError(f"--dst {args.dst} already exists; choose a new folder or pass --overwrite.")
+def run(args: flags.FlagValues) -> int:
+  """Converts `args.src` into the checkpoint folder `args.out`; writes nothing on error."""
+  if os.path.exists(args.out) and not args.overwrite:
+    raise ConversionError(f"--out {args.out} already exists; choose a new folder or pass --overwrite.")
   state_dict = read_torch_state_dict(args.src)
   sha256 = _sha256(args.src)
   match = _HASH_IN_NAME.search(os.path.basename(args.src))
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.src}: its SHA-256 starts {sha256[:len(match.group(1))]}, but the file name says "
         f"{match.group(1)}; the download is incomplete or corrupt. Download it again.")
   params = convert_state_dict(state_dict)
-  save_inception(args.dst, params, source=os.path.basename(args.src), sha256=sha256,
+  save_inception(args.out, params, source=os.path.basename(args.src), sha256=sha256,
                  overwrite=args.overwrite)
-  print(f"wrote the FID Inception ({MODEL_NAME}) to {args.dst}")
+  print(f"wrote the FID Inception ({MODEL_NAME}) to {args.out}")
   return 0

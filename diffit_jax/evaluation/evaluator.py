@@ -138,7 +138,7 @@ def load_reference(path: str, extractor: FeatureExtractor, *, cache_path: str | 
     extractor: computes activations when needed.
     cache_path: where computed statistics are cached; None disables caching.
     inception_id: identifies the Inception weights in the cache (e.g. their SHA-256).
-    progress: show a progress bar.
+    progress: print progress lines.
 
   Returns:
     The `ReferenceStats`.
@@ -172,7 +172,7 @@ def load_reference(path: str, extractor: FeatureExtractor, *, cache_path: str | 
   if ref is None:
     source = open_images(path)
     acts = extractor(source.batches(extractor.batch_size), total=len(source),
-                     progress=progress, desc="reference")
+                     progress=progress, desc="reference features")
     ref = ReferenceStats.from_activations(acts)
     if cache_path and jax.process_index() == 0:
       ref.save(cache_path, metadata=fingerprint)
@@ -211,7 +211,7 @@ class Evaluator:
       batch_size: global Inception batch size (a multiple of the devices `mesh` splits a
         batch over).
       mesh: the run's mesh (`diffit_jax.sharding.create_mesh`); default all devices.
-      progress: show progress bars.
+      progress: print progress lines.
     """
     if isinstance(inception, str):
       self.inception_id = inception_identity(inception)
@@ -235,7 +235,7 @@ class Evaluator:
   def activations(self, images: np.ndarray | Iterable[np.ndarray], *,
                   total: int | None = None) -> Activations:
     """Inception activations of images ((N, H, W, 3) uint8, or an iterable of batches)."""
-    return self.extractor(images, total=total, progress=self.progress, desc="samples")
+    return self.extractor(images, total=total, progress=self.progress, desc="sample features")
 
   def __call__(self, images: np.ndarray | Iterable[np.ndarray], *, total: int | None = None,
                precision_recall: bool = True) -> dict[str, float | int | None]:

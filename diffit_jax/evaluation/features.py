@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from diffit_jax import sharding
+from diffit_jax import logging_utils, sharding
 from diffit_jax.models.inception import InceptionV3, NUM_CLASSES, POOL_DIM, SPATIAL_DIM
 
 
@@ -120,9 +120,9 @@ class FeatureExtractor:
     Args:
       images: (N, H, W, 3) array, or an iterable of such batches (any lengths, one
         image size), uint8 or float in [0, 255].
-      total: number of images (for the progress bar) when `images` is an iterable.
-      progress: show a tqdm progress bar.
-      desc: progress bar label.
+      total: number of images (for the progress lines) when `images` is an iterable.
+      progress: print progress lines (`logging_utils.ProgressLines`).
+      desc: the progress lines' label.
 
     Returns:
       `Activations` with one row per image, in input order (per process).
@@ -130,10 +130,7 @@ class FeatureExtractor:
     if isinstance(images, (np.ndarray, jax.Array)):
       array, total = images, len(images)
       images = (array[i:i + self._local_batch] for i in range(0, len(array), self._local_batch))
-    bar = None
-    if progress and jax.process_index() == 0:
-      from tqdm.auto import tqdm  # Imported lazily: only the progress bar needs it.
-      bar = tqdm(total=total, desc=desc, unit="img")
+    lines = logging_utils.ProgressLines(desc, total, enabled=progress and jax.process_index() == 0)
     outputs, pending = [], None
     for batch in _rebatch(images, self._local_batch):
       n = len(batch)
@@ -147,12 +144,10 @@ class FeatureExtractor:
       if pending is not None:  # Fetch the previous batch while this one runs.
         outputs.append(jax.device_get(pending))
       pending = result
-      if bar is not None:
-        bar.update(n)
+      lines.update(n)
     if pending is not None:
       outputs.append(jax.device_get(pending))
-    if bar is not None:
-      bar.close()
+    lines.close()
     if not outputs:
       raise ValueError("no images to evaluate (the image stream was empty)")
     pool, spatial, logits, valid = (np.concatenate(parts) for parts in zip(*outputs))
