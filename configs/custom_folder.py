@@ -1,6 +1,6 @@
 """Image-space DiffiT on your own folder of images, EDM formulation; sized for one GPU or a laptop.
 
-Build:   python -m diffit_jax.data build --src=MY_IMAGES --dst=data/my_images --resolution=32
+Build:   python -m diffit_jax.data build --src=MY_IMAGES --out=data/my_images --resolution=32
 Train:   python -m diffit_jax.main --config=configs/custom_folder.py --workdir=runs/my_images
 Classes: python -m diffit_jax.main --config=configs/custom_folder.py:classes --workdir=runs/my_images
 Summary: python -m diffit_jax.main --config=configs/custom_folder.py --dry_run
@@ -9,7 +9,7 @@ Smoke:   python -m diffit_jax.main --config=configs/custom_folder.py:runlocal --
 
 MY_IMAGES is a folder of images, or of class sub-folders of images (`data build` maps
 sorted sub-folder names to labels 0, 1, ...). A dataset elsewhere: add
-`--config.data.name=folder:PATH` (PATH as given to `data build --dst`).
+`--config.data.name=folder:PATH` (PATH as given to `data build --out`).
 
 The resolution, channels and classes are not set here: the run takes them from the
 built dataset when it starts (`config_lib.FROM_DATA`: `config.data.image_size=0` and

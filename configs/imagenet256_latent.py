@@ -7,8 +7,8 @@ Sample:  python -m diffit_jax.sample --config=configs/imagenet256_latent.py --wo
 Target:  FID-50K 1.73 / sFID 4.54 / IS 276.49 / P 0.80 / R 0.62 (ADM evaluator against
          VIRTUAL_imagenet256_labeled.npz), 250-step DDPM, power-cosine guidance.
 
-Own images: build them (`python -m diffit_jax.data build --src=MY_IMAGES --dst=data/my_images
---resolution=256`), encode with `--data=folder:data/my_images --dst=data/my_latents`, train
+Own images: build them (`python -m diffit_jax.data build --src=MY_IMAGES --out=data/my_images
+--resolution=256`), encode with `--data=folder:data/my_images --out=data/my_latents`, train
 with `--config.data.name=latents:data/my_latents --config.model.num_classes=-1` (-1: the
 dataset's classes) and a smaller model, e.g. `--config.model.variant=B/2`. Without class
 sub-folders the model is unconditional: `--config.model.num_classes=0

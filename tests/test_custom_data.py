@@ -61,7 +61,7 @@ def dataset(tmp_path_factory) -> str:
       pixels[..., label] = 255  # one colour per class
       Image.fromarray(pixels).save(root / "images" / name / f"{i}.png")
   dst = str(root / "dataset")
-  result = run_cli("diffit_jax.data", "build", f"--src={root / 'images'}", f"--dst={dst}")
+  result = run_cli("diffit_jax.data", "build", f"--src={root / 'images'}", f"--out={dst}")
   assert result.returncode == 0, result.stdout + result.stderr
   return dst
 

@@ -102,7 +102,7 @@ def test_convert_official_layout_with_the_shipped_config(installed_python, empty
   src = str(empty_dir.parent / "official.safetensors")
   safetensors.numpy.save_file({k: v.numpy().copy() for k, v in model.state_dict().items()}, src)
   out = ok(run(installed_python, "diffit_jax.convert", "diffit", f"--src={src}",
-               "--dst=converted", cwd=empty_dir))
+               "--out=converted", cwd=empty_dir))
   venv = os.path.dirname(os.path.dirname(installed_python))
   assert f"config: {venv}" in out and "imagenet256_latent.py" in out, out
   with open(empty_dir / "converted" / "metadata.json") as f:
