@@ -47,9 +47,9 @@ import time
 import traceback
 from typing import Any
 
-# The benchmark's helpers (experiments/bench_*.py); all but bench_common import JAX, so
-# they are imported inside the cases' processes, never in the driver.
-from bench_common import RESULTS_DIR, machine_info, write_json, write_results
+# The benchmark's parts (experiments/bench_*.py). All but bench_common import JAX, so they
+# are imported inside the cases' processes, never in the driver.
+import bench_common
 
 FID_SAMPLES = 50_000
 
@@ -120,7 +120,6 @@ def chip_peak(device_kind: str, precision: str) -> tuple[float | None, str]:
 def run_jax_train(case: dict, s: dict) -> dict[str, Any]:
   """The real train step, compiled and timed; MFU and memory."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import bench_common  # pylint: disable=g-import-not-at-top
   import bench_jax  # pylint: disable=g-import-not-at-top
   import bench_model  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(
@@ -157,7 +156,6 @@ def run_jax_sample(case: dict, s: dict) -> dict[str, Any]:
   from diffit_jax import models  # pylint: disable=g-import-not-at-top
   from diffit_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   from diffit_jax.models.tmsa import resolve_attention  # pylint: disable=g-import-not-at-top
-  import bench_common  # pylint: disable=g-import-not-at-top
   import bench_jax  # pylint: disable=g-import-not-at-top
   import bench_model  # pylint: disable=g-import-not-at-top
   import bench_sampler  # pylint: disable=g-import-not-at-top
@@ -201,7 +199,6 @@ def _sampling_result(times: dict, s: dict, extra: dict) -> dict[str, Any]:
 def run_torch(case: dict, s: dict) -> dict[str, Any]:
   """The reference's train step and the official sampler, eager or compiled."""
   import torch  # pylint: disable=g-import-not-at-top
-  import bench_common  # pylint: disable=g-import-not-at-top
   import bench_model  # pylint: disable=g-import-not-at-top
   import bench_torch  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,7 +259,7 @@ def case_process(names: list[str], settings: dict, out: str) -> None:
         raise _Skip("torch.compile is off in smoke mode (Inductor builds take minutes on CPU)")
       result = RUNNERS[case["kind"]](case, settings)
       if case["kind"] != "torch":
-        result["device"] = machine_info()
+        result["device"] = bench_common.machine_info()
     except _Skip as e:
       result = dict(skipped=str(e))
     except Exception as e:  # pylint: disable=broad-except
@@ -271,7 +268,7 @@ def case_process(names: list[str], settings: dict, out: str) -> None:
     result["wall_s"] = round(time.perf_counter() - start, 1)
     results[name] = result
     print(f"[{name}] {_one_line(result)}", flush=True)
-    write_json(out, results)
+    bench_common.write_json(out, results)
 
 
 class _Skip(Exception):
@@ -457,7 +454,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--train_batch", type=int)
   p.add_argument("--sample_batch", type=int)
   p.add_argument("--sample_steps", type=int)
-  p.add_argument("--out_dir", default=RESULTS_DIR)
+  p.add_argument("--out_dir", default=bench_common.RESULTS_DIR)
   p.add_argument("--case_process", help=argparse.SUPPRESS)
   p.add_argument("--settings", help=argparse.SUPPRESS)
   p.add_argument("--part", help=argparse.SUPPRESS)
@@ -502,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     for old in set(paths.values()):
       if f"accelerator_{tag}." not in old and os.path.exists(old):
         os.remove(old)  # named before the device was known
-    paths.update(write_results(args.out_dir, f"accelerator_{tag}", report, markdown(report)))
+    paths.update(bench_common.write_results(args.out_dir, f"accelerator_{tag}", report,
+                                              markdown(report)))
 
   run_cases(cases, settings, args, report, write)
   write()
