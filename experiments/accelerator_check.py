@@ -41,17 +41,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
+# The benchmark's parts (experiments/bench_*.py). All but bench_common import JAX, so they
+# are imported inside the cases' processes, never in the driver.
+import bench_common
+
 FID_SAMPLES = 50_000
-OFFICIAL_STEPS = 250  # DDPM steps of the official ImageNet-256 protocol
 
 # Dense matmul peaks from the vendors' datasheets (FLOP/s, no sparsity): (bf16, float32 as
 # the chip runs it by default: TF32 on NVIDIA, bf16 passes on TPU). Matched in order
@@ -109,22 +109,6 @@ MIN_CASE_S = 30  # a case is not started with less than this left of the budget
 # Inside a case's process.
 
 
-def _bench():
-  """experiments/benchmark.py: the timing, memory and PyTorch-reference helpers."""
-  sys.path.insert(0, HERE)
-  import benchmark  # pylint: disable=g-import-not-at-top
-  return benchmark
-
-
-def device_info() -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  return dict(platform=device.platform, device_kind=device.device_kind,
-              num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
-              python=platform.python_version(), cpu_count=os.cpu_count())
-
-
 def chip_peak(device_kind: str, precision: str) -> tuple[float | None, str]:
   """The datasheet peak for `precision` and the row it came from."""
   for name, bf16, fp32 in CHIP_PEAKS:
@@ -133,43 +117,25 @@ def chip_peak(device_kind: str, precision: str) -> tuple[float | None, str]:
   return None, "unknown chip"
 
 
-def _time(run, iters: int, repeats: int, bench) -> dict[str, Any]:
-  """Seconds per call of `run` (which waits for its result): median over rounds."""
-  seconds = [bench.measure(run, iters)["seconds"] for _ in range(repeats)]
-  return bench.summarize(seconds)
-
-
-def train_step_flops(config, batch: int, bench) -> tuple[float, str]:
-  """3x the forward's FLOPs: XLA's count where the backend gives one, else the analytic count.
-
-  (JAX 0.11 on GPU returns no cost analysis before compiling; the two counts are checked
-  against each other in tests/test_benchmark.py.)
-  """
-  from diffit_jax import models  # pylint: disable=g-import-not-at-top
-  try:
-    return 3 * models.forward_flops(config, batch), "XLA cost analysis"
-  except TypeError:
-    return 3 * bench.analytic_forward_flops(config, batch), "analytic matmul count"
-
-
-def run_jax_train(case: dict, s: dict, bench) -> dict[str, Any]:
+def run_jax_train(case: dict, s: dict) -> dict[str, Any]:
   """The real train step, compiled and timed; MFU and memory."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  import bench_jax  # pylint: disable=g-import-not-at-top
+  import bench_model  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(
       input_size=s["input_size"], precision=case["precision"], remat=case["remat"],
       attention=case["attention"], scan_unroll="1" if case["scan"] else "all",
       batch_size=s["train_batch"], num_devices=1)
-  mesh = bench.benchmark_mesh(args)
-  runners, info = bench.jax_runners(s["variant"], args, mesh, with_forward=False)
-  step = _time(runners["jax_train"], s["train_iters"], s["repeats"], bench)
-  config = bench.model_config(s["variant"], input_size=s["input_size"],
-                              precision=case["precision"])
-  train_flops, flops_source = train_step_flops(config, s["train_batch"], bench)
+  mesh = bench_jax.benchmark_mesh(args)
+  runners, info = bench_jax.jax_runners(s["variant"], args, mesh, with_forward=False)
+  step = bench_common.time_repeated(runners["jax_train"], s["train_iters"], s["repeats"])
+  config = bench_model.model_config(s["variant"], input_size=s["input_size"],
+                                    precision=case["precision"])
+  train_flops, flops_source = bench_model.train_step_flops(config, s["train_batch"])
   dtype = jnp.bfloat16 if case["precision"] == "bf16" else jnp.float32
-  matmul, matmul_flops = bench.matmul_runner(s["matmul_size"], dtype)
-  matmul_s = _time(matmul, 10, s["repeats"], bench)["median_s"]
-  peak, peak_source = chip_peak(device_info()["device_kind"], case["precision"])
+  matmul, matmul_flops = bench_model.matmul_runner(s["matmul_size"], dtype)
+  matmul_s = bench_common.time_repeated(matmul, 10, s["repeats"])["median_s"]
+  peak, peak_source = chip_peak(bench_common.machine_info()["device_kind"], case["precision"])
   t = step["median_s"]
   return dict(
       batch_size=s["train_batch"], step_s=t, images_per_s=s["train_batch"] / t,
@@ -182,125 +148,75 @@ def run_jax_train(case: dict, s: dict, bench) -> dict[str, Any]:
       memory=info["train_memory"], params=info["params"])
 
 
-def official_sampler_config(steps: int, num_classes: int):
-  """The official ImageNet-256 protocol, with `steps` DDPM steps (250 in the release)."""
-  from diffit_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-  return samplers.SamplerConfig(name="ddpm", num_steps=steps, guidance_scale=4.4,
-                                guidance_schedule="power_cosine", guidance_power=4.0,
-                                guidance_channels=3, num_classes=num_classes)
-
-
-def run_jax_sample(case: dict, s: dict, bench) -> dict[str, Any]:
+def run_jax_sample(case: dict, s: dict) -> dict[str, Any]:
   """The compiled guided DDPM sampler on the latent network."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from diffit_jax import models  # pylint: disable=g-import-not-at-top
   from diffit_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-  config = bench.model_config(s["variant"], input_size=s["input_size"],
-                              precision=case["precision"])
+  from diffit_jax.models.tmsa import resolve_attention  # pylint: disable=g-import-not-at-top
+  import bench_jax  # pylint: disable=g-import-not-at-top
+  import bench_model  # pylint: disable=g-import-not-at-top
+  import bench_sampler  # pylint: disable=g-import-not-at-top
+  config = bench_model.model_config(s["variant"], input_size=s["input_size"],
+                                    precision=case["precision"])
   model = models.build_model(config, rngs=nnx.Rngs(0))
   model.eval()
   apply_fn, state = samplers.nnx_apply_fn(model)
-  mesh = bench.benchmark_mesh(argparse.Namespace(num_devices=1))
+  mesh = bench_jax.benchmark_mesh(argparse.Namespace(num_devices=1))
   b = s["sample_batch"]
-  sampler = samplers.make_sampler(official_sampler_config(s["sample_steps"], config.num_classes),
-                                  apply_fn, (s["input_size"], s["input_size"], 4), mesh=mesh)
+  sampler = samplers.make_sampler(
+      samplers.SamplerConfig.from_config(
+          bench_sampler.official_ddpm(s["sample_steps"], config.num_classes)),
+      apply_fn, (s["input_size"], s["input_size"], 4), mesh=mesh)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, config.num_classes, b).astype(np.int32)
   indices = np.arange(b, dtype=np.int32)
   seed = np.uint32(0)
-  from diffit_jax.models.tmsa import resolve_attention  # pylint: disable=g-import-not-at-top
   attention = resolve_attention(config.attention, models.DTYPES[config.dtype])
-  with bench.PeakMemory() as mem:
+  with bench_common.PeakMemory() as mem:
     start = time.perf_counter()
     compiled = sampler.jitted.lower(state, labels, indices, seed).compile()
     compile_s = time.perf_counter() - start
     run = lambda: jax.block_until_ready(compiled(state, labels, indices, seed))
     run()
-  return _sampling_result(_time(run, 1, s["repeats"], bench), s, dict(
+  return _sampling_result(bench_common.time_repeated(run, 1, s["repeats"]), s, dict(
       compile_s=round(compile_s, 3), memory=mem.result, attention=attention))
 
 
 def _sampling_result(times: dict, s: dict, extra: dict) -> dict[str, Any]:
   """Seconds per image of the full 250-step protocol, from `sample_steps` timed steps."""
-  per_image = times["median_s"] * OFFICIAL_STEPS / s["sample_steps"] / s["sample_batch"]
+  from bench_sampler import OFFICIAL_DDPM_STEPS  # pylint: disable=g-import-not-at-top
+  per_image = times["median_s"] * OFFICIAL_DDPM_STEPS / s["sample_steps"] / s["sample_batch"]
   return dict(batch_size=s["sample_batch"], network_batch=2 * s["sample_batch"],
-              timed_steps=s["sample_steps"], protocol_steps=OFFICIAL_STEPS,
+              timed_steps=s["sample_steps"], protocol_steps=OFFICIAL_DDPM_STEPS,
               seconds_per_call=times, seconds_per_image=per_image,
               images_per_s=1.0 / per_image,
               hours_for_50k=FID_SAMPLES * per_image / 3600.0, **extra)
 
 
-def torch_ddpm_loop(torch, model, *, steps: int, batch: int, input_size: int, device: str,
-                    bf16: bool, compile_model: bool):
-  """The official protocol in PyTorch: `run()` draws one batch with `steps` DDPM steps.
-
-  ADM's p_sample with learned-range variance on the respaced linear schedule, the model
-  called through the official `forward_with_cfg` (power-cosine, 3 channels, w = 4.4) on a
-  [cond; uncond] batch, as NVIDIA's sampling script does.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from diffit_jax.diffusion import respace  # pylint: disable=g-import-not-at-top
-  schedule = respace.create_schedule("linear", 1000, str(steps))
-  betas = np.asarray(schedule.betas, np.float64)
-  ac = np.cumprod(1.0 - betas)
-  ac_prev = np.append(1.0, ac[:-1])
-  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-  tables = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in dict(
-      sqrt_recip_ac=np.sqrt(1.0 / ac), sqrt_recipm1_ac=np.sqrt(1.0 / ac - 1.0),
-      min_log=np.log(np.append(post_var[1], post_var[1:])), max_log=np.log(betas),
-      coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
-      coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)).items()}
-  timestep_map = torch.tensor(np.asarray(schedule.timestep_map), device=device)
-  guided = model.forward_with_cfg
-  if compile_model:
-    guided = torch.compile(guided)
-  num_classes = model.num_classes
-  y = torch.cat([torch.randint(0, num_classes, (batch,), device=device),
-                 torch.full((batch,), num_classes, device=device)])
-  c = 4
-
-  def run():
-    x = torch.randn(batch, c, input_size, input_size, device=device)
-    with torch.inference_mode():
-      for i in reversed(range(steps)):
-        t = timestep_map[i].expand(2 * batch)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-          out = guided(torch.cat([x, x]), t, y, 4.4)
-        eps, v = out[:batch, :c].float(), out[:batch, c:].float()
-        frac = (v + 1) / 2
-        log_var = frac * tables["max_log"][i] + (1 - frac) * tables["min_log"][i]
-        x0 = tables["sqrt_recip_ac"][i] * x - tables["sqrt_recipm1_ac"][i] * eps
-        mean = tables["coef1"][i] * x0 + tables["coef2"][i] * x
-        x = mean + (torch.exp(0.5 * log_var) * torch.randn_like(x) if i > 0 else 0)
-    if device == "cuda":
-      torch.cuda.synchronize()
-    return x
-
-  return run
-
-
-def run_torch(case: dict, s: dict, bench) -> dict[str, Any]:
+def run_torch(case: dict, s: dict) -> dict[str, Any]:
   """The reference's train step and the official sampler, eager or compiled."""
   import torch  # pylint: disable=g-import-not-at-top
-  from diffit_jax import models  # pylint: disable=g-import-not-at-top
+  import bench_model  # pylint: disable=g-import-not-at-top
+  import bench_torch  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":
     torch.set_float32_matmul_precision("high")  # TF32, as JAX's default float32 on GPU
-  reference = bench.import_torch_reference()
+  reference = bench_torch.import_torch_reference()
   result: dict[str, Any] = dict(torch=torch.__version__, device=device,
                                 device_name=torch.cuda.get_device_name() if device == "cuda"
                                 else platform.processor())
-  runners, info = bench.torch_runners(
+  runners, info = bench_torch.torch_runners(
       torch, reference, variant=s["variant"], batch_size=s["train_batch"],
       input_size=s["input_size"], precision=case["precision"], device=device,
       compile_model=case["compile"])
   tag = "torch_compile" if case["compile"] else "torch_eager"
-  step = _time(runners[f"{tag}_train"], s["train_iters"], s["repeats"], bench)
-  config = bench.model_config(s["variant"], input_size=s["input_size"],
-                              precision=case["precision"])
-  train_flops, _ = train_step_flops(config, s["train_batch"], bench)
+  step = bench_common.time_repeated(runners[f"{tag}_train"], s["train_iters"], s["repeats"])
+  config = bench_model.model_config(s["variant"], input_size=s["input_size"],
+                                    precision=case["precision"])
+  train_flops, _ = bench_model.train_step_flops(config, s["train_batch"])
   peak, peak_source = chip_peak(result["device_name"], case["precision"])
   result["train"] = dict(
       batch_size=s["train_batch"], step_s=step["median_s"],
@@ -311,19 +227,15 @@ def run_torch(case: dict, s: dict, bench) -> dict[str, Any]:
   if device == "cuda":
     torch.cuda.empty_cache()
 
-  torch.manual_seed(0)
-  sizes = models.latent_sizes(config)
-  model = reference.LatentDiffiT(input_size=s["input_size"], in_channels=4,
-                                 num_classes=config.num_classes, learn_sigma=True,
-                                 **sizes).to(device).eval()
-  run = torch_ddpm_loop(torch, model, steps=s["sample_steps"], batch=s["sample_batch"],
+  model = bench_torch.reference_model(torch, reference, config, device).eval()
+  run = bench_torch.torch_ddpm_loop(torch, model, steps=s["sample_steps"], batch=s["sample_batch"],
                         input_size=s["input_size"], device=device,
                         bf16=case["precision"] == "bf16", compile_model=case["compile"])
-  with bench.PeakMemory(torch) as mem:
+  with bench_common.PeakMemory(torch) as mem:
     start = time.perf_counter()
     run()  # compiles under torch.compile
     first_s = time.perf_counter() - start
-  result["sample"] = _sampling_result(_time(run, 1, s["repeats"], bench), s, dict(
+  result["sample"] = _sampling_result(bench_common.time_repeated(run, 1, s["repeats"]), s, dict(
       first_call_s=round(first_s, 3), memory=mem.result))
   return result
 
@@ -333,7 +245,6 @@ RUNNERS = {"jax_train": run_jax_train, "jax_sample": run_jax_sample, "torch": ru
 
 def case_process(names: list[str], settings: dict, out: str) -> None:
   """Runs `names` in this process, writing {name: result} to `out` after each."""
-  bench = _bench()
   results: dict[str, Any] = {}
   for name in names:
     case = next(c for c in CASES if c["name"] == name)
@@ -346,9 +257,9 @@ def case_process(names: list[str], settings: dict, out: str) -> None:
           raise _Skip("cuDNN attention needs an NVIDIA GPU")
       if case["kind"] == "torch" and case["compile"] and not settings["torch_compile"]:
         raise _Skip("torch.compile is off in smoke mode (Inductor builds take minutes on CPU)")
-      result = RUNNERS[case["kind"]](case, settings, bench)
+      result = RUNNERS[case["kind"]](case, settings)
       if case["kind"] != "torch":
-        result["device"] = device_info()
+        result["device"] = bench_common.machine_info()
     except _Skip as e:
       result = dict(skipped=str(e))
     except Exception as e:  # pylint: disable=broad-except
@@ -357,7 +268,7 @@ def case_process(names: list[str], settings: dict, out: str) -> None:
     result["wall_s"] = round(time.perf_counter() - start, 1)
     results[name] = result
     print(f"[{name}] {_one_line(result)}", flush=True)
-    _write_json(out, results)
+    bench_common.write_json(out, results)
 
 
 class _Skip(Exception):
@@ -365,14 +276,7 @@ class _Skip(Exception):
 
 
 # ----------------------------------------------------------------------------------------
-# The driver: one process per case (several per process in smoke mode), then the report.
-
-
-def _write_json(path: str, data: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2)
-  os.replace(tmp, path)
+# The driver: one process per case (one per framework in smoke mode), then the report.
 
 
 def _one_line(r: dict) -> str:
@@ -403,40 +307,57 @@ def _case_env(case: dict) -> dict[str, str]:
 
 
 def run_cases(cases: list[dict], settings: dict, args, report: dict, write) -> None:
-  """Runs the cases in order, each group in a subprocess, within the time budget."""
+  """Runs the cases in order, each group in a subprocess, within the time budget.
+
+  On an accelerator every case has the device to itself, one after another. In smoke mode
+  (CPU, toy sizes) there is one process per framework and the two run side by side: they
+  share nothing but the CPU, and the smoke run takes the time of the longer one.
+  """
   deadline = time.monotonic() + settings["budget_s"]
-  if args.smoke:  # toy sizes: one process per framework
-    groups = [g for g in ([c for c in cases if c["kind"] != "torch"],
-                          [c for c in cases if c["kind"] == "torch"]) if g]
+  if args.smoke:
+    waves = [[g for g in ([c for c in cases if c["kind"] != "torch"],
+                          [c for c in cases if c["kind"] == "torch"]) if g]]
   else:
-    groups = [[case] for case in cases]
-  for group in groups:
-    names = [c["name"] for c in group]
-    left = deadline - time.monotonic()
-    if left < MIN_CASE_S:
-      for name in names:
-        report["cases"][name] = dict(skipped=f"time budget ({settings['budget_s']} s) spent")
-      write()
-      continue
-    limit = min(left, sum(CASE_LIMIT_S[c["kind"]] for c in group))
-    part = os.path.join(args.out_dir, f".accelerator_part_{os.getpid()}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--case_process", ",".join(names),
-               "--settings", json.dumps(settings), "--part", part]
-    try:
-      subprocess.run(command, env=_case_env(group[0]), timeout=limit, check=False)
-      timed_out = False
-    except subprocess.TimeoutExpired:
-      timed_out = True
-    results = {}
-    if os.path.exists(part):
-      with open(part) as f:
-        results = json.load(f)
-      os.remove(part)
-    for name in names:
-      report["cases"][name] = results.get(name) or dict(
-          error=f"killed after {limit:.0f} s" if timed_out else "the case's process died "
-          "without a result (its output is above)")
+    waves = [[[case]] for case in cases]
+  for wave in waves:
+    running = []
+    for i, group in enumerate(wave):
+      names = [c["name"] for c in group]
+      left = deadline - time.monotonic()
+      if left < MIN_CASE_S:
+        for name in names:
+          report["cases"][name] = dict(skipped=f"time budget ({settings['budget_s']} s) spent")
+        continue
+      limit = min(left, sum(CASE_LIMIT_S[c["kind"]] for c in group))
+      part = os.path.join(args.out_dir, f".accelerator_part_{os.getpid()}_{i}.json")
+      command = [sys.executable, os.path.abspath(__file__), "--case_process", ",".join(names),
+                 "--settings", json.dumps(settings), "--part", part]
+      process = subprocess.Popen(command, env=_case_env(group[0]))
+      running.append((names, limit, part, process))
+    start = time.monotonic()
+    for names, limit, part, process in running:
+      report["cases"].update(_finish_cases(names, start + limit, limit, part, process))
     write()
+
+
+def _finish_cases(names: list[str], end: float, limit: float, part: str,
+                  process: subprocess.Popen) -> dict[str, Any]:
+  """Waits for a case process until `end` (then kills it) and returns its results."""
+  try:
+    process.wait(timeout=max(0.0, end - time.monotonic()))
+    timed_out = False
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+    timed_out = True
+  results = {}
+  if os.path.exists(part):
+    with open(part) as f:
+      results = json.load(f)
+    os.remove(part)
+  return {name: results.get(name) or dict(
+      error=f"killed after {limit:.0f} s" if timed_out else "the case's process died "
+      "without a result (its output is above)") for name in names}
 
 
 def summarize_report(report: dict) -> dict[str, Any]:
@@ -533,7 +454,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--train_batch", type=int)
   p.add_argument("--sample_batch", type=int)
   p.add_argument("--sample_steps", type=int)
-  p.add_argument("--out_dir", default=RESULTS_DIR)
+  p.add_argument("--out_dir", default=bench_common.RESULTS_DIR)
   p.add_argument("--case_process", help=argparse.SUPPRESS)
   p.add_argument("--settings", help=argparse.SUPPRESS)
   p.add_argument("--part", help=argparse.SUPPRESS)
@@ -575,15 +496,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["targets"] = summarize_report(report)
     kind = (report.get("device") or {}).get("device_kind", "pending")
     tag = "smoke" if args.smoke else "".join(ch if ch.isalnum() else "_" for ch in kind).lower()
-    for old in {paths.get("json"), paths.get("md")} - {None}:
+    for old in set(paths.values()):
       if f"accelerator_{tag}." not in old and os.path.exists(old):
         os.remove(old)  # named before the device was known
-    paths["json"] = os.path.join(args.out_dir, f"accelerator_{tag}.json")
-    paths["md"] = os.path.join(args.out_dir, f"accelerator_{tag}.md")
-    _write_json(paths["json"], report)
-    with open(paths["md"] + ".tmp", "w") as f:
-      f.write(markdown(report))
-    os.replace(paths["md"] + ".tmp", paths["md"])
+    paths.update(bench_common.write_results(args.out_dir, f"accelerator_{tag}", report,
+                                              markdown(report)))
 
   run_cases(cases, settings, args, report, write)
   write()

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from bench_common import RESULTS_DIR, ROOT, write_results
+
 LINE = re.compile(r"train_step_memory_per_device: ([\d.]+) GiB = state and batch ([\d.]+) GiB "
                   r"\+ XLA temporaries ([\d.]+) GiB")
 
@@ -68,7 +68,7 @@ def main() -> None:
   p.add_argument("--devices", default="8,64")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-  p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+  p.add_argument("--out_dir", default=RESULTS_DIR)
   args = p.parse_args()
   rows = []
   for devices in (int(d) for d in args.devices.split(",")):
@@ -76,12 +76,8 @@ def main() -> None:
       for remat in (False, True):
         rows.append(estimate(devices, fsdp, remat, args.batch, args.precision))
         print(json.dumps(rows[-1]), flush=True)
-  os.makedirs(args.out_dir, exist_ok=True)
-  name = os.path.join(args.out_dir, "fit_xl2" + ("" if args.precision == "fp32" else "_bf16"))
-  with open(name + ".json", "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(name + ".md", "w") as f:
-    f.write(markdown(rows, args.precision))
+  name = "fit_xl2" + ("" if args.precision == "fp32" else "_bf16")
+  write_results(args.out_dir, name, rows, markdown(rows, args.precision))
   print(markdown(rows, args.precision))
 
 

@@ -7,18 +7,17 @@ For each sampler we time, on the same batch and device(s):
   * trivial:  the same compiled sampler with a network that costs nothing (x -> a x), i.e.
               the loop, RNG and update arithmetic alone.
 overhead = full - network, reported in ms per call and per step and as a fraction of the
-call. Times are minima over REPEATS runs (the least disturbed by other processes on a shared
-machine). Writes experiments/results/sampler_overhead.json.
+call. Times are minima over REPEATS interleaved rounds (the least disturbed by other processes
+on a shared machine). The benchmark's sampler part (`bench_sampler.py`) measures the same way
+on the latent DiffiT and provides the trivial network and the network-only loop.
+Writes experiments/results/sampler_overhead.json.
 
 Run from the repository root: .venv/bin/python experiments/sampler_overhead.py
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,11 @@ from flax import nnx
 
 from diffit_jax.diffusion import samplers
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "sampler_overhead.json")
+from bench_common import (RESULTS_DIR, local_runners, machine_info, time_interleaved,
+                          write_json)
+from bench_sampler import network_only_loop, trivial_network
+
+RESULTS = os.path.join(RESULTS_DIR, "sampler_overhead.json")
 LATENT = (16, 16, 4)   # (H, W, C): a 128 px SD latent
 BATCH = 16
 REPEATS = 7
@@ -80,15 +83,12 @@ def timed(*calls) -> list[float]:
 
   The calls alternate within each round, so load from other processes hits them alike.
   """
-  for fn, args in calls:
-    jax.block_until_ready(fn(*args))
-  times = [[] for _ in calls]
-  for _ in range(REPEATS):
-    for (fn, args), acc in zip(calls, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      acc.append((time.perf_counter() - start) * 1e3)
-  return [min(acc) for acc in times]
+  runs = {i: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
+          for i, (fn, args) in enumerate(calls)}
+  for run in runs.values():
+    run()
+  times, _ = time_interleaved(local_runners(runs), REPEATS, 1)
+  return [1e3 * times[i]["min_s"] for i in runs]
 
 
 def main() -> None:
@@ -103,23 +103,14 @@ def main() -> None:
     apply_fn, state = samplers.nnx_apply_fn(
         TinyDiT(LATENT[-1], out_channels, rngs=nnx.Rngs(0)))
     sampler = samplers.make_sampler(config, apply_fn, LATENT)
-
-    def trivial_apply(params, x, t, y):
-      eps = params * x
-      return jnp.concatenate([eps, jnp.zeros_like(eps)], -1) if adm else eps
-    trivial = samplers.make_sampler(config, trivial_apply, LATENT)
-    (trivial_ms,) = timed((trivial, (jnp.float32(0.5), labels, indices, 0)))
+    trivial = samplers.make_sampler(config, trivial_network(adm), LATENT)
+    (trivial_ms,) = timed((trivial, (state, labels, indices, 0)))
 
     net_batch = 2 * BATCH if config.guidance.active else BATCH
     x = jnp.ones((net_batch,) + LATENT)
     t = jnp.full((net_batch,), 500, jnp.int32 if adm else jnp.float32)
     y = jnp.zeros((net_batch,), jnp.int32)
-
-    @jax.jit
-    def network_only(state, x, t, y):
-      def body(_, x):  # each forward depends on the previous one, as in the sampler
-        return 0.5 * x + 0.5 * apply_fn(state, x, t, y)[..., :LATENT[-1]]
-      return jax.lax.fori_loop(0, config.nfe, body, x)
+    network_only = network_only_loop(apply_fn, config.nfe, LATENT[-1])
     full_ms, net_ms = timed((sampler, (state, labels, indices, 0)),
                             (network_only, (state, x, t, y)))
 
@@ -135,21 +126,21 @@ def main() -> None:
         trivial_per_step_ms=round(trivial_ms / steps, 3))
     print(key, results[key], flush=True)
 
+  machine = machine_info()
   report = dict(
       description=("Time of one compiled sampler call outside the network: overhead = full "
                    "call - the network alone run NFE times in one jitted loop; trivial = the "
                    "same sampler with a zero-cost network. Minima of %d runs." % REPEATS),
-      device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform,
-      num_devices=jax.device_count(), host=platform.machine(), cpu_count=os.cpu_count(),
-      jax_version=jax.__version__, latent_shape=LATENT, batch=BATCH,
+      device=machine["device_kind"], platform=machine["platform"],
+      num_devices=machine["num_devices"], host=machine["host"], cpu_count=machine["cpu_count"],
+      jax_version=machine["jax"], latent_shape=LATENT, batch=BATCH,
       # On a shared CPU, full - network is only as good as the run-to-run noise (compare the
       # load averages with cpu_count); the trivial-network column is the robust measure.
       load_average_1min_before_after=(round(load_before[0], 2), round(os.getloadavg()[0], 2)),
       network="TinyDiT: patch 2, width 192, depth 4, 4 heads (64 tokens)",
       results=results)
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
-    json.dump(report, f, indent=2)
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  write_json(RESULTS, report)
   print("wrote", RESULTS)
 
 

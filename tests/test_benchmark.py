@@ -4,33 +4,23 @@ The benchmark runs in quick mode on the tiny variant with one timing round; the 
 checks what it writes, never how fast anything was (timings on a shared CPU are noise).
 """
 
-import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_benchmark():
-  """experiments/benchmark.py as a module (experiments/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "diffit_benchmark", os.path.join(ROOT, "experiments", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+# experiments/ is not a package: its scripts import each other as top-level modules.
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import bench_model  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="module")
-def bench():
-  return load_benchmark()
-
-
-@pytest.fixture(scope="module")
-def written(bench, tmp_path_factory):
+def written(tmp_path_factory):
   out = tmp_path_factory.mktemp("benchmark")
-  bench.main(["--quick", "--variants", "tiny", "--input_size", "8", "--sampler_variant", "tiny",
+  benchmark.main(["--quick", "--variants", "tiny", "--input_size", "8", "--sampler_variant", "tiny",
               "--repeats", "1", "--no-torch_compile", "--no-xl_compile", "--out_dir", str(out)])
   return out
 
@@ -92,24 +82,24 @@ def independent_matmul_flops(depth, hidden, heads, patch, input_size=32, in_chan
 
 
 @pytest.mark.parametrize("variant", ["S/2", "B/2", "XL/2"])
-def test_mfu_flops_match_analytic_matmul_count(bench, variant):
+def test_mfu_flops_match_analytic_matmul_count(variant):
   from diffit_jax import models  # pylint: disable=g-import-not-at-top
-  config = bench.model_config(variant)
+  config = bench_model.model_config(variant)
   sizes = models.latent_variant(variant)
   expected = independent_matmul_flops(sizes["depth"], sizes["hidden_size"], sizes["num_heads"],
                                       sizes["patch_size"])
-  assert bench.analytic_forward_flops(config) == pytest.approx(expected, rel=1e-9)
+  assert bench_model.analytic_forward_flops(config) == pytest.approx(expected, rel=1e-9)
   # What MFU divides by: XLA's count of the forward, which adds the elementwise work.
   xla = models.forward_flops(config, batch_size=2) / 2
   assert xla == pytest.approx(expected, rel=0.02)
   assert xla >= expected  # XLA counts the matmuls plus elementwise ops, never fewer
 
 
-def test_mfu_flops_of_the_smoke_run_match(written, bench):
+def test_mfu_flops_of_the_smoke_run_match(written):
   import jax  # pylint: disable=g-import-not-at-top
   with open(written / f"benchmark_{jax.devices()[0].platform}.json") as f:
     r = json.load(f)["variants"]["tiny"]
-  t = bench.TINY
+  t = bench_model.TINY
   expected = independent_matmul_flops(t["depth"], t["hidden_size"], t["num_heads"],
                                       t["patch_size"], input_size=8)
   assert r["analytic_forward_flops_per_image"] == pytest.approx(expected, rel=1e-9)

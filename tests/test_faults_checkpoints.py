@@ -7,8 +7,13 @@ optimizers do: a flipped byte, a truncated or deleted file, weights blown up to 
 kill -9 between checkpoints, a config that would keep no checkpoint. The run must then
 resume from the newest intact checkpoint (bitwise as if nothing had happened), or stop
 with one line that says what is wrong and what to do.
+
+The runs on the broken copies are independent processes whose time on a small CPU is
+mostly start-up and compilation, so the `runs` fixture starts them together (three at a
+time) and lets them share the cores; each test then checks its own.
 """
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -51,11 +56,14 @@ def copy_run(trained, tmp_path) -> str:
   return workdir
 
 
+def start_resume(workdir, steps, *flags):
+  return run_main(workdir, f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=3",
+                  "--config.sample_every_steps=0", *flags)
+
+
 def resume(workdir, steps, *flags, returncode=0) -> str:
-  return finish(run_main(workdir, f"--config.num_train_steps={steps}",
-                         "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-                         "--config.keep_checkpoints=3", "--config.sample_every_steps=0",
-                         *flags), returncode)
+  return finish(start_resume(workdir, steps, *flags), returncode)
 
 
 def step_dir(workdir, step) -> str:
@@ -91,21 +99,98 @@ def assert_one_row_per_step(workdir, last):
 
 
 # ----------------------------------------------------------------------------------------
+# The faults: each breaks its own copy of the trained workdir and runs the CLI on it. They
+# run in worker threads (subprocesses and files only; the checks on checkpoints are the
+# tests'), and what a test inspects after a later run changed the workdir is a copy.
+
+
+def flipped_newest_ema(trained, root) -> dict:
+  workdir = copy_run(trained, root / "flipped")
+  flip_byte(largest_data_file(workdir, 6, checkpoint_lib.EMA_ITEM))
+  before = str(root / "flipped_before_resume")
+  shutil.copytree(workdir, before)
+  return dict(workdir=workdir, before=before, out=resume(workdir, 8))
+
+
+def truncated_state_and_deleted_ema(trained, root) -> dict:
+  workdir = copy_run(trained, root / "truncated")
+  path = largest_data_file(workdir, 6, checkpoint_lib.STATE_ITEM)  # weights + Adam moments
+  os.truncate(path, os.path.getsize(path) // 2)
+  os.remove(largest_data_file(workdir, 4, checkpoint_lib.EMA_ITEM))
+  return dict(workdir=workdir, out=resume(workdir, 6))
+
+
+def every_ema_flipped(trained, root) -> dict:
+  workdir = copy_run(trained, root / "no_intact")
+  for step in STEPS:
+    flip_byte(largest_data_file(workdir, step, checkpoint_lib.EMA_ITEM))
+  return dict(workdir=workdir, out=resume(workdir, 6, returncode=2))
+
+
+def diverged_then_rerun(trained, root) -> dict:
+  """A learning rate of 1e39 turns the weights to Inf/NaN; then a sane rerun."""
+  workdir = copy_run(trained, root / "nan")
+  out = resume(workdir, 30, "--config.optimizer.learning_rate=1e39",
+               "--config.checkpoint_every_steps=7", "--config.log_every_steps=5", returncode=2)
+  diverged = str(root / "nan_diverged")
+  shutil.copytree(workdir, diverged)
+  return dict(diverged=diverged, out=out, rerun=resume(workdir, 8))
+
+
+def keep_nothing(trained, root) -> dict:
+  del trained
+  (root / "keep_zero").mkdir()
+  workdir = root / "keep_zero" / "run"
+  return dict(workdir=workdir, out=finish(run_main(workdir, "--config.keep_checkpoints=0"),
+                                          returncode=2))
+
+
+def killed_then_resumed(trained, root) -> dict:
+  """kill -9 at step 9 or later of a run that checkpoints nothing past 6; then a resume."""
+  workdir = copy_run(trained, root / "killed")
+  proc = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(r["step"] >= 9 for r in logging_utils.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, proc.communicate()[0]
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  killed = {r["step"]: r for r in logging_utils.read_metrics(workdir)}
+  after_kill = str(root / "killed_after_kill")
+  shutil.copytree(workdir, after_kill)
+  return dict(workdir=workdir, after_kill=after_kill, killed=killed, out=resume(workdir, 10))
+
+
+FAULTS = (flipped_newest_ema, truncated_state_and_deleted_ema, every_ema_flipped,
+          diverged_then_rerun, keep_nothing, killed_then_resumed)
+
+
+@pytest.fixture(scope="module")
+def runs(trained, tmp_path_factory) -> dict[str, concurrent.futures.Future]:
+  """{fault: the future of its runs}: all started at once, three processes at a time."""
+  root = tmp_path_factory.mktemp("faults")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    yield {fault.__name__: pool.submit(fault, trained, root) for fault in FAULTS}
+
+
+# ----------------------------------------------------------------------------------------
 # Silent corruption: every file of a checkpoint is checked against its integrity record.
 
 
-def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(trained, tmp_path):
-  workdir = copy_run(trained, tmp_path)
-  flip_byte(largest_data_file(workdir, 6, checkpoint_lib.EMA_ITEM))
+def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(trained, runs):
+  run = runs["flipped_newest_ema"].result()
+  workdir, out = run["workdir"], run["out"]
 
   # Samplers and exporters: the newest intact EMA, or a clear error for the broken step.
-  ema, _ = checkpoint_lib.load_ema_params(workdir)
+  ema, _ = checkpoint_lib.load_ema_params(run["before"])
   jax.tree.map(np.testing.assert_array_equal, ema, checkpoint_lib.load_ema_params(trained, 4)[0])
   with pytest.raises(checkpoint_lib.CorruptCheckpointError, match="ema_params/.*crc32"):
-    checkpoint_lib.load_ema_params(workdir, step=6)
+    checkpoint_lib.load_ema_params(run["before"], step=6)
 
   # Training resumes from 4, says once why 6 was skipped, and redoes 5-6 bit for bit.
-  out = resume(workdir, 8)
   skipped = lines_with(out, "Skipping checkpoint")
   assert len(skipped) == 1 and "/6" in skipped[0] and "crc32" in skipped[0], out
   assert lines_with(out, "Resuming from"), out
@@ -117,13 +202,9 @@ def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(traine
   assert_one_row_per_step(workdir, 8)
 
 
-def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, tmp_path):
-  workdir = copy_run(trained, tmp_path)
-  path = largest_data_file(workdir, 6, checkpoint_lib.STATE_ITEM)  # weights + Adam moments
-  os.truncate(path, os.path.getsize(path) // 2)
-  os.remove(largest_data_file(workdir, 4, checkpoint_lib.EMA_ITEM))
-
-  out = resume(workdir, 6)
+def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, runs):
+  run = runs["truncated_state_and_deleted_ema"].result()
+  workdir, out = run["workdir"], run["out"]
   skipped = lines_with(out, "Skipping checkpoint")
   assert len(skipped) == 2, out
   assert "/6" in skipped[0] and "truncated" in skipped[0], out
@@ -135,37 +216,35 @@ def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, 
                  checkpoint_lib.load_ema_params(trained, step)[0])
 
 
-def test_no_intact_checkpoint_stops_with_one_clear_line(trained, tmp_path):
-  workdir = copy_run(trained, tmp_path)
-  for step in STEPS:
-    flip_byte(largest_data_file(workdir, step, checkpoint_lib.EMA_ITEM))
-  out = resume(workdir, 6, returncode=2)
+def test_no_intact_checkpoint_stops_with_one_clear_line(runs):
+  run = runs["every_ema_flipped"].result()
+  out = run["out"]
   errors = lines_with(out, "error: No checkpoint")
   assert len(errors) == 1 and "fresh --workdir" in errors[0], out
   assert "TensorStore" not in out, out
   # Nothing was moved or deleted: the user decides.
-  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == list(STEPS)
+  assert checkpoint_lib.TrainCheckpointer(run["workdir"]).all_steps() == list(STEPS)
 
 
 # ----------------------------------------------------------------------------------------
 # Poisoned weights and a config that would keep nothing.
 
 
-def test_nan_weights_are_never_checkpointed(trained, tmp_path):
-  """A learning rate of 1e39 turns the weights to Inf/NaN: no such checkpoint is saved, the
-  error names a checkpoint that really is good, and a sane rerun resumes from it."""
-  workdir = copy_run(trained, tmp_path)
-  out = resume(workdir, 30, "--config.optimizer.learning_rate=1e39",
-               "--config.checkpoint_every_steps=7", "--config.log_every_steps=5", returncode=2)
+def test_nan_weights_are_never_checkpointed(runs):
+  """No Inf/NaN checkpoint is saved, the error names a checkpoint that really is good, and
+  a sane rerun resumes from it."""
+  run = runs["diverged_then_rerun"].result()
+  out = run["out"]
   assert "NaN/Inf" in out, out
   good = [line for line in out.splitlines() if "The newest good checkpoint is step" in line]
   assert good, out
   named = int(good[-1].split("The newest good checkpoint is step ")[1].split()[0])
-  steps = checkpoint_lib.TrainCheckpointer(workdir).all_steps()
+  steps = checkpoint_lib.TrainCheckpointer(run["diverged"]).all_steps()
   assert named in steps, (named, steps)
   for step in steps:
-    assert_finite(checkpoint_lib.load_ema_params(workdir, step)[0])
-  resume(workdir, 8)
+    assert_finite(checkpoint_lib.load_ema_params(run["diverged"], step)[0])
+  # The sane rerun (which exited with 0) resumed from that checkpoint.
+  assert lines_with(run["rerun"], "Resuming from")[0].endswith(f"/{named}."), run["rerun"]
 
 
 def test_resume_skips_a_checkpoint_with_nan_weights(trained, tmp_path):
@@ -191,11 +270,10 @@ def test_resume_skips_a_checkpoint_with_nan_weights(trained, tmp_path):
   assert os.listdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR)) == ["8"]
 
 
-def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
-  workdir = tmp_path / "run"
-  out = finish(run_main(workdir, "--config.keep_checkpoints=0"), returncode=2)
-  assert "config.keep_checkpoints=0" in out, out
-  assert not workdir.exists()
+def test_keep_checkpoints_zero_is_refused_before_anything_is_written(runs):
+  run = runs["keep_nothing"].result()
+  assert "config.keep_checkpoints=0" in run["out"], run["out"]
+  assert not run["workdir"].exists()
   with pytest.raises(ValueError, match="keep_checkpoints=-2"):
     train.validate_config(tiny_config(keep_checkpoints=-2))
 
@@ -204,22 +282,10 @@ def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
 # A kill -9 between checkpoints: the replayed steps are logged once.
 
 
-def test_sigkill_between_checkpoints_then_resume_logs_each_step_once(trained, tmp_path):
-  workdir = copy_run(trained, tmp_path)
-  proc = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
-                  "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if any(r["step"] >= 9 for r in logging_utils.read_metrics(workdir)):
-      break
-    time.sleep(0.1)
-  assert proc.poll() is None, proc.communicate()[0]
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  killed = {r["step"]: r for r in logging_utils.read_metrics(workdir)}
-  assert checkpoint_lib.TrainCheckpointer(workdir).latest_step() == 6
-
-  resume(workdir, 10)
+def test_sigkill_between_checkpoints_then_resume_logs_each_step_once(runs):
+  run = runs["killed_then_resumed"].result()
+  workdir, killed = run["workdir"], run["killed"]
+  assert checkpoint_lib.TrainCheckpointer(run["after_kill"]).latest_step() == 6
   rows = logging_utils.read_metrics(workdir)
   assert_one_row_per_step(workdir, 10)
   for row in rows:  # the exact resume replays the killed run's losses

@@ -445,18 +445,24 @@ def test_dry_run_cli_prints_exact_count():
 
 def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():
   """`--dry_run_devices=8`: FSDP shards the state, and the batch is split 8 ways."""
-  def estimate(*overrides):
-    out = subprocess.run(
+  def start(*overrides):  # the two dry runs share the CPU instead of waiting in line
+    return subprocess.Popen(
         [sys.executable, "-m", "diffit_jax.main", "--config=configs/mnist_demo.py",
          "--dry_run", "--dry_run_devices=8", "--config.batch_size=16",
-         "--config.mesh.fsdp_min_size=1024", *overrides], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+         "--config.mesh.fsdp_min_size=1024", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+  def estimate(process):
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
     line = out.split("train_step_memory_per_device:")[1].splitlines()
     assert "over mesh" in line[1] and "8 virtual CPU devices" in line[1], line
     fields = line[0].split()
     return float(fields[0]), float(fields[6])  # total GiB, state and batch GiB
 
-  total, state = estimate()
-  fsdp_total, fsdp_state = estimate("--config.mesh.fsdp=8", "--config.mesh.data=-1")
+  replicated, sharded = start(), start("--config.mesh.fsdp=8", "--config.mesh.data=-1")
+  total, state = estimate(replicated)
+  fsdp_total, fsdp_state = estimate(sharded)
   # Weights, EMA and Adam moments: 4 copies of the parameters, replicated on every device.
   params = 4 * 4 * models.count_params(nnx.eval_shape(lambda: models.build_model(
       load_config(os.path.join(ROOT, "configs", "mnist_demo.py")).model,
