@@ -202,21 +202,27 @@ class Progress:
 
 
 def format_progress(step: int, total: int, scalars: Mapping[str, float],
-                    rates: Mapping[str, float]) -> str:
-  """One line: step, the scalars, then steps/s, images/s and ETA."""
-  parts = [f"step {step}/{total}"]
+                    rates: Mapping[str, float], *, unit: tuple[str, str] = ("step", "steps")
+                    ) -> str:
+  """One line: step, the scalars, then steps/s, images/s and ETA.
+
+  `unit` names what is counted, singular and plural (the sampler counts batches).
+  """
+  parts = [f"{unit[0]} {step}/{total}"]
   parts += [f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()]
   eta = rates["eta_min"]
   eta_text = f"{eta:.1f} min" if eta < 120 else f"{eta / 60:.1f} h"
-  parts += [f"{rates['steps_per_sec']:.2f} steps/s", f"{rates['images_per_sec']:.1f} img/s",
+  parts += [f"{rates['steps_per_sec']:.2f} {unit[1]}/s", f"{rates['images_per_sec']:.1f} img/s",
             f"ETA {eta_text}"]
   return " | ".join(parts)
 
 
 def save_image_grid(path: str, images: np.ndarray, rows: int, *, scale: int = 1) -> None:
-  """Writes (N, H, W, C) images in [-1, 1] to `path` as one PNG grid of `rows` rows (filled
-  row by row), upscaled `scale`x (nearest)."""
-  pixels = np.asarray(to_uint8(np.asarray(images, np.float32), rounding=True))
+  """Writes (N, H, W, C) images, uint8 or floats in [-1, 1], to `path` as one PNG grid of
+  `rows` rows (filled row by row), upscaled `scale`x (nearest)."""
+  pixels = np.asarray(images)
+  if pixels.dtype != np.uint8:
+    pixels = np.asarray(to_uint8(pixels.astype(np.float32), rounding=True))
   grid = image_grid(pixels, num_columns=-(-len(pixels) // rows))[..., :3]
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)

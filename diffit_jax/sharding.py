@@ -16,6 +16,8 @@ along their largest dimension that the axis size divides (big_vision's "fsdp" ru
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import jax
@@ -107,3 +109,36 @@ def to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Calls `jax.distributed.initialize` when the run spans several processes.
+
+  The coordinator comes from `config.distributed.coordinator_address` or the environment
+  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`);
+  `config.distributed.auto=True` lets JAX detect the cluster (TPU pods, SLURM, ...).
+  Must run before anything touches a JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return
+  dist = config.distributed
+  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = dist.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+  process_id = dist.process_id
+  if process_id < 0:
+    process_id = os.environ.get("JAX_PROCESS_ID")
+  if address:
+    if num_processes is None or process_id is None:
+      raise ValueError(
+          f"A coordinator address ({address}) is set but not the number of processes and this "
+          "process's id; set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/"
+          "JAX_PROCESS_ID.")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
+                               process_id=int(process_id))
+  elif dist.auto:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

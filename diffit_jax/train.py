@@ -2,7 +2,8 @@
 
 Reads top to bottom in the order a run happens:
 
-  1. distributed   `jax.distributed.initialize` when the run spans several processes.
+  1. distributed   `jax.distributed.initialize` when the run spans several processes
+                   (`sharding.initialize_distributed`).
   2. mesh          one ("data", "fsdp") mesh from `config.mesh` (`diffit_jax.sharding`).
   3. data          this process's shard of the grain pipeline (`diffit_jax.data`).
   4. model + opt   the network split once (`nnx.split`) into a graph and a pure dict of
@@ -54,15 +55,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import config_lib
 from diffit_jax import diffusion
+from diffit_jax import inference
 from diffit_jax import logging_utils
 from diffit_jax import models
 from diffit_jax import optim
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import ConfigError
-from diffit_jax.utils import to_uint8
+from diffit_jax.inference import CONFIG_FILE
 
 STEP_IMPLS = ("jit", "shard_map")
-CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
 
 
@@ -78,43 +79,6 @@ class TrainState(NamedTuple):
 class NonFiniteLossError(FloatingPointError):
   """The loss or the state became NaN or Inf; the message names the steps and the last good
   checkpoint."""
-
-
-# ----------------------------------------------------------------------------------------
-# 1. Distributed initialisation.
-
-
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Calls `jax.distributed.initialize` when the run spans several processes.
-
-  The coordinator comes from `config.distributed.coordinator_address` or the environment
-  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`);
-  `config.distributed.auto=True` lets JAX detect the cluster (TPU pods, SLURM, ...).
-  Must run before anything touches a JAX device.
-  """
-  if jax.distributed.is_initialized():
-    return
-  dist = config.distributed
-  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = dist.num_processes or os.environ.get("JAX_NUM_PROCESSES")
-  process_id = dist.process_id
-  if process_id < 0:
-    process_id = os.environ.get("JAX_PROCESS_ID")
-  if address:
-    if num_processes is None or process_id is None:
-      raise ValueError(
-          f"A coordinator address ({address}) is set but not the number of processes and this "
-          "process's id; set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/"
-          "JAX_PROCESS_ID.")
-    jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
-                               process_id=int(process_id))
-  elif dist.auto:
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,7 +121,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for group, check in (
       ("model", lambda: models.model_kwargs(config.model)),
       ("sampler", lambda: diffusion.samplers.validate(
-          sampler_config(config), models.input_shape(config.model)[1:]))):
+          inference.sampler_config(config), models.input_shape(config.model)[1:]))):
     try:
       check()
     except ValueError as e:
@@ -174,27 +138,6 @@ def _var_type(diffusion_config) -> str:
 def _adm_schedule(diffusion_config) -> diffusion.GaussianSchedule:
   return diffusion.create_schedule(diffusion_config.beta_schedule,
                                    int(diffusion_config.num_timesteps))
-
-
-def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig:
-  """The `diffusion.SamplerConfig` that `config.sampler` (with the model and diffusion) means.
-
-  `config.sampler.guidance.channels = 0` guides every prediction channel.
-  """
-  s, dif = config.sampler, config.diffusion
-  g = s.guidance
-  kwargs = dict(name=s.name, num_steps=int(s.num_steps), guidance_scale=float(g.scale),
-                guidance_schedule=g.schedule, guidance_power=float(g.power),
-                guidance_channels=int(g.channels) or None,
-                num_classes=int(config.model.num_classes) or None)
-  if dif.name == "edm":
-    kwargs.update(formulation="edm", sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max),
-                  rho=float(s.rho), s_churn=float(s.churn), sigma_data=float(dif.sigma_data))
-  else:
-    kwargs.update(formulation="adm", beta_schedule=dif.beta_schedule,
-                  diffusion_steps=int(dif.num_timesteps), pred_type=dif.prediction,
-                  var_type=_var_type(dif), eta=float(s.eta), clip_denoised=bool(s.clip_denoised))
-  return diffusion.SamplerConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,11 +320,6 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str
 # 8. Loop helpers: samples, FID, NaN guard, SIGTERM.
 
 
-def _apply_fn(graphdef: Any) -> diffusion.samplers.ApplyFn:
-  """The sampler's `apply_fn(params, x, t, y)` for a pure-dict weights tree (no dropout)."""
-  return lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)
-
-
 class SampleWriter:
   """EMA sample grids: `WORKDIR/samples/step_XXXXXX.png`, one row per class.
 
@@ -389,10 +327,12 @@ class SampleWriter:
   min(num_classes, 10)) with `per_class` samples each; unconditional ones `num_images`.
   Latent models are decoded with the VAE at `config.vae` when it is set; otherwise the
   first three latent channels are shown. The same seed every time, so grids from
-  successive steps are comparable.
+  successive steps are comparable. `config.sample_grid.num_steps` (0: config.sampler's)
+  makes the grids cheaper than the samples `python -m diffit_jax.sample` draws.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: Any, mesh: Mesh, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, pipeline: inference.Pipeline,
+               workdir: str):
     grid = config.sample_grid
     num_classes = int(config.model.num_classes)
     if num_classes:
@@ -404,54 +344,41 @@ class SampleWriter:
       self.rows = max(1, int(math.sqrt(self.num)))
     self.seed = int(grid.seed)
     self.scale = int(grid.scale)
-    shape = models.input_shape(config.model)[1:]
-    self.sampler = diffusion.make_sampler(sampler_config(config), _apply_fn(graphdef), shape,
-                                          mesh=mesh)
-    self.decode = None
-    if config.model.name == "latent" and config.vae:
-      from diffit_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
-      from diffit_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-      vae = vae_convert.load_vae(config.vae, sharding=sharding_lib.replicated(mesh))
-      vae_graphdef, vae_state = nnx.split(vae)
-      self.decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(
-          vae_lib.from_latent(z)))
-      self._vae_state = vae_state
+    self.pipeline = pipeline.with_num_steps(int(grid.get("num_steps", 0)))
     self.folder = os.path.join(workdir, SAMPLES_DIR)
-
-  def images(self, ema_params: Any, indices: np.ndarray, labels: np.ndarray | None,
-             seed: int) -> jax.Array:
-    """Samples (decoded to pixels for latent models), (B, H, W, C) sharded over "data"."""
-    x = self.sampler(ema_params, labels, indices, seed)
-    if self.decode is not None:
-      x = self.decode(self._vae_state, x)
-    return x
 
   def __call__(self, ema_params: Any, step: int) -> str:
     """Samples the grid for `step` and writes it (process 0); returns the PNG path."""
     start = time.perf_counter()
-    x = sharding_lib.to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
+    x = sharding_lib.to_host(self.pipeline.images(ema_params, self.labels, np.arange(self.num),
+                                                  self.seed))
     path = os.path.join(self.folder, f"step_{step:06d}.png")
     if jax.process_index() == 0:
       logging_utils.save_image_grid(path, x, self.rows, scale=self.scale)
     logging.info("Sample grid for step %d (%d images, %d NFE) in %.1f s.", step, self.num,
-                 self.sampler.nfe, time.perf_counter() - start)
+                 self.pipeline.sampler.nfe, time.perf_counter() - start)
     return path
 
 
-def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
+FID_SEED = 1_000_003  # the periodic FID at step s samples with seed FID_SEED + s
+
+
+def evaluate_fid(config: ml_collections.ConfigDict, pipeline: inference.Pipeline,
                  ema_params: Any, step: int, evaluator: Any) -> dict[str, float]:
-  """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes)."""
+  """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes).
+
+  The images are exactly those of `python -m diffit_jax.sample --workdir=WORKDIR
+  --num_samples=N --labels=random --seed=FID_SEED+step` from the same weights.
+  """
   n, batch = int(config.eval.num_samples), int(config.eval.batch_size)
-  num_classes = int(config.model.num_classes)
-  labels = (np.random.default_rng(step).integers(0, num_classes, n).astype(np.int32)
-            if num_classes else None)
+  seed = FID_SEED + step
+  labels = inference.draw_labels("random", n, int(config.model.num_classes), seed)
 
   def batches():
     for start in range(0, n, batch):
       idx = np.arange(start, min(start + batch, n))
-      x = sharding_lib.to_host(sample_writer.images(
-          ema_params, idx, None if labels is None else labels[idx], seed=1_000_003 + step))
-      x = np.asarray(to_uint8(x, rounding=True))
+      x = sharding_lib.to_host(pipeline.images(
+          ema_params, None if labels is None else labels[idx], idx, seed))
       yield np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 
   scores = evaluator(batches(), total=n, precision_recall=False)
@@ -582,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   # 1-3. Distributed initialisation, then everything checked before anything is written:
   #      the config, the mesh against the devices, the data. ------------------------------
-  initialize_distributed(config)
+  sharding_lib.initialize_distributed(config)
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -656,7 +583,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt_every = int(config.checkpoint_every_steps)
   sample_every = int(config.sample_every_steps)
   eval_every = int(config.eval.every_steps)
-  samples = SampleWriter(config, setup.graphdef, mesh, workdir) if sample_every or eval_every else None
+  pipeline = samples = None
+  if sample_every or eval_every:
+    # One sampler and decoder with the mesh's batch axes; the FID uses config.sampler, so
+    # its images are what `python -m diffit_jax.sample` draws from these weights.
+    pipeline = inference.Pipeline(config, mesh=mesh, graphdef=setup.graphdef, require_vae=False)
+    samples = SampleWriter(config, pipeline, workdir)
   evaluator = None
   if eval_every:
     from diffit_jax import evaluation  # pylint: disable=g-import-not-at-top
@@ -713,7 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.write_png(step, "samples/ema", samples(state.ema_params, step))
         progress.reset_clock(step)
       if evaluator is not None and (step % eval_every == 0 or step == total):
-        scores = evaluate_fid(config, samples, state.ema_params, step, evaluator)
+        scores = evaluate_fid(config, pipeline, state.ema_params, step, evaluator)
         writer.write_scalars(step, scores)
         logging.info("step %d: %s", step, scores)
         progress.reset_clock(step)

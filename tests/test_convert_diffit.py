@@ -31,7 +31,7 @@ from diffit_jax.convert.diffit import (convert_diffit, detect_model, expected_te
 from diffit_jax.convert.export import export_params
 from diffit_jax.convert.safetensors_io import ConversionError, read_safetensors
 from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
-from diffit_jax.diffusion.samplers import nnx_apply_fn
+from diffit_jax.inference import nnx_apply_fn
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)

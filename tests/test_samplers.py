@@ -10,12 +10,15 @@ stated discretization error. Then: seeds give identical samples on 1 and 8 devic
 any batch size; guidance equals DiT's hand-written `forward_with_cfg`; bad configs fail clearly.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffit_jax import config_lib, inference
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
 
 MU, S = 0.3, 0.8
@@ -308,7 +311,7 @@ def test_nnx_model_through_nnx_apply_fn():
       t_map = jnp.broadcast_to((t / 1000.0)[:, None, None, None], x.shape[:-1] + (1,))
       return jnp.tanh(self.proj(jnp.concatenate([x, t_map], -1)))        # (B, H, W, 2C)
 
-  apply_fn, state = samplers.nnx_apply_fn(TinyEps(2, rngs=nnx.Rngs(0)))
+  apply_fn, state = inference.nnx_apply_fn(TinyEps(2, rngs=nnx.Rngs(0)))
   sampler = samplers.make_sampler(dict(name="ddpm", num_steps=5, num_classes=None), apply_fn,
                                   SHAPE)
   x = np.asarray(sampler(state, None, np.arange(8), 0))
@@ -342,13 +345,21 @@ def test_guidance_without_labels_fails_clearly():
     sampler(PARAMS, None, np.arange(8), 0)
 
 
-def test_official_presets():
-  assert samplers.OFFICIAL_256.guidance == guidance.Guidance(
+def test_official_settings_come_from_the_configs():
+  """The released sampling settings live in configs/ and reach the sampler through the one
+  config -> SamplerConfig mapping (`inference.sampler_config`)."""
+  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  in256 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
+                                                                       "imagenet256_latent.py")))
+  assert in256.guidance == guidance.Guidance(
       scale=4.4, schedule="power_cosine", power=4.0, channels=3, null_class=1000)
-  assert samplers.OFFICIAL_256.nfe == 250 and not samplers.OFFICIAL_256.clip_denoised
-  assert samplers.OFFICIAL_512.guidance_scale == 1.49
-  assert samplers.OFFICIAL_512.guidance_schedule == "constant"
-  assert samplers.EDM_HEUN_18.nfe == 35
+  assert (in256.name, in256.nfe, in256.clip_denoised, in256.var_type) == (
+      "ddpm", 250, False, "learned_range")
+  in512 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
+                                                                       "imagenet512_latent.py")))
+  assert (in512.guidance_scale, in512.guidance_schedule) == (1.49, "constant")
+  cifar = inference.sampler_config(config_lib.load_config(os.path.join(configs, "cifar10.py")))
+  assert (cifar.formulation, cifar.name, cifar.nfe, cifar.num_classes) == ("edm", "heun", 35, None)
   assert samplers.SamplerConfig(name="ddim", respacing="ddim25").nfe == 25
   assert samplers.SamplerConfig(respacing="10,15,20").steps == 45
   from ml_collections import ConfigDict
