@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 
 from diffit_jax import cli, config_lib, inference, logging_utils
 from diffit_jax import sharding as sharding_lib
-from diffit_jax.inference import draw_labels  # pylint: disable=unused-import (the CLI's labels)
+from diffit_jax.inference import draw_labels
 
 FLAGS = flags.FLAGS
 GRID_CELL_PX = 64  # --grid_scale=0 draws each sample at least this many pixels wide

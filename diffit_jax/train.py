@@ -82,7 +82,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------
-# Config helpers shared by the step and the sampler.
+# Config validation and the step's diffusion helpers.
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
