@@ -203,8 +203,14 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
+  try:
+    mesh = sharding_lib.create_mesh(config.get("mesh"))
+  except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
+    print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
+          "instead.", flush=True)
+    mesh = sharding_lib.create_mesh()
   graphdef, state = inference.abstract_network(config)
-  pipeline = inference.Pipeline(config, graphdef=graphdef, vae=vae)
+  pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
   vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
                 if chief and pipeline.vae_params is not None else None)
   params, step = inference.load_weights(workdir, checkpoint_path)
