@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest==9.2.0",
+    # Builds the wheel that tests/test_install.py installs (its bdist_wheel needs no `wheel`).
+    "setuptools==84.2.1",
     # Always pin torch exactly: a bare `torch` pulls a multi-GB CUDA build.
     "torch==2.13.0",
     "diffusers==0.42.1",
@@ -41,7 +43,10 @@ setup(
     name="diffit_jax",
     version="0.1.0",
     description="DiffiT: Diffusion Vision Transformers for Image Generation, in JAX/Flax NNX",
-    packages=find_packages(include=["diffit_jax", "diffit_jax.*"]),
+    # The experiment configs ship inside the package as `diffit_jax.configs`, read from the
+    # repository's top-level `configs/`: `--config=mnist_demo` works from any folder.
+    packages=find_packages(include=["diffit_jax", "diffit_jax.*"]) + ["diffit_jax.configs"],
+    package_dir={"diffit_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

@@ -14,7 +14,9 @@ switching, say, the sampler on the command line then needs no other config file.
 
 `load_config("configs/ffhq64.py:runlocal")` imports the file and calls
 `get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does through
-`DEFINE_config_file`; a config file lists the `:arg` variants it accepts in `ARGS`.
+`DEFINE_config_file`; a config file lists the `:arg` variants it accepts in `ARGS`. The
+configs ship with the package: a bare name (`load_config("ffhq64:runlocal")`,
+`--config=mnist_demo`) loads the shipped one from any folder.
 """
 
 from __future__ import annotations
@@ -262,13 +264,54 @@ def check_config(config: Any) -> None:
 # Loading config files.
 
 
+def shipped_configs_dir() -> str:
+  """The folder of the configs that ship with diffit_jax.
+
+  An installed wheel holds them in the package `diffit_jax.configs` (setup.py maps the
+  repository's `configs/` there); a checkout, or an editable install of one, has them in
+  `configs/` beside the `diffit_jax` package.
+  """
+  package = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(package, "configs"),
+                 os.path.join(os.path.dirname(package), "configs")):
+    if os.path.isdir(folder):
+      return folder
+  raise ConfigError(f"diffit_jax at {package} has no configs: reinstall it "
+                    "(`pip install diffit_jax`), or pass the path of a config file.")
+
+
+def shipped_configs() -> list[str]:
+  """The names of the shipped configs, e.g. ["cifar10", ..., "mnist_demo"]."""
+  return sorted(name[:-3] for name in os.listdir(shipped_configs_dir())
+                if name.endswith(".py") and not name.startswith("_"))
+
+
+def _resolve(path: str) -> str:
+  """The config file `path` names: itself if it exists, else a shipped config.
+
+  A bare name (`mnist_demo`, `mnist_demo.py`) is a shipped config, from any folder; so is
+  `configs/NAME.py` (the commands in the configs' docstrings) outside a checkout.
+  """
+  if os.path.exists(path):
+    return path
+  folder, name = os.path.split(path)
+  stem = name[:-3] if name.endswith(".py") else name
+  names = shipped_configs()
+  if folder in ("", "configs") and stem in names:
+    return os.path.join(shipped_configs_dir(), stem + ".py")
+  shipped = ", ".join(names)
+  if folder:
+    raise FileNotFoundError(f"config file {path} does not exist; pass an existing file or the "
+                            f"name of a shipped config ({shipped}).")
+  raise FileNotFoundError(f"no config named {path!r}; the shipped configs are {shipped} "
+                          "(e.g. --config=mnist_demo), or pass the path of a config file.")
+
+
 def _split(spec: str, relative_to: str | None) -> tuple[str, str | None]:
   path, _, arg = spec.partition(":")
   if relative_to is not None and not os.path.isabs(path):
     path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist; configs live in configs/*.py.")
-  return path, arg or None
+  return _resolve(path), arg or None
 
 
 def _import(path: str):
@@ -290,21 +333,24 @@ def load_config(spec: str, relative_to: str | None = None) -> ConfigDict:
   """Loads `path[:arg]`, returns `get_config(arg)` checked against the schema.
 
   Args:
-    spec: a config file path, optionally followed by `:arg`, one of the file's `ARGS`.
+    spec: a config file path or the name of a shipped config (`mnist_demo`, see
+      `shipped_configs`), optionally followed by `:arg`, one of the file's `ARGS`. A path
+      that exists wins over a name.
     relative_to: a file whose folder relative paths are resolved against (pass
       `__file__` from inside a config to load a sibling).
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file, and no shipped config of that name.
     ConfigError: an `arg` the file does not list, or a field the schema does not declare.
   """
   path, arg = _split(spec, relative_to)
   module = _import(path)
   args = tuple(getattr(module, "ARGS", ()))
   if arg is not None and arg not in args:
-    valid = (f"use one of {', '.join(f'{path}:{a}' for a in args)} or {path} alone" if args
-             else f"{path} takes none")
-    raise ConfigError(f"config {path} has no variant {arg!r}; {valid}.")
+    name = spec.partition(":")[0] if relative_to is None else path  # as the user wrote it
+    valid = (f"use one of {', '.join(f'{name}:{a}' for a in args)} or {name} alone" if args
+             else f"{name} takes none")
+    raise ConfigError(f"config {name} has no variant {arg!r}; {valid}.")
   config = module.get_config(arg)
   check_config(config)
   return config
@@ -332,7 +378,8 @@ class _ConfigFileParser(ConfigFileFlagParser):
 
 def DEFINE_config_file(name: str, help_string: str, *, required: bool = True
                        ) -> flags.FlagHolder:  # pylint: disable=invalid-name
-  """A `--NAME=configs/X.py[:arg]` flag read by `load_config`, `--NAME.a.b=v` overrides."""
+  """A `--NAME=X[:arg]` flag (a shipped config's name or a file) read by `load_config`, with
+  `--NAME.a.b=v` overrides."""
   holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
   flags.FLAGS[name].parser = _ConfigFileParser(name, lock_config=True)
   if required:

@@ -1,4 +1,4 @@
-"""`python -m diffit_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
+"""`python -m diffit_jax.main --config=NAME[:arg] --workdir=DIR [--config.a.b=v ...]`.
 
 Flags only; the work happens in `diffit_jax.train`. `--dry_run` builds the network
 abstractly (no weights allocated), prints its parameter table, `trainable_params`
@@ -14,8 +14,9 @@ from absl import app, flags
 from diffit_jax import cli, config_lib
 
 FLAGS = flags.FLAGS
-config_lib.DEFINE_config_file("config", "A config file in configs/, with its :arg variant "
-                              "if any (e.g. configs/cifar10.py:runlocal).")
+config_lib.DEFINE_config_file("config", "A shipped config's name or a config file, with its "
+                              ":arg variant if any (e.g. cifar10:runlocal, configs/cifar10.py, "
+                              "my_config.py).")
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
 flags.DEFINE_bool("dry_run", False, "Print the model summary and the train step's "
                   "per-device memory, and exit.")

@@ -17,3 +17,58 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------
+# diffit_jax as a user gets it: a wheel, installed into a fresh virtual environment.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def installed_env() -> dict[str, str]:
+  """The environment of a command run with the installed wheel: no checkout on any path."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+  env["PYTHONNOUSERSITE"] = "1"
+  return env
+
+
+@pytest.fixture(scope="session")
+def installed_python(tmp_path_factory) -> str:
+  """The interpreter of a fresh virtual environment holding diffit_jax from a wheel.
+
+  The wheel is built (`pip wheel --no-build-isolation`) from a copy of the package's sources,
+  so the checkout gets no `build/` folder, and installed non-editable with pip, offline. The
+  dependencies are not downloaded: a `.pth` file puts this interpreter's site-packages folders
+  behind the fresh environment's own. Their `.pth` files (an editable install's finder, a
+  path to the checkout) are not run, since Python reads those only in its own site folders.
+  """
+  import shutil
+  import subprocess
+  import sys
+  import sysconfig
+
+  root = tmp_path_factory.mktemp("installed")
+  src = root / "src"
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for name in ("diffit_jax", "configs"):
+    shutil.copytree(os.path.join(REPO, name), src / name, ignore=ignore)
+  shutil.copy(os.path.join(REPO, "setup.py"), src / "setup.py")
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                  "--no-build-isolation", "-w", str(root / "dist"), str(src)],
+                 check=True, cwd=root)
+  (wheel,) = (root / "dist").glob("diffit_jax-*.whl")
+
+  venv = root / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                        check=True, capture_output=True, text=True).stdout.strip()
+  deps = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")
+          and os.path.isdir(p) and not os.path.isdir(os.path.join(p, "diffit_jax"))]
+  deps.append(sysconfig.get_path("purelib"))
+  with open(os.path.join(site, "_test_dependencies.pth"), "w") as f:
+    f.write("\n".join(dict.fromkeys(deps)) + "\n")
+  # pip comes from those folders too; --no-index: the requirements must all be met already.
+  subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", str(wheel)], check=True,
+                 cwd=root, env=installed_env())
+  return python

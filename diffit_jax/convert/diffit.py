@@ -31,9 +31,8 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-import diffit_jax
 from diffit_jax import checkpoint, models
-from diffit_jax.config_lib import load_config
+from diffit_jax.config_lib import load_config, shipped_configs_dir
 from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, read_safetensors,
                                                strip_prefixes, torch_shape_of_flax, torch_to_flax)
 from diffit_jax.models.embeddings import sincos_pos_embed_2d
@@ -271,14 +270,8 @@ def variant_name(fields: dict[str, Any]) -> str:
 
 
 def _default_config_path(input_size: int) -> str:
-  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(diffit_jax.__file__))),
-                         "configs")
-  path = os.path.join(configs, BASE_CONFIGS.get(input_size, BASE_CONFIGS[32]))
-  if not os.path.exists(path):
-    raise ConversionError(f"the default config {path} is not there (diffit_jax is not run from "
-                          "its repository); pass --config=PATH/configs/imagenet256_latent.py "
-                          "(or imagenet512_latent.py for 64x64 latents).")
-  return path
+  """The shipped config of the released model at `input_size` (the 256 px one otherwise)."""
+  return os.path.join(shipped_configs_dir(), BASE_CONFIGS.get(input_size, BASE_CONFIGS[32]))
 
 
 def resolve_config(detected: dict[str, Any], guessed: set[str],
