@@ -7,7 +7,7 @@
     after its checkpoint (`rewind`), so each step keeps one row; TensorBoard shows the
     resumed run's values of the steps logged twice.
   * `Progress`: steps/s, images/s and ETA over the last log interval.
-  * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
+  * `save_image_grid`: a batch of images (uint8, or floats in [-1, 1]) as one PNG.
 
 Only process 0 writes files; the other processes get no-op writers.
 """
