@@ -34,5 +34,5 @@ def get_config(arg=None):
                 "sample_every_steps"):
       config[key] = local[key]
     config.optimizer.warmup_steps = 0
-    config.sampler.num_steps = 4
+    config.sample_grid.num_steps = local.sample_grid.num_steps
   return config

@@ -30,5 +30,5 @@ def get_config(arg=None):
     for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "sample_every_steps"):
       config[key] = local[key]
-    config.sampler.num_steps = local.sampler.num_steps
+    config.sample_grid.num_steps = local.sample_grid.num_steps
   return config

@@ -175,6 +175,8 @@ def base_config(model: str = "image") -> ConfigDict:
   config.sampler = ConfigDict(dict(
       name="heun",                 # edm: "heun" | "euler" ...; adm: "ddpm" | "ddim"
       num_steps=18,
+      respacing="",                # adm only: ADM's timestep_respacing ("ddim25", "10,15,20");
+                                   # replaces num_steps; "": num_steps evenly spread steps
       sigma_min=0.002,             # edm only
       sigma_max=80.0,              # edm only
       rho=7.0,                     # edm only: time-step spacing exponent
@@ -198,6 +200,7 @@ def base_config(model: str = "image") -> ConfigDict:
       num_images=64,               # unconditional: samples in the grid
       seed=0,
       scale=1,                     # draw each pixel scale x scale
+      num_steps=0,                 # sampler steps of the grids; 0: config.sampler.num_steps
   ))
   config.eval = ConfigDict(dict(
       every_steps=0,               # periodic FID; 0: off

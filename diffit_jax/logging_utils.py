@@ -9,7 +9,7 @@
   * `Progress`: steps/s, images/s and ETA over the last log interval, printed by
     `format_progress`; `ProgressLines`: the same style of line for any long loop over
     items (data build, Inception features), in place of progress bars.
-  * `save_image_grid`: a batch of images in [-1, 1] as one PNG.
+  * `save_image_grid`: a batch of images (uint8, or floats in [-1, 1]) as one PNG.
 
 Only process 0 writes files; the other processes get no-op writers.
 """
@@ -233,11 +233,15 @@ def _eta_text(minutes: float) -> str:
 
 
 def format_progress(step: int, total: int, scalars: Mapping[str, float],
-                    rates: Mapping[str, float]) -> str:
-  """One line: step, the scalars, then steps/s, images/s and ETA."""
-  parts = [f"step {step}/{total}"]
+                    rates: Mapping[str, float], *, unit: tuple[str, str] = ("step", "steps")
+                    ) -> str:
+  """One line: step, the scalars, then steps/s, images/s and ETA.
+
+  `unit` names what is counted, singular and plural (the sampler counts batches).
+  """
+  parts = [f"{unit[0]} {step}/{total}"]
   parts += [f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()]
-  parts += [f"{rates['steps_per_sec']:.2f} steps/s", f"{rates['images_per_sec']:.1f} img/s",
+  parts += [f"{rates['steps_per_sec']:.2f} {unit[1]}/s", f"{rates['images_per_sec']:.1f} img/s",
             f"ETA {_eta_text(rates['eta_min'])}"]
   return " | ".join(parts)
 
@@ -293,9 +297,11 @@ class ProgressLines:
 
 
 def save_image_grid(path: str, images: np.ndarray, rows: int, *, scale: int = 1) -> None:
-  """Writes (N, H, W, C) images in [-1, 1] to `path` as one PNG grid of `rows` rows (filled
-  row by row), upscaled `scale`x (nearest)."""
-  pixels = np.asarray(to_uint8(np.asarray(images, np.float32), rounding=True))
+  """Writes (N, H, W, C) images, uint8 or floats in [-1, 1], to `path` as one PNG grid of
+  `rows` rows (filled row by row), upscaled `scale`x (nearest)."""
+  pixels = np.asarray(images)
+  if pixels.dtype != np.uint8:
+    pixels = np.asarray(to_uint8(pixels.astype(np.float32), rounding=True))
   grid = image_grid(pixels, num_columns=-(-len(pixels) // rows))[..., :3]
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)

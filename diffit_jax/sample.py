@@ -23,8 +23,13 @@ wrong part is named and recomputed. On several hosts, run the same command
 on every host with `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set
 (or `--config.distributed.*`): the first process writes the files.
 
-Sampler, steps and guidance come from `config.sampler` (the paper's settings) unless
-overridden by flags; `--config.sampler.X=...` overrides work as well.
+Sampler, steps and guidance come from `config.sampler` (the paper's settings; a `:runlocal`
+config shrinks only the trainer's grids, `config.sample_grid.num_steps`) unless overridden by
+flags; `--config.sampler.X=...` overrides work as well. `--num_steps=N` sets the number of
+sampler steps (an ADM model's chain is respaced to N evenly spread steps, ADM's "N");
+`--respacing` picks the ADM steps otherwise: `ddim25` (DDIM's fixed stride, 25 steps) or
+`10,15,20` (per equal section), as ADM's `timestep_respacing`; it replaces --num_steps.
+The images are made by `diffit_jax.inference`, as the trainer's grids and periodic FID.
 """
 
 from __future__ import annotations
@@ -32,27 +37,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
-import time
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffit_jax import checkpoint, cli, config_lib, models, train
-from diffit_jax.diffusion import samplers
-from diffit_jax.sharding import initialize_distributed, to_host
-from diffit_jax.utils import image_grid, save_png, to_uint8
+from diffit_jax import cli, config_lib, inference, logging_utils
+from diffit_jax import sharding as sharding_lib
+from diffit_jax.inference import draw_labels
 
 FLAGS = flags.FLAGS
+GRID_CELL_PX = 64  # --grid_scale=0 draws each sample at least this many pixels wide
+GRID_MAX_IMAGES = 100
 
 
 def define_flags() -> None:
@@ -70,7 +73,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).")
   flags.DEFINE_string("sampler", None, "Override config.sampler.name (ddpm, ddim, heun, euler, "
                       "dpmpp_2m).")
-  flags.DEFINE_integer("steps", None, "Override config.sampler.num_steps.")
+  flags.DEFINE_integer("num_steps", None, "Override config.sampler.num_steps (ADM: the chain "
+                       "respaced to this many evenly spread steps).")
+  flags.DEFINE_string("respacing", None, "ADM models: which steps to keep, as ADM's "
+                      "timestep_respacing: 'ddim25' (DDIM's fixed stride) or '10,15,20' (per "
+                      "equal section); replaces --num_steps. Sets config.sampler.respacing.")
   flags.DEFINE_float("guidance_scale", None, "Override the guidance scale (1 = no guidance).")
   flags.DEFINE_string("guidance_schedule", None, "Override the guidance schedule "
                       "(constant, power_cosine).")
@@ -78,76 +85,8 @@ def define_flags() -> None:
                       "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
                       "num_samples.")
   flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
-
-
-def _flat(tree) -> dict[str, object]:
-  # "/"-joined string paths: Orbax restores nnx.List indices as strings, NNX uses ints.
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def restore_params(abstract_state, params: dict, source: str, model_name: str,
-                   sharding: jax.sharding.Sharding):
-  """Places loaded parameters into the abstract network state, checking that they fit."""
-  want, have = _flat(nnx.to_pure_dict(abstract_state)), _flat(params)
-  bad = sorted(k for k in want.keys() & have.keys()
-               if tuple(want[k].shape) != tuple(np.shape(have[k])))
-  missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-  if bad or missing or unexpected:
-    lines = [f"  wrong shape {k}: checkpoint {np.shape(have[k])}, config {want[k].shape}"
-             for k in bad[:8]]
-    lines += [f"  missing {k}" for k in missing[:8]]
-    lines += [f"  unexpected {k}" for k in unexpected[:8]]
-    raise ValueError(f"the weights in {source} do not match config.model ({model_name}):\n"
-                     + "\n".join(lines) + "\nPass the config the weights were trained or "
-                     "converted with (or, with --checkpoint, none: the saved one is used).")
-  placed = {k: jax.device_put(jnp.asarray(have[k], want[k].dtype), sharding) for k in want}
-  nnx.replace_by_pure_dict(abstract_state, jax.tree_util.tree_map_with_path(
-      lambda path, _: placed["/".join(str(getattr(k, "key", k)) for k in path)],
-      nnx.to_pure_dict(abstract_state)))
-  return abstract_state
-
-
-def resolve_config(config, workdir, checkpoint_path) -> ml_collections.ConfigDict:
-  """The experiment config: given, or the one the run saved (WORKDIR/config.json), or the
-  one saved with a converted checkpoint (cheap: no weights are read)."""
-  if bool(workdir) == bool(checkpoint_path):
-    raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint "
-                     "(a converted weights checkpoint).")
-  if config is not None:
-    return config
-  if workdir:
-    path = os.path.join(workdir, train.CONFIG_FILE)
-    if not os.path.exists(path):
-      raise ValueError(f"{workdir} has no {train.CONFIG_FILE} (training writes it when it "
-                       "starts); pass --config=THE_RUN'S_CONFIG.")
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  metadata = checkpoint.load_metadata(checkpoint_path)
-  if metadata.get("kind") not in (None, "diffit"):
-    raise ValueError(f"{checkpoint_path} holds a {metadata['kind']!r} checkpoint, not a DiffiT "
-                     "network.")
-  if "config" not in metadata:
-    raise ValueError(f"{checkpoint_path} carries no config; pass --config.")
-  return ml_collections.ConfigDict(metadata["config"])
-
-
-def load_sampling_weights(workdir, checkpoint_path) -> tuple[dict, int | None]:
-  """(params, step): a training workdir's newest EMA and its step, or a converted weights
-  checkpoint's parameters and None."""
-  if not workdir:
-    return checkpoint.load_weights(checkpoint_path)[0], None
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.TRAIN_CHECKPOINT_DIR)
-  step = None  # none yet: load_ema_params says what is missing
-  if os.path.isdir(directory):
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True))
-    try:
-      step = manager.latest_step()
-    finally:
-      manager.close()
-  # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
-  return checkpoint.load_ema_params(workdir, step)[0], step
+  flags.DEFINE_integer("grid_scale", 0, "Draw each pixel of grid.png this many times larger; "
+                       f"0: the smallest scale that makes a sample >= {GRID_CELL_PX} px wide.")
 
 
 def weights_digest(tree) -> str:
@@ -157,55 +96,13 @@ def weights_digest(tree) -> str:
   of DiffiT-XL/2 in float32, small beside loading them.
   """
   digest = hashlib.sha256()
-  for name, leaf in sorted(_flat(tree).items()):
+  for name, leaf in sorted(inference.flat_dict(tree).items()):
     if isinstance(leaf, jax.Array) and leaf.is_fully_replicated:
       leaf = leaf.addressable_data(0)  # the whole array, also on one of several hosts
     x = np.ascontiguousarray(np.asarray(leaf))
     digest.update(f"{name}:{x.dtype}:{x.shape};".encode())
     digest.update(x.reshape(-1).view(np.uint8))  # (bytes,)
   return digest.hexdigest()[:16]
-
-
-def draw_labels(how: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray | None:
-  """The label of every sample, a function of (how, seed, index) only."""
-  if num_classes <= 0:
-    if how not in ("random", "cycle"):
-      raise ValueError("--labels was given but the model is unconditional (num_classes 0).")
-    return None
-  if how == "random":
-    return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
-  if how == "cycle":
-    return (np.arange(num_samples) % num_classes).astype(np.int32)
-  try:
-    chosen = np.array([int(v) for v in how.split(",")], np.int32)
-  except ValueError:
-    raise ValueError(f"--labels={how!r}: use 'random', 'cycle' or comma-separated class ids.")
-  if chosen.min() < 0 or chosen.max() >= num_classes:
-    raise ValueError(f"--labels must be class ids in [0, {num_classes}), got {how!r}.")
-  return np.resize(chosen, num_samples)
-
-
-def make_decoder(config, vae_path: str | None, sharding):
-  """(decode, vae digest): a jitted map from sampler output to uint8 NHWC images, and the
-  `weights_digest` of the VAE it decodes latents with (None for image-space models)."""
-  # The release stores uint8 by truncation of (x + 1) * 127.5; EDM rounds.
-  rounding = config.diffusion.name == "edm"
-  if config.model.name != "latent":
-    return jax.jit(lambda x: to_uint8(x, rounding=rounding)), None
-  if not vae_path:
-    raise ValueError("latent samples need the SD VAE to become images: pass --vae=DIR (make "
-                     "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --dst=DIR`) "
-                     "or set config.vae.")
-  from diffit_jax.convert.vae import load_vae
-  from diffit_jax.models.vae import from_latent
-  vae = load_vae(vae_path, sharding=sharding)
-  graphdef, state = nnx.split(vae)
-
-  @jax.jit
-  def decode(z):
-    return to_uint8(nnx.merge(graphdef, state).decode(from_latent(z)), rounding=rounding)
-  return decode, (weights_digest(nnx.to_pure_dict(state))
-                  if jax.process_index() == 0 else None)
 
 
 MANIFEST = "manifest.json"
@@ -234,7 +131,7 @@ def prepare_parts(parts_dir: str, key: dict) -> None:
   parts = sorted(name for name in os.listdir(parts_dir) if name.endswith(".npz"))
   if parts:
     if isinstance(old, dict):
-      was, now = _flat(old), _flat(key)
+      was, now = inference.flat_dict(old), inference.flat_dict(key)
       why = [f"{k}: {was.get(k)} there, {now.get(k)} now"
              for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
       why = "; ".join(why[:4]) + (f"; {len(why) - 4} more" if len(why) > 4 else "")
@@ -271,7 +168,8 @@ def check_part(path: str, image_shape: tuple[int, ...], labels: np.ndarray | Non
 
 
 def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_samples=64,
-        batch_size=64, labels="random", seed=0, sampler_overrides=None) -> str | None:
+        batch_size=64, labels="random", seed=0, sampler_overrides=None,
+        grid_scale=0) -> str | None:
   """Samples `num_samples` images; returns the path of the `.npz` written.
 
   With several processes (`config.distributed` or `JAX_COORDINATOR_ADDRESS`, ...; see
@@ -279,33 +177,45 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   batches are sharded over all their devices, and the first process writes every file
   (the others return None).
 
-  Every argument is checked (config, sampler, guidance, labels) before any weights load.
+  `sampler_overrides` maps `config.sampler` fields ("name", "num_steps", "respacing",
+  "guidance.scale", ...) to values (None: keep). Every argument is checked (config,
+  sampler, guidance, labels) before any weights load.
   """
-  config = resolve_config(config, workdir, checkpoint_path)
-  for key, value in (sampler_overrides or {}).items():
+  config = inference.resolve_config(config, workdir, checkpoint_path)
+  sampler_overrides = dict(sampler_overrides or {})
+  if sampler_overrides.get("num_steps") is not None:
+    if sampler_overrides.get("respacing") is not None:
+      raise ValueError("pass --num_steps (N evenly spread steps) or --respacing (ADM's "
+                       "timestep_respacing, e.g. ddim25), not both.")
+    sampler_overrides["respacing"] = ""  # N steps, whatever respacing the config holds
+  for key, value in sampler_overrides.items():
     if value is not None:
       target = config.sampler.guidance if key.startswith("guidance.") else config.sampler
       target[key.removeprefix("guidance.")] = value
   if num_samples < 1 or batch_size < 1:
     raise ValueError("--num_samples and --batch_size must be positive.")
+  if grid_scale < 0:
+    raise ValueError(f"--grid_scale={grid_scale}: use a positive scale, or 0 for automatic.")
   all_labels = draw_labels(labels, num_samples, config.model.get("num_classes", 0), seed)
 
-  initialize_distributed(config)  # several hosts: every process runs this same command
+  sharding_lib.initialize_distributed(config)  # several hosts: every process runs this same command
   chief = jax.process_index() == 0  # gathers every batch and writes all files
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  replicated = NamedSharding(mesh, P())
-  graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0))))
-  apply_fn = lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, y)
-  scfg = train.sampler_config(config)
-  sampler = samplers.make_sampler(scfg, apply_fn, models.input_shape(config.model)[1:], mesh=mesh)
-
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
-  decode, vae_digest = make_decoder(config, vae or config.get("vae"), replicated)
-  params, step = load_sampling_weights(workdir, checkpoint_path)
-  state = restore_params(state, params, workdir or checkpoint_path, config.model.name, replicated)
+  try:
+    mesh = sharding_lib.create_mesh(config.get("mesh"))
+  except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
+    print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
+          "instead.", flush=True)
+    mesh = sharding_lib.create_mesh()
+  graphdef, state = inference.abstract_network(config)
+  pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
+  vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
+                if chief and pipeline.vae_params is not None else None)
+  params, step = inference.load_weights(workdir, checkpoint_path)
+  state = inference.place_params(state, params, workdir or checkpoint_path, config.model.name,
+                                 sharding_lib.replicated(pipeline.mesh))
   parts_dir = os.path.join(out, "parts")
   starts = range(0, num_samples, batch_size)
   stop_of = lambda start: min(start + batch_size, num_samples)
@@ -317,14 +227,12 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     prepare_parts(parts_dir, {
         "checkpoint_step": step, "weights_sha256": weights_digest(params),
         "vae_sha256": vae_digest, "model": config.model.to_dict(),
-        "sampler": dataclasses.asdict(scfg), "labels": labels, "seed": seed,
+        "sampler": dataclasses.asdict(pipeline.sampler.config), "labels": labels, "seed": seed,
         "num_samples": num_samples, "batch_size": batch_size})
-    image_shape = jax.eval_shape(decode, jax.ShapeDtypeStruct(
-        models.input_shape(config.model), jnp.float32)).shape[1:]
     for i, start in enumerate(starts):
       if not os.path.exists(part_path(start)):
         continue
-      why = check_part(part_path(start), (stop_of(start) - start, *image_shape),
+      why = check_part(part_path(start), (stop_of(start) - start, *pipeline.image_shape),
                        None if all_labels is None else all_labels[start:stop_of(start)])
       todo[i] = why is not None
       if why:
@@ -333,7 +241,8 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   del params  # the host copy; the network holds its own
   if jax.process_count() > 1:
     todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
-  t0, done = time.time(), 0
+  progress = logging_utils.Progress(int(todo.sum()), batch_size)
+  done = 0
   for i, start in enumerate(starts):
     if not todo[i]:
       continue
@@ -341,31 +250,33 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     # Every call has the full batch size (one compilation); the tail is cut off after.
     indices = np.arange(start, start + batch_size)
     batch_labels = None if all_labels is None else np.resize(all_labels, indices.size + start)[start:]
-    images = to_host(decode(sampler(state, batch_labels, indices, seed)))[:stop - start]
+    images = sharding_lib.to_host(pipeline.images(state, batch_labels, indices, seed))
+    images = images[:stop - start]
     batch_labels = None if batch_labels is None else batch_labels[:stop - start]
-    done += stop - start
+    done += 1
     if not chief:
       continue
     part = part_path(start)
     tmp = part + ".tmp.npz"
     np.savez(tmp, images=images, labels=np.zeros(0) if batch_labels is None else batch_labels)
     os.replace(tmp, part)
-    rate = done / (time.time() - t0)
-    left = (num_samples - stop) / rate if rate > 0 else float("nan")
-    print(f"[sample] batch {i + 1}/{len(starts)}: {stop}/{num_samples} images, "
-          f"{rate:.2f} img/s, ETA {left:.0f} s", flush=True)
+    line = logging_utils.format_progress(done, progress.total_steps, {}, progress.update(done),
+                                         unit=("batch", "batches"))
+    print(f"[sample] {line} | {stop}/{num_samples} images", flush=True)
 
   path = None
   if chief:
     path = write_samples(out, [part_path(start) for start in starts], num_samples,
-                         with_labels=all_labels is not None)
+                         with_labels=all_labels is not None, grid_scale=grid_scale)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("diffit_jax:sample_done")
   return path
 
 
-def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: bool) -> str:
-  """Joins the finished batches into the evaluator's `.npz` and writes `grid.png`."""
+def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: bool,
+                  grid_scale: int = 0) -> str:
+  """Joins the finished batches into the evaluator's `.npz` and writes `grid.png` (the first
+  100 samples, each pixel drawn `grid_scale` times larger; 0: automatic)."""
   images, label_list = [], []
   for part in parts:
     with np.load(part) as f:
@@ -379,7 +290,10 @@ def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: 
   tmp = path + ".tmp.npz"
   np.savez(tmp, images, label_arr)  # arr_0, arr_1: the ADM evaluator's layout
   os.replace(tmp, path)
-  save_png(os.path.join(out, "grid.png"), image_grid(images[:100]))
+  grid = images[:GRID_MAX_IMAGES]
+  scale = grid_scale or max(1, math.ceil(GRID_CELL_PX / w))
+  logging_utils.save_image_grid(os.path.join(out, "grid.png"), grid,
+                                rows=math.ceil(math.sqrt(len(grid))), scale=scale)
   print(f"[sample] wrote {path} and {os.path.join(out, 'grid.png')}")
   return path
 
@@ -390,13 +304,14 @@ def main(argv):
   config = FLAGS.config
   if config is not None:
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-  overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.steps,
-               "guidance.scale": FLAGS.guidance_scale,
+  overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps,
+               "respacing": FLAGS.respacing, "guidance.scale": FLAGS.guidance_scale,
                "guidance.schedule": FLAGS.guidance_schedule}
   try:
     run(config, workdir=FLAGS.workdir, checkpoint_path=FLAGS.checkpoint, vae=FLAGS.vae,
         out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-        labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides)
+        labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides,
+        grid_scale=FLAGS.grid_scale)
   except (ValueError, OSError) as e:  # a bad flag or file, a missing checkpoint, a full disk
     sys.exit(cli.report_user_error(e))
 

@@ -57,15 +57,15 @@ from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import config_lib
 from diffit_jax import diffusion
 from diffit_jax import finetune
+from diffit_jax import inference
 from diffit_jax import logging_utils
 from diffit_jax import models
 from diffit_jax import optim
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import ConfigError
-from diffit_jax.utils import to_uint8
+from diffit_jax.inference import CONFIG_FILE
 
 STEP_IMPLS = ("jit", "shard_map")
-CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
 
 
@@ -84,7 +84,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------
-# Config helpers shared by the step and the sampler.
+# Config validation, fitting the config to the data.
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -135,7 +135,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for group, check in (
       ("model", lambda: models.model_kwargs(config.model)),
       ("sampler", lambda: diffusion.samplers.validate(
-          sampler_config(config), models.input_shape(config.model)[1:]))):
+          inference.sampler_config(config), models.input_shape(config.model)[1:]))):
     try:
       check()
     except ValueError as e:
@@ -207,27 +207,6 @@ def fit_to_data(config: ml_collections.ConfigDict) -> Any:
                       f"config.model.num_classes={num_classes}: set config.model.num_classes="
                       f"{info.num_classes}.")
   return info
-
-
-def sampler_config(config: ml_collections.ConfigDict) -> diffusion.SamplerConfig:
-  """The `diffusion.SamplerConfig` that `config.sampler` (with the model and diffusion) means.
-
-  `config.sampler.guidance.channels = 0` guides every prediction channel.
-  """
-  s, dif = config.sampler, config.diffusion
-  g = s.guidance
-  kwargs = dict(name=s.name, num_steps=int(s.num_steps), guidance_scale=float(g.scale),
-                guidance_schedule=g.schedule, guidance_power=float(g.power),
-                guidance_channels=int(g.channels) or None,
-                num_classes=int(config.model.num_classes) or None)
-  if dif.name == "edm":
-    kwargs.update(formulation="edm", sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max),
-                  rho=float(s.rho), s_churn=float(s.churn), sigma_data=float(dif.sigma_data))
-  else:
-    kwargs.update(formulation="adm", beta_schedule=dif.beta_schedule,
-                  diffusion_steps=int(dif.num_timesteps), pred_type=dif.prediction,
-                  var_type=diffusion.from_config(config).var_type, eta=float(s.eta), clip_denoised=bool(s.clip_denoised))
-  return diffusion.SamplerConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -398,11 +377,6 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str
 # 8. Loop helpers: samples, FID, NaN guard, SIGTERM.
 
 
-def _apply_fn(graphdef: Any) -> diffusion.samplers.ApplyFn:
-  """The sampler's `apply_fn(params, x, t, y)` for a pure-dict weights tree (no dropout)."""
-  return lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)
-
-
 class SampleWriter:
   """EMA sample grids: `WORKDIR/samples/step_XXXXXX.png`, one row per class.
 
@@ -410,10 +384,12 @@ class SampleWriter:
   min(num_classes, 10)) with `per_class` samples each; unconditional ones `num_images`.
   Latent models are decoded with the VAE at `config.vae` when it is set; otherwise the
   first three latent channels are shown. The same seed every time, so grids from
-  successive steps are comparable.
+  successive steps are comparable. `config.sample_grid.num_steps` (0: config.sampler's)
+  makes the grids cheaper than the samples `python -m diffit_jax.sample` draws.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: Any, mesh: Mesh, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, pipeline: inference.Pipeline,
+               workdir: str):
     grid = config.sample_grid
     num_classes = int(config.model.num_classes)
     if num_classes:
@@ -425,54 +401,41 @@ class SampleWriter:
       self.rows = max(1, int(math.sqrt(self.num)))
     self.seed = int(grid.seed)
     self.scale = int(grid.scale)
-    shape = models.input_shape(config.model)[1:]
-    self.sampler = diffusion.make_sampler(sampler_config(config), _apply_fn(graphdef), shape,
-                                          mesh=mesh)
-    self.decode = None
-    if config.model.name == "latent" and config.vae:
-      from diffit_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
-      from diffit_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-      vae = vae_convert.load_vae(config.vae, sharding=sharding_lib.replicated(mesh))
-      vae_graphdef, vae_state = nnx.split(vae)
-      self.decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(
-          vae_lib.from_latent(z)))
-      self._vae_state = vae_state
+    self.pipeline = pipeline.with_num_steps(int(grid.get("num_steps", 0)))
     self.folder = os.path.join(workdir, SAMPLES_DIR)
-
-  def images(self, ema_params: Any, indices: np.ndarray, labels: np.ndarray | None,
-             seed: int) -> jax.Array:
-    """Samples (decoded to pixels for latent models), (B, H, W, C) sharded over "data"."""
-    x = self.sampler(ema_params, labels, indices, seed)
-    if self.decode is not None:
-      x = self.decode(self._vae_state, x)
-    return x
 
   def __call__(self, ema_params: Any, step: int) -> str:
     """Samples the grid for `step` and writes it (process 0); returns the PNG path."""
     start = time.perf_counter()
-    x = sharding_lib.to_host(self.images(ema_params, np.arange(self.num), self.labels, self.seed))
+    x = sharding_lib.to_host(self.pipeline.images(ema_params, self.labels, np.arange(self.num),
+                                                  self.seed))
     path = os.path.join(self.folder, f"step_{step:06d}.png")
     if jax.process_index() == 0:
       logging_utils.save_image_grid(path, x, self.rows, scale=self.scale)
     logging.info("Sample grid for step %d (%d images, %d NFE) in %.1f s.", step, self.num,
-                 self.sampler.nfe, time.perf_counter() - start)
+                 self.pipeline.sampler.nfe, time.perf_counter() - start)
     return path
 
 
-def evaluate_fid(config: ml_collections.ConfigDict, sample_writer: SampleWriter,
+FID_SEED = 1_000_003  # the periodic FID at step s samples with seed FID_SEED + s
+
+
+def evaluate_fid(config: ml_collections.ConfigDict, pipeline: inference.Pipeline,
                  ema_params: Any, step: int, evaluator: Any) -> dict[str, float]:
-  """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes)."""
+  """FID etc. of `config.eval.num_samples` EMA samples (uniform random classes).
+
+  The images are exactly those of `python -m diffit_jax.sample --workdir=WORKDIR
+  --num_samples=N --labels=random --seed=FID_SEED+step` from the same weights.
+  """
   n, batch = int(config.eval.num_samples), int(config.eval.batch_size)
-  num_classes = int(config.model.num_classes)
-  labels = (np.random.default_rng(step).integers(0, num_classes, n).astype(np.int32)
-            if num_classes else None)
+  seed = FID_SEED + step
+  labels = inference.draw_labels("random", n, int(config.model.num_classes), seed)
 
   def batches():
     for start in range(0, n, batch):
       idx = np.arange(start, min(start + batch, n))
-      x = sharding_lib.to_host(sample_writer.images(
-          ema_params, idx, None if labels is None else labels[idx], seed=1_000_003 + step))
-      x = np.asarray(to_uint8(x, rounding=True))
+      x = sharding_lib.to_host(pipeline.images(
+          ema_params, None if labels is None else labels[idx], idx, seed))
       yield np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 
   scores = evaluator(batches(), total=n, precision_recall=False)
@@ -685,7 +648,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt_every = int(config.checkpoint_every_steps)
   sample_every = int(config.sample_every_steps)
   eval_every = int(config.eval.every_steps)
-  samples = SampleWriter(config, setup.graphdef, mesh, workdir) if sample_every or eval_every else None
+  pipeline = samples = None
+  if sample_every or eval_every:
+    # One sampler and decoder with the mesh's batch axes; the FID uses config.sampler, so
+    # its images are what `python -m diffit_jax.sample` draws from these weights.
+    pipeline = inference.Pipeline(config, mesh=mesh, graphdef=setup.graphdef, require_vae=False)
+    samples = SampleWriter(config, pipeline, workdir)
   evaluator = None
   if eval_every:
     from diffit_jax import evaluation  # pylint: disable=g-import-not-at-top
@@ -742,7 +710,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.write_png(step, "samples/ema", samples(state.ema_params, step))
         progress.reset_clock(step)
       if evaluator is not None and (step % eval_every == 0 or step == total):
-        scores = evaluate_fid(config, samples, state.ema_params, step, evaluator)
+        scores = evaluate_fid(config, pipeline, state.ema_params, step, evaluator)
         writer.write_scalars(step, scores)
         logging.info("step %d: %s", step, scores)
         progress.reset_clock(step)

@@ -163,7 +163,7 @@ def run_jax_sample(case: dict, s: dict) -> dict[str, Any]:
                                     precision=case["precision"])
   model = models.build_model(config, rngs=nnx.Rngs(0))
   model.eval()
-  apply_fn, state = samplers.nnx_apply_fn(model)
+  apply_fn, state = models.nnx_apply_fn(model)
   mesh = bench_jax.benchmark_mesh(argparse.Namespace(num_devices=1))
   b = s["sample_batch"]
   sampler = samplers.make_sampler(

@@ -68,7 +68,7 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
   """DDPM-250 with guidance and EDM Heun-18 on a latent DiffiT, scaled down where asked."""
   config = jax_train_config(args.sampler_variant, args).model
   model = models.build_model(config, rngs=nnx.Rngs(0))
-  apply_fn, state = samplers.nnx_apply_fn(model)
+  apply_fn, state = models.nnx_apply_fn(model)
   shape = latent_shape(args)
   c = shape[-1]
   b = args.sampler_batch

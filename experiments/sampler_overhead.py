@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffit_jax import models
 from diffit_jax.diffusion import samplers
 
 from bench_common import (RESULTS_DIR, local_runners, machine_info, time_interleaved,
@@ -100,7 +101,7 @@ def main() -> None:
     config = samplers.SamplerConfig.from_config(cfg)
     adm = config.formulation == "adm"
     out_channels = 2 * LATENT[-1] if adm else LATENT[-1]
-    apply_fn, state = samplers.nnx_apply_fn(
+    apply_fn, state = models.nnx_apply_fn(
         TinyDiT(LATENT[-1], out_channels, rngs=nnx.Rngs(0)))
     sampler = samplers.make_sampler(config, apply_fn, LATENT)
     trivial = samplers.make_sampler(config, trivial_network(adm), LATENT)

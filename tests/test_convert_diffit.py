@@ -30,8 +30,9 @@ from diffit_jax.convert.diffit import (convert_diffit, detect_model, expected_te
                                        load_diffit, official_buffers, resolve_config)
 from diffit_jax.convert.export import export_params
 from diffit_jax.convert.safetensors_io import ConversionError, read_safetensors
-from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
-from diffit_jax.diffusion.samplers import nnx_apply_fn
+from diffit_jax.diffusion.guidance import (Guidance, cfg_forward, forward_with_cfg,
+                                           guidance_weight)
+from diffit_jax.inference import nnx_apply_fn
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -151,6 +152,22 @@ def test_guided_forward_matches_reference(converted, scale, schedule):
   # Our sampler keeps the conditional half: guided eps 0..2, the conditional rest.
   assert rel(out, ref[:3]) < TOL
   assert rel(out[..., :3], ref[3:, ..., :3]) < TOL  # both halves share the guided eps
+
+
+@pytest.mark.parametrize("scale,schedule", [(4.4, "power_cosine"), (1.49, "constant")])
+def test_forward_with_cfg_has_the_official_calling_convention(converted, scale, schedule):
+  """`diffusion.forward_with_cfg(model, x, t, y, cfg_scale)` is the release's method: the
+  same [cond; uncond] batch in, the same (2B, ...) output (NHWC instead of NCHW)."""
+  x, t, y = inputs(3, [999, 500, 10], seed=3)
+  x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+  y2 = torch.cat([y.clamp(max=NUM_CLASSES - 1), torch.full_like(y, NUM_CLASSES)])
+  with torch.no_grad():
+    ref = nhwc(converted.torch.forward_with_cfg(x2, t2, y2, scale, schedule=schedule))
+  out = np.asarray(forward_with_cfg(
+      lambda *a: converted.apply(converted.params, *a), jnp.asarray(nhwc(x2)),
+      jnp.asarray(t2.numpy()), jnp.asarray(y2.numpy()), scale, schedule=schedule))
+  assert out.shape == ref.shape == (6, 16, 16, 8)
+  assert rel(out, ref) < TOL
 
 
 def test_load_diffit_sharded_and_config(converted):

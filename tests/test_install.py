@@ -90,7 +90,7 @@ def test_train_then_sample_from_an_empty_folder(installed_python, empty_dir):
   with open(empty_dir / "run" / "config.json") as f:
     assert json.load(f)["model"]["channels"] == [16]
   ok(run(installed_python, "diffit_jax.sample", "--workdir=run", "--num_samples=4",
-         "--batch_size=4", "--steps=2", "--out=samples", cwd=empty_dir))
+         "--batch_size=4", "--num_steps=2", "--out=samples", cwd=empty_dir))
   (npz,) = glob.glob(str(empty_dir / "samples" / "samples_4x*.npz"))
   with np.load(npz) as f:
     assert f["arr_0"].shape == (4, 16, 16, 1) and f["arr_0"].dtype == np.uint8

@@ -258,3 +258,92 @@ def test_damaged_parts_are_recomputed(conditional_checkpoint, tmp_path):
   assert os.path.getmtime(out / "parts" / parts[0]) == mtime  # the good part is kept
   for got, want in zip(load(out / "samples_7x16x16x1.npz"), load(clean)):
     np.testing.assert_array_equal(got, want)
+
+
+def tiny_latent(tmp_path, num_classes=5):
+  """(config, checkpoint, vae): a 1-block latent DiffiT (ADM) and a tiny VAE, both random."""
+  from diffit_jax.models.vae import AutoencoderKL, VAEConfig
+  vae_config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+  vae = AutoencoderKL(vae_config, rngs=nnx.Rngs(0))
+  checkpoint.save_weights(str(tmp_path / "vae"), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),
+                          metadata={"kind": "vae", "config": vae_config.to_dict()})
+  cfg = load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py"))
+  cfg.model.update(variant="custom", depth=1, hidden_size=32, num_heads=2, patch_size=2,
+                   input_size=8, num_classes=num_classes)
+  cfg.sampler.num_steps = 3
+  cfg.vae = str(tmp_path / "vae")
+  return cfg, write_checkpoint(tmp_path / "diffit", cfg), str(tmp_path / "vae")
+
+
+def test_fid_hook_images_are_the_sample_commands(tmp_path):
+  """The trainer's periodic FID and `sample` draw the same uint8 images from the same
+  weights, seed and labels (a latent model: ADM's truncation to uint8, through the VAE)."""
+  from diffit_jax import inference, train
+  from diffit_jax import sharding as sharding_lib
+  cfg, ckpt, _ = tiny_latent(tmp_path)
+  cfg.eval.update(num_samples=5, batch_size=4)
+  step = 7
+  mesh = sharding_lib.create_mesh(cfg.mesh)
+  setup, _ = train.create_train_state(cfg, mesh, initialize=False)
+  pipeline = inference.Pipeline(cfg, mesh=mesh, graphdef=setup.graphdef, require_vae=False)
+  ema_params = jax.device_put(random_params(cfg), sharding_lib.replicated(mesh))
+  seen = []
+
+  def evaluator(batches, total, precision_recall):
+    seen.append(np.concatenate(list(batches)))
+    return {"fid": 1.0}
+
+  assert train.evaluate_fid(cfg, pipeline, ema_params, step, evaluator) == {"eval/fid": 1.0}
+  path = sample.run(None, checkpoint_path=ckpt, out=str(tmp_path / "s"), num_samples=5,
+                    batch_size=4, labels="random", seed=train.FID_SEED + step)
+  images, _ = load(path)
+  assert seen[0].dtype == np.uint8 and seen[0].shape == images.shape == (5, 16, 16, 3)
+  np.testing.assert_array_equal(seen[0], images)
+
+
+def test_respacing_flag_picks_adms_ddim_steps(tmp_path):
+  cfg, ckpt, _ = tiny_latent(tmp_path)
+  common = dict(checkpoint_path=ckpt, num_samples=2, batch_size=2, labels="cycle")
+  ddim5 = load(sample.run(None, out=str(tmp_path / "ddim5"),
+                          sampler_overrides={"respacing": "ddim5"}, **common))[0]
+  with open(tmp_path / "ddim5" / "parts" / "manifest.json") as f:
+    assert json.load(f)["sampler"]["respacing"] == "ddim5"
+  # --num_steps=5 keeps ADM's "5" ({0, 250, 500, 749, 999}), ddim5 the stride {0, 200, ...}.
+  five = load(sample.run(None, out=str(tmp_path / "five"), sampler_overrides={"num_steps": 5},
+                         **common))[0]
+  assert not np.array_equal(ddim5, five)
+  with pytest.raises(ValueError, match="not both"):
+    sample.run(None, out=str(tmp_path / "x"),
+               sampler_overrides={"num_steps": 5, "respacing": "ddim5"}, **common)
+  image_ckpt = write_checkpoint(tmp_path / "image", tiny_config())
+  with pytest.raises(ValueError, match="EDM model samples on its own sigma grid"):
+    sample.run(None, checkpoint_path=image_ckpt, out=str(tmp_path / "y"),
+               sampler_overrides={"respacing": "ddim5"})
+
+
+def test_cli_grid_scale_and_progress_lines(conditional_checkpoint, tmp_path):
+  from PIL import Image
+  result = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path / 'auto'}",
+                   "--num_samples=7", "--batch_size=3", "--num_steps=1")
+  assert result.returncode == 0, result.stderr
+  # 16 px samples, 3x3 cells with 2 px gaps = 56 px, drawn 4x so a sample is 64 px wide.
+  assert Image.open(tmp_path / "auto" / "grid.png").size == (224, 224)
+  lines = [l for l in result.stdout.splitlines() if l.startswith("[sample] batch")]
+  assert len(lines) == 3 and lines[-1].startswith("[sample] batch 3/3 | "), result.stdout
+  assert "img/s" in lines[-1] and "ETA" in lines[-1] and "7/7 images" in lines[-1]
+  path = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "one"),
+                    num_samples=7, batch_size=3, grid_scale=1,
+                    sampler_overrides={"num_steps": 1})
+  assert Image.open(os.path.join(os.path.dirname(path), "grid.png")).size == (56, 56)
+
+
+def test_runlocal_shrinks_only_the_training_grids():
+  """A `:runlocal` run's saved config.sampler is what `sample --workdir` should use."""
+  from diffit_jax import inference
+  for name, steps in (("mnist_demo", 12), ("cifar10", 18), ("ffhq64", 40),
+                      ("imagenet256_latent", 250), ("imagenet512_latent", 250)):
+    full = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    local = load_config(os.path.join(ROOT, "configs", f"{name}.py:runlocal"))
+    assert local.sampler.to_dict() == full.sampler.to_dict(), name
+    assert inference.sampler_config(local).steps == steps, name
+    assert 0 < local.sample_grid.num_steps < steps, name

@@ -10,12 +10,15 @@ stated discretization error. Then: seeds give identical samples on 1 and 8 devic
 any batch size; guidance equals DiT's hand-written `forward_with_cfg`; bad configs fail clearly.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffit_jax import config_lib, inference
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
 
 MU, S = 0.3, 0.8
@@ -308,7 +311,7 @@ def test_nnx_model_through_nnx_apply_fn():
       t_map = jnp.broadcast_to((t / 1000.0)[:, None, None, None], x.shape[:-1] + (1,))
       return jnp.tanh(self.proj(jnp.concatenate([x, t_map], -1)))        # (B, H, W, 2C)
 
-  apply_fn, state = samplers.nnx_apply_fn(TinyEps(2, rngs=nnx.Rngs(0)))
+  apply_fn, state = inference.nnx_apply_fn(TinyEps(2, rngs=nnx.Rngs(0)))
   sampler = samplers.make_sampler(dict(name="ddpm", num_steps=5, num_classes=None), apply_fn,
                                   SHAPE)
   x = np.asarray(sampler(state, None, np.arange(8), 0))
@@ -342,15 +345,79 @@ def test_guidance_without_labels_fails_clearly():
     sampler(PARAMS, None, np.arange(8), 0)
 
 
-def test_official_presets():
-  assert samplers.OFFICIAL_256.guidance == guidance.Guidance(
+def test_official_settings_come_from_the_configs():
+  """The released sampling settings live in configs/ and reach the sampler through the one
+  config -> SamplerConfig mapping (`inference.sampler_config`)."""
+  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  in256 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
+                                                                       "imagenet256_latent.py")))
+  assert in256.guidance == guidance.Guidance(
       scale=4.4, schedule="power_cosine", power=4.0, channels=3, null_class=1000)
-  assert samplers.OFFICIAL_256.nfe == 250 and not samplers.OFFICIAL_256.clip_denoised
-  assert samplers.OFFICIAL_512.guidance_scale == 1.49
-  assert samplers.OFFICIAL_512.guidance_schedule == "constant"
-  assert samplers.EDM_HEUN_18.nfe == 35
+  assert (in256.name, in256.nfe, in256.clip_denoised, in256.var_type) == (
+      "ddpm", 250, False, "learned_range")
+  in512 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
+                                                                       "imagenet512_latent.py")))
+  assert (in512.guidance_scale, in512.guidance_schedule) == (1.49, "constant")
+  cifar = inference.sampler_config(config_lib.load_config(os.path.join(configs, "cifar10.py")))
+  assert (cifar.formulation, cifar.name, cifar.nfe, cifar.num_classes) == ("edm", "heun", 35, None)
   assert samplers.SamplerConfig(name="ddim", respacing="ddim25").nfe == 25
   assert samplers.SamplerConfig(respacing="10,15,20").steps == 45
   from ml_collections import ConfigDict
   cfg = samplers.SamplerConfig.from_config(ConfigDict(dict(name="euler", num_steps=7)))
   assert cfg.name == "euler" and cfg.num_steps == 7
+
+
+@pytest.mark.parametrize("cfg", [GUIDED, dict(name="heun", formulation="edm", num_steps=4,
+                                              num_classes=NUM_CLASSES)],
+                         ids=["adm_ddpm", "edm_heun"])
+def test_given_x_T_equals_the_seeded_draw(cfg):
+  """Passing `initial_noise(seed, ...)` as x_T is the seeded run; the same x_T under another
+  seed changes only the stochastic steps (none for Heun)."""
+  apply = conditional_apply if cfg["name"] == "ddpm" else edm_apply
+  sampler = samplers.make_sampler(cfg, apply, SHAPE4)
+  labels, idx = np.arange(8) % NUM_CLASSES, np.arange(3, 11)
+  seeded = np.asarray(sampler(PARAMS, labels, idx, 5))
+  x_T = samplers.initial_noise(5, idx, SHAPE4)
+  # Another compiled program (x_T an argument, not drawn inside), so XLA may fuse
+  # `x_T * sigma_max` differently: equal to float32 rounding, where other noise is O(1) off.
+  np.testing.assert_allclose(np.asarray(sampler(PARAMS, labels, idx, 5, x_T=x_T)), seeded,
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(x_T, contract_noise(5, idx, 0, SHAPE4).astype(np.float32))
+  other_seed = np.asarray(sampler(PARAMS, labels, idx, 6, x_T=np.asarray(x_T)))
+  if cfg["name"] == "heun":  # deterministic: the noise is all there is
+    np.testing.assert_array_equal(other_seed, np.asarray(sampler(PARAMS, labels, idx, 5,
+                                                                 x_T=x_T)))
+  # Another x_T, another result (the ancestral DDPM chain forgets most of its start).
+  assert np.abs(np.asarray(sampler(PARAMS, labels, idx, 5, x_T=-x_T)) - seeded).max() > 1e-2
+  # A ragged batch is padded with x_T too.
+  np.testing.assert_allclose(np.asarray(sampler(PARAMS, labels[:3], idx[:3], 5, x_T=x_T[:3])),
+                             seeded[:3], rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="x_T must have shape"):
+    sampler(PARAMS, labels, idx, 5, x_T=x_T[:, :1])
+
+
+def test_ddim_respacing_evaluates_adms_ddim_timesteps():
+  seen = []
+
+  def recording_apply(params, x_t, t, y):
+    jax.debug.callback(lambda t: seen.append(int(np.asarray(t)[0])), t)
+    return adm_apply(params, x_t, t, y)
+
+  cfg = samplers.SamplerConfig(name="ddim", respacing="ddim25", num_classes=None)
+  assert cfg.steps == cfg.nfe == 25
+  np.asarray(samplers.make_sampler(cfg, recording_apply, SHAPE)(PARAMS, None, np.arange(8), 0))
+  jax.effects_barrier()  # every callback has run
+  assert sorted(set(seen)) == list(range(0, 1000, 40))  # ADM's "ddim25": stride 40
+
+
+def test_batch_is_split_over_data_and_fsdp():
+  from diffit_jax import sharding
+  mesh = sharding.create_mesh(dict(data=2, fsdp=4))
+  sampler = samplers.make_sampler(GUIDED, conditional_apply, SHAPE4, mesh=mesh)
+  labels, idx = np.arange(16) % NUM_CLASSES, np.arange(16)
+  out = sampler(jax.device_put(PARAMS, sharding.replicated(mesh)), labels, idx, 42)
+  assert out.sharding.spec == P(("data", "fsdp"))
+  one = samplers.make_sampler(GUIDED, conditional_apply, SHAPE4,
+                              mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(one(PARAMS, labels, idx, 42)),
+                             rtol=1e-5, atol=1e-5)

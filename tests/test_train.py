@@ -394,7 +394,7 @@ def test_latent_adm_training_with_samples_and_fid_hook(tmp_path, monkeypatch):
   config.batch_size, config.num_train_steps, config.log_every_steps = 8, 2, 1
   config.checkpoint_every_steps, config.sample_every_steps = 0, 2
   config.sampler.num_steps = 2
-  config.sample_grid.update(classes=(0, 2), per_class=2)
+  config.sample_grid.update(classes=(0, 2), per_class=2, num_steps=2)  # one sampler for both
   config.eval.update(every_steps=2, num_samples=5, batch_size=4, inception="inc", reference="ref")
   workdir = tmp_path / "run"
   state = train.train_and_evaluate(config, str(workdir))

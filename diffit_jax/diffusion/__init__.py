@@ -20,18 +20,18 @@ from diffit_jax.diffusion.guidance import (Guidance, cfg_forward, combine_cfg, g
                                            power_cosine_weight)
 from diffit_jax.diffusion.process import ADM, EDM, Diffusion, from_config
 from diffit_jax.diffusion.respace import create_schedule, respace_betas, space_timesteps
-from diffit_jax.diffusion.samplers import (EDM_HEUN_18, OFFICIAL_256, OFFICIAL_512, Sampler,
-                                           SamplerConfig, ddim_step, ddpm_step, make_sampler,
-                                           nnx_apply_fn)
+from diffit_jax.diffusion.guidance import forward_with_cfg
+from diffit_jax.diffusion.samplers import (Sampler, SamplerConfig, ddim_step, ddpm_step,
+                                           initial_noise, make_sampler)
 
 __all__ = [
-    "ADM", "EDM", "EDM_HEUN_18", "OFFICIAL_256", "OFFICIAL_512", "Diffusion",
-    "GaussianSchedule", "Guidance", "PMeanVariance", "Sampler", "SamplerConfig", "adm_loss",
-    "cfg_forward", "combine_cfg", "create_schedule", "ddim_step", "ddpm_step",
-    "discretized_gaussian_log_likelihood", "edm_denoise", "edm_loss", "edm_loss_weight",
-    "edm_precond", "from_config", "get_named_beta_schedule", "guidance_weight", "karras_sigmas",
-    "make_sampler", "mean_flat", "nnx_apply_fn", "normal_kl", "p_mean_variance",
-    "power_cosine_weight", "predict_eps_from_x0", "predict_x0_from_eps", "predict_x0_from_v",
+    "ADM", "EDM", "Diffusion", "GaussianSchedule", "Guidance", "PMeanVariance", "Sampler",
+    "SamplerConfig", "adm_loss", "cfg_forward", "combine_cfg", "create_schedule", "ddim_step",
+    "ddpm_step", "discretized_gaussian_log_likelihood", "edm_denoise", "edm_loss",
+    "edm_loss_weight", "edm_precond", "forward_with_cfg", "from_config",
+    "get_named_beta_schedule", "guidance_weight", "initial_noise", "karras_sigmas",
+    "make_sampler", "mean_flat", "normal_kl", "p_mean_variance", "power_cosine_weight",
+    "predict_eps_from_x0", "predict_x0_from_eps", "predict_x0_from_v",
     "q_posterior_mean_variance", "q_sample", "respace_betas", "sample_timesteps",
     "sample_training_sigmas", "schedule_from_betas", "space_timesteps", "vb_terms_bpd",
 ]

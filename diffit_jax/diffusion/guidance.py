@@ -10,6 +10,10 @@ The conditional and unconditional copies are interleaved along the batch (row 2i
 i with its label, row 2i+1 the same x with the null label) rather than concatenated, so a batch
 sharded over devices stays local: each device doubles its own rows and no data moves between
 devices. The network has no cross-example operations, so the order does not change results.
+
+`forward_with_cfg(net, x, t, y, cfg_scale)` is the same guidance in the official release's
+calling convention (DiT/MDT/DiffiT `forward_with_cfg`: a [cond; uncond] batch in, both halves
+out), for code ported from it.
 """
 
 from __future__ import annotations
@@ -148,3 +152,43 @@ def cfg_forward(apply_fn: Callable[..., jax.Array], params: Any, x: jax.Array,
   if channels is None:
     channels = x.shape[-1] if prediction_channels is None else prediction_channels
   return combine_cfg(out[:, 0], out[:, 1], w, channels)
+
+
+def forward_with_cfg(net: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x: jax.Array,
+                     t: jax.Array, y: jax.Array, cfg_scale: float, *,
+                     schedule: str = "constant", power: float = 4.0,
+                     num_timesteps: int = 1000, channels: int = 3) -> jax.Array:
+  """The official guided forward, `model.forward_with_cfg(x, t, y, cfg_scale)`, in NHWC.
+
+  The batch holds the conditional half, then the unconditional half (labels = the null
+  class); only the first half of `x` is used and fed to both. The guided eps replaces the
+  first `channels` channels of both halves; the other channels (the 4th eps channel, the
+  variance) keep each half's own prediction. DiffiT-256 uses schedule="power_cosine" with
+  scale 4.4, DiffiT-512 "constant" with 1.49.
+
+  Args:
+    net: the network, `net(x, t, y)` (e.g. a model from `convert.diffit.load_diffit`).
+    x: (2B, H, W, C) inputs; x[B:] is ignored (the release passes a copy of x[:B]).
+    t: (2B,) ORIGINAL timestep indices.
+    y: (2B,) labels: B class labels, then B null labels.
+    cfg_scale: the guidance scale w.
+    schedule: "constant" or "power_cosine" (`power_cosine_weight`).
+    power, num_timesteps: the power-cosine exponent and T.
+    channels: leading channels to guide (3 in the release).
+
+  Returns:
+    (2B, H, W, K) network output with the guided channels in both halves.
+  """
+  batch = x.shape[0] // 2
+  half = x[:batch]
+  out = net(jnp.concatenate([half, half]), t, y)                        # (2B, H, W, K)
+  if schedule == "power_cosine":
+    w = power_cosine_weight(t[:batch], cfg_scale, power, num_timesteps)  # (B,)
+  elif schedule == "constant":
+    w = jnp.asarray(cfg_scale, jnp.float32)
+  else:
+    raise ValueError(f"Unknown guidance schedule {schedule!r}; use one of "
+                     f"{GUIDANCE_SCHEDULES}.")
+  guided = combine_cfg(out[:batch], out[batch:], w, channels)[..., :channels]  # (B, H, W, k)
+  guided = jnp.concatenate([guided, guided]).astype(out.dtype)          # (2B, H, W, k)
+  return jnp.concatenate([guided, out[..., channels:]], axis=-1)         # (2B, H, W, K)

@@ -5,7 +5,8 @@ variance [DDPM Alg. 2, IDDPM Sec. 4], DDIM [DDIM Eq. 12], EDM's Heun sampler [ED
 with Alg. 2's optional churn], Euler, and DPM-Solver++(2M) [Lu et al. 2022, Alg. 2], each with
 classifier-free guidance (`guidance.py`). `make_sampler(config, apply_fn, shape)` returns one
 `jax.jit`-compiled function per configuration whose whole loop is a `lax.fori_loop` (no host
-round trips), with the batch sharded over the mesh axis "data".
+round trips), with the batch sharded over the mesh's batch axes ("data" and, when the mesh has
+it, "fsdp": `diffit_jax.sharding.BATCH_AXES`).
 
 Model-function contract. `apply_fn(params, x, t_in, y) -> out` is a pure function:
   * x: (B, H, W, C) float32, NHWC.
@@ -17,10 +18,13 @@ Model-function contract. `apply_fn(params, x, t_in, y) -> out` is a pure functio
     [-1, 1]) else (B, H, W, C); EDM: the raw network F, (B, H, W, C).
 `params` is an argument of the compiled function, not a constant baked into it; pass it
 already placed on the mesh (replicated, or FSDP-sharded). For a Flax NNX model use
-`nnx_apply_fn(model)`, which returns `(apply_fn, state)` via `nnx.split` / `nnx.merge`.
+`diffit_jax.models.nnx_apply_fn(model)`, which returns `(apply_fn, state)`.
 
 Randomness. The key of sample i is fold_in(key(seed), sample_indices[i]); its initial noise
-uses fold_in(key_i, 0) and step j's noise fold_in(key_i, j + 1). A sample therefore depends
+uses fold_in(key_i, 0) and step j's noise fold_in(key_i, j + 1). A caller may pass that
+initial noise itself (`x_T`, standard normal, e.g. to compare with another implementation
+or to interpolate between samples); drawing it from the seed is the same as passing
+`initial_noise(seed, sample_indices, shape)`. A sample therefore depends
 only on (seed, its global index, its label), never on the batch size or the device count
 (bit-identical for any batch on one mesh; across device counts XLA compiles a different
 per-device program, which can differ in the last float32 bits).
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffit_jax import sharding as sharding_lib
 from diffit_jax.diffusion import edm as edm_lib
 from diffit_jax.diffusion.gaussian import (GaussianSchedule, extract, get_named_beta_schedule,
                                            p_mean_variance, per_example, predict_eps_from_x0)
@@ -53,7 +58,6 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 ADM_SAMPLERS = ("ddpm", "ddim", "heun", "euler", "dpmpp_2m")
 EDM_SAMPLERS = ("heun", "euler", "dpmpp_2m")
 FORMULATIONS = ("adm", "edm")
-DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,17 +150,6 @@ class SamplerConfig:
     return 2 * self.steps - 1 if self.name == "heun" else self.steps
 
 
-# The released DiffiT sampling settings [DiffiT Sec. 5.8, App. I.2; docs/official_checkpoint.md,
-# "Diffusion and sampling as released"].
-OFFICIAL_256 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=4.4,
-                             guidance_schedule="power_cosine", guidance_power=4.0,
-                             guidance_channels=3)
-OFFICIAL_512 = SamplerConfig(name="ddpm", num_steps=250, guidance_scale=1.49,
-                             guidance_schedule="constant", guidance_channels=3)
-# Image space: EDM's deterministic Heun sampler, 18 steps (35 NFE) on CIFAR-10 [DiffiT App. I.1].
-EDM_HEUN_18 = SamplerConfig(name="heun", formulation="edm", num_steps=18, num_classes=None)
-
-
 def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
   """Raises a ValueError naming the bad setting and the fix."""
   if cfg.formulation not in FORMULATIONS:
@@ -169,6 +162,11 @@ def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
                      f"choose one of {allowed}{hint}.")
   if cfg.num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}.")
+  if cfg.respacing:
+    if cfg.formulation != "adm":
+      raise ValueError(f"respacing={cfg.respacing!r} picks timesteps of a discrete ADM chain; "
+                       "an EDM model samples on its own sigma grid: set num_steps instead.")
+    space_timesteps(cfg.diffusion_steps, cfg.respacing)  # a bad string says what is wrong
   if cfg.eta < 0:
     raise ValueError(f"eta must be >= 0, got {cfg.eta}.")
   if cfg.s_churn < 0:
@@ -199,12 +197,30 @@ def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
                        f"{shape[-1]}-channel samples, or None for all channels.")
 
 
+def batch_spec(mesh: Mesh) -> P:
+  """The batch axis split over the mesh's batch axes ("data", and "fsdp" when present)."""
+  axes = tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.shape)
+  return P(axes[0] if len(axes) == 1 else axes)
+
+
 def _constrain(x: jax.Array, mesh: Mesh) -> jax.Array:
-  """Keeps x's batch axis sharded over "data" (Auto or Explicit mesh axes)."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  """Keeps x's batch axis sharded over the batch axes (Auto or Explicit mesh axes)."""
+  sharding = NamedSharding(mesh, batch_spec(mesh))
   if mesh.axis_types and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return jax.sharding.reshard(x, sharding)
   return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def initial_noise(seed: int, sample_indices: Any, shape: tuple[int, ...]) -> jax.Array:
+  """The standard-normal noise a sampler starts from when no `x_T` is given, (B, *shape).
+
+  Sample i's is normal(fold_in(fold_in(key(seed), sample_indices[i]), 0)); the sampler
+  scales it to its first noise level (x_T itself for ADM, sigma_max x_T for EDM).
+  """
+  base = jax.random.key(seed)
+  draw = lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, i), 0),
+                                     tuple(shape), jnp.float32)
+  return jax.vmap(draw)(jnp.asarray(sample_indices, jnp.int32))                  # (B, H, W, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +290,8 @@ def ddim_step(schedule: GaussianSchedule, model_output: jax.Array, x: jax.Array,
 
 
 # ----------------------------------------------------------------------------------------------
-# The sampler loops. Each takes (params, y, normal) with normal(step) -> per-sample noise.
+# The sampler loops. Each takes (params, y, x_T, normal): x_T the standard-normal initial
+# noise, normal(step) -> per-sample noise of step >= 1.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -352,7 +369,7 @@ def _ve_sampler(cfg: SamplerConfig, denoise, sigmas: np.ndarray, init_scale: flo
   gammas = jnp.asarray(gammas, jnp.float32)
   churn = cfg.s_churn > 0
 
-  def run_heun_euler(params, y, normal):
+  def run_heun_euler(params, y, x_T, normal):
     heun = cfg.name == "heun"
 
     def body(i, x):
@@ -373,7 +390,7 @@ def _ve_sampler(cfg: SamplerConfig, denoise, sigmas: np.ndarray, init_scale: flo
         return x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
       return jax.lax.cond(i < steps - 1, correct, lambda z: z, x_next)
 
-    x = normal(0) * init_scale
+    x = x_T * init_scale
     return jax.lax.fori_loop(0, steps, body, x)
 
   # DPM-Solver++(2M) in log-sigma time lambda = -log sigma (k-diffusion `sample_dpmpp_2m`):
@@ -390,14 +407,14 @@ def _ve_sampler(cfg: SamplerConfig, denoise, sigmas: np.ndarray, init_scale: flo
     half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
   ratio_j, gain_j, c_j = (jnp.asarray(a, jnp.float32) for a in (ratio, gain, half_inv_r))
 
-  def run_dpmpp_2m(params, y, normal):
+  def run_dpmpp_2m(params, y, x_T, normal):
     def body(i, carry):
       x, old_denoised = carry
       denoised = denoise(params, x, i, sig[i], y)
       denoised_d = (1 + c_j[i]) * denoised - c_j[i] * old_denoised
       return ratio_j[i] * x + gain_j[i] * denoised_d, denoised
 
-    x = normal(0) * init_scale
+    x = x_T * init_scale
     x, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
     return x
 
@@ -409,7 +426,7 @@ def _adm_chain_sampler(cfg: SamplerConfig, schedule: GaussianSchedule, model_out
   steps = schedule.num_timesteps
   kwargs = dict(pred_type=cfg.pred_type, var_type=cfg.var_type, clip_denoised=cfg.clip_denoised)
 
-  def run(params, y, normal):
+  def run(params, y, x_T, normal):
     def body(i, x):
       t = steps - 1 - i
       out = model_out(params, x, t, y)
@@ -420,7 +437,7 @@ def _adm_chain_sampler(cfg: SamplerConfig, schedule: GaussianSchedule, model_out
         x, _ = ddim_step(schedule, out, x, t, noise, eta=cfg.eta, **kwargs)
       return x
 
-    return jax.lax.fori_loop(0, steps, body, normal(0))
+    return jax.lax.fori_loop(0, steps, body, x_T)
   return run
 
 
@@ -430,22 +447,23 @@ def _adm_chain_sampler(cfg: SamplerConfig, schedule: GaussianSchedule, model_out
 
 
 class Sampler:
-  """A compiled sampler: `sampler(params, labels, sample_indices, seed) -> (B, H, W, C)`.
+  """A compiled sampler: `sampler(params, labels, sample_indices, seed, x_T=None) -> (B, H, W, C)`.
 
   Attributes:
     config: the `SamplerConfig`.
     shape: (H, W, C) of one sample.
-    mesh: the mesh whose "data" axis shards the batch.
+    mesh: the mesh whose batch axes ("data", "fsdp" when present) shard the batch.
     nfe: network evaluations per sample (guided ones run on a doubled batch).
-    jitted: the underlying `jax.jit` function of (params, labels, sample_indices, seed); its
-      batch must be a multiple of the "data" axis size (`__call__` pads for you).
+    jitted: the underlying `jax.jit` function of (params, labels, sample_indices, seed, x_T);
+      its batch must be a multiple of the batch axes' size (`__call__` pads for you).
   """
 
   def __init__(self, config: SamplerConfig, shape: tuple[int, ...], mesh: Mesh, jitted):
     self.config, self.shape, self.mesh, self.jitted = config, shape, mesh, jitted
     self.nfe = config.nfe
 
-  def __call__(self, params: Any, labels: Any, sample_indices: Any, seed: int) -> jax.Array:
+  def __call__(self, params: Any, labels: Any, sample_indices: Any, seed: int, *,
+               x_T: Any = None) -> jax.Array:
     """Draws one batch of samples.
 
     Args:
@@ -454,13 +472,16 @@ class Sampler:
       sample_indices: (B,) int global indices of the samples (e.g. arange(start, start + B));
         they, with the seed, fix each sample's noise.
       seed: integer seed.
+      x_T: optional (B, H, W, C) standard-normal noise to start from instead of the seeded
+        `initial_noise(seed, sample_indices, shape)`; the sampler scales it to its first
+        noise level. The seed still draws the noise of stochastic steps (DDPM, eta > 0).
 
     NumPy labels and indices are placed with `device_put` (one process). With several
     processes, pass global `jax.Array`s built by `jax.make_array_from_process_local_data`.
 
     Returns:
-      (B, H, W, C) float32 samples, batch sharded over "data" (replicated when B is not a
-      multiple of the "data" axis size).
+      (B, H, W, C) float32 samples, batch sharded over the batch axes (replicated when B is
+      not a multiple of their size).
     """
     indices = np.asarray(sample_indices, dtype=np.int32) if not isinstance(
         sample_indices, jax.Array) else sample_indices.astype(jnp.int32)
@@ -476,21 +497,28 @@ class Sampler:
       if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},) like sample_indices, got "
                          f"{labels.shape}.")
-    # Pad to a multiple of the data axis by repeating the last sample; dropped below.
-    pad = -batch % self.mesh.shape[DATA_AXIS]
-    xp = jnp if isinstance(indices, jax.Array) else np
-    if pad:
-      indices = xp.concatenate([indices, xp.repeat(indices[-1:], pad)])
-      if labels is not None:
-        lp = jnp if isinstance(labels, jax.Array) else np
-        labels = lp.concatenate([labels, lp.repeat(labels[-1:], pad)])
-    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-    indices = jax.device_put(indices, sharding)
-    if labels is not None:
-      labels = jax.device_put(labels, sharding)
+    if x_T is not None:
+      x_T = x_T.astype(jnp.float32) if isinstance(x_T, jax.Array) else np.asarray(
+          x_T, np.float32)
+      if x_T.shape != (batch, *self.shape):
+        raise ValueError(f"x_T must have shape {(batch, *self.shape)} (batch, H, W, C), got "
+                         f"{x_T.shape}.")
+    # Pad to a multiple of the batch axes by repeating the last sample; dropped below.
+    spec = batch_spec(self.mesh)
+    pad = -batch % int(np.prod([self.mesh.shape[a] for a in jax.tree.leaves(tuple(spec))]))
+
+    def padded(a):
+      if a is None or not pad:
+        return a
+      xp = jnp if isinstance(a, jax.Array) else np
+      return xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)])
+
+    sharding = NamedSharding(self.mesh, spec)
+    indices, labels, x_T = (None if a is None else jax.device_put(padded(a), sharding)
+                            for a in (indices, labels, x_T))
     seed = jnp.asarray(np.uint32(seed & 0xFFFFFFFF) if isinstance(seed, int) else seed,
                        jnp.uint32)
-    samples = self.jitted(params, labels, indices, seed)
+    samples = self.jitted(params, labels, indices, seed, x_T)
     if pad:  # a ragged batch cannot stay evenly sharded: replicate, then drop the padding
       samples = jax.device_put(samples, NamedSharding(self.mesh, P()))[:batch]
     return samples
@@ -504,18 +532,21 @@ def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
     config: `SamplerConfig`, a mapping or a ConfigDict with `SamplerConfig` fields.
     apply_fn: `apply_fn(params, x, t_in, y)`; see the module docstring for the contract.
     shape: (H, W, C) of one sample (C = prediction channels; 4 for SD latents).
-    mesh: mesh with a "data" axis; by default a 1-D mesh over all devices.
+    mesh: a mesh with a "data" axis (and optionally "fsdp"), e.g.
+      `diffit_jax.sharding.create_mesh(config.mesh)`; by default data parallel over every
+      device.
 
   Returns:
-    A `Sampler`; call it as `sampler(params, labels, sample_indices, seed)`.
+    A `Sampler`; call it as `sampler(params, labels, sample_indices, seed, x_T=None)`.
   """
   cfg = SamplerConfig.from_config(config)
   shape = tuple(int(s) for s in shape)
   validate(cfg, shape)
   if mesh is None:
-    mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,))
-  if DATA_AXIS not in mesh.shape:
-    raise ValueError(f"The mesh needs a {DATA_AXIS!r} axis, got axes {tuple(mesh.shape)}.")
+    mesh = sharding_lib.create_mesh()
+  if sharding_lib.DATA_AXIS not in mesh.shape:
+    raise ValueError(f"The mesh needs a {sharding_lib.DATA_AXIS!r} axis, got axes "
+                     f"{tuple(mesh.shape)}.")
 
   if cfg.formulation == "adm":
     schedule, model_out, denoise, sigmas, init_scale = _adm_loops(cfg, apply_fn, shape)
@@ -527,7 +558,7 @@ def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
     denoise, sigmas, init_scale = _edm_loops(cfg, apply_fn, shape)
     run = _ve_sampler(cfg, denoise, sigmas, init_scale)
 
-  def sample(params, labels, sample_indices, seed):
+  def sample(params, labels, sample_indices, seed, x_T):
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(sample_indices)  # (B,) keys
 
@@ -535,30 +566,8 @@ def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
       draw = lambda k: jax.random.normal(jax.random.fold_in(k, step), shape, jnp.float32)
       return _constrain(jax.vmap(draw)(keys), mesh)                         # (B, H, W, C)
 
-    return _constrain(run(params, labels, normal), mesh)
+    x_T = normal(0) if x_T is None else _constrain(x_T, mesh)
+    return _constrain(run(params, labels, x_T, normal), mesh)
 
-  jitted = jax.jit(sample, out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
+  jitted = jax.jit(sample, out_shardings=NamedSharding(mesh, batch_spec(mesh)))
   return Sampler(cfg, shape, mesh, jitted)
-
-
-def nnx_apply_fn(model: Any) -> tuple[ApplyFn, Any]:
-  """`(apply_fn, state)` for a Flax NNX model called as `model(x, t, y)`.
-
-  Splits the model once (`nnx.split`) so the state is an ordinary pytree argument of the
-  compiled sampler and merges it back inside (`nnx.merge`), as the NNX performance guide
-  recommends. Put the model in eval mode (`model.eval()`) first so dropout is off.
-
-  Args:
-    model: an `nnx.Module`.
-
-  Returns:
-    (apply_fn(state, x, t, y), state).
-  """
-  from flax import nnx  # local import: the rest of this package is free of networks
-
-  graphdef, state = nnx.split(model)
-
-  def apply_fn(state, x, t, y):
-    return nnx.merge(graphdef, state)(x, t, y)
-
-  return apply_fn, state
