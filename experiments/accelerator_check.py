@@ -177,9 +177,9 @@ def run_jax_sample(case: dict, s: dict) -> dict[str, Any]:
   attention = resolve_attention(config.attention, models.DTYPES[config.dtype])
   with bench_common.PeakMemory() as mem:
     start = time.perf_counter()
-    compiled = sampler.jitted.lower(state, labels, indices, seed).compile()
+    compiled = sampler.jitted.lower(state, labels, indices, seed, None).compile()  # no x_T
     compile_s = time.perf_counter() - start
-    run = lambda: jax.block_until_ready(compiled(state, labels, indices, seed))
+    run = lambda: jax.block_until_ready(compiled(state, labels, indices, seed, None))
     run()
   return _sampling_result(bench_common.time_repeated(run, 1, s["repeats"]), s, dict(
       compile_s=round(compile_s, 3), memory=mem.result, attention=attention))

@@ -96,11 +96,11 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
     net_fn = apply_fn if adm else (lambda p, x, t, y: apply_fn(p, x, t, y)[..., :c])
     sampler = samplers.make_sampler(cfg, net_fn, shape, mesh=mesh)
     start = time.perf_counter()
-    compiled = sampler.jitted.lower(state, labels, indices, seed).compile()
+    compiled = sampler.jitted.lower(state, labels, indices, seed, None).compile()  # no x_T
     compile_s = time.perf_counter() - start
 
     trivial = samplers.make_sampler(cfg, trivial_network(adm), shape, mesh=mesh).jitted.lower(
-        state, labels, indices, seed).compile()
+        state, labels, indices, seed, None).compile()
 
     net_batch = 2 * b if cfg.guidance.active else b
     x = jax.device_put(np.ones((net_batch,) + shape, np.float32), data)
@@ -109,9 +109,9 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
     network = network_only_loop(net_fn, cfg.nfe, c).lower(state, x, t, y).compile()
 
     runners = {
-        "full": lambda: jax.block_until_ready(compiled(state, labels, indices, seed)),
+        "full": lambda: jax.block_until_ready(compiled(state, labels, indices, seed, None)),
         "network_only": lambda: jax.block_until_ready(network(state, x, t, y)),
-        "trivial_network": lambda: jax.block_until_ready(trivial(state, labels, indices, seed)),
+        "trivial_network": lambda: jax.block_until_ready(trivial(state, labels, indices, seed, None)),
     }
     with PeakMemory() as mem:
       for run in runners.values():
