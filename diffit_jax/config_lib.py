@@ -430,8 +430,10 @@ def load_config(spec: str, relative_to: str | None = None) -> ConfigDict:
   return config
 
 
-def _overridden_paths(name: str, argv: list[str]) -> list[str]:
-  """The dotted fields of `--NAME.a.b=v` / `--[no]NAME.a.b` command-line overrides."""
+def overridden_paths(name: str = "config", argv: list[str] | None = None) -> list[str]:
+  """The dotted fields of `--NAME.a.b=v` / `--[no]NAME.a.b` command-line overrides
+  (of `sys.argv` unless `argv` is given), e.g. `["config.model.depth"]`."""
+  argv = sys.argv if argv is None else argv
   pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
   return [f"config.{m.group(1)}" for m in map(pattern.match, argv) if m]
 
@@ -442,7 +444,7 @@ class _ConfigFileParser(ConfigFileFlagParser):
   def parse(self, path):
     config = load_config(path)
     fields = field_paths(config)
-    for field in _overridden_paths(self.name, sys.argv):
+    for field in overridden_paths(self.name):
       if field not in fields:
         raise unknown_field(field, list(fields), config.model.name)
     if self._lock_config:

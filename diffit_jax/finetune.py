@@ -15,8 +15,11 @@ Only weights are taken; the optimizer, step, RNG and data position start fresh. 
 and the EMA both start from the source's EMA weights (what samplers use and what NVIDIA
 released), or, with `config.init_from_params = "params"`, from a training run's raw weights.
 
-The network built is the one `config.model` describes; the source's weights must fit it,
-except for what can be adapted (each adapted tensor is logged):
+The network's architecture comes from the source unless the config says otherwise
+(`adopt_architecture`, before anything else of the run): every `config.model` field that
+shapes the network (depth, widths, heads, patch size, stages, ...) takes the source's value,
+except the fields set on the command line (`--config.model.depth=...`), the fields tied to
+the data (`in_channels`, `out_channels`), and what may change, which the run's config decides:
 
   * the number of classes (`num_classes`): the label table's class rows are drawn afresh
     (N(0, 0.02), the official initialisation, from `config.seed`) and its last row, the
@@ -31,14 +34,18 @@ except for what can be adapted (each adapted tensor is logged):
     `interpolate(mode="bicubic", align_corners=False)`, on its (2w-1) x (2w-1) grid of
     offsets, per head); a table whose window stays the same is copied.
 
-Anything else that differs (depth, width, heads, patch size, channels, stages) is refused
-with `IncompatibleSourceError`, which names the tensors and the model fields that differ.
-A run whose workdir already holds checkpoints resumes from them and reads no source.
+The source's weights must then fit the network `config.model` describes (each adapted
+tensor is logged); anything else that differs (an architecture field set on the command
+line to another value than the source's, other channels) is refused with
+`IncompatibleSourceError`, which names the tensors and the model fields that differ. A run
+whose workdir already holds checkpoints resumes from them and reads no source: its
+architecture is the one its `config.json` saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -51,6 +58,7 @@ from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import models
+from diffit_jax import config_lib
 from diffit_jax.config_lib import ConfigError
 
 WEIGHTS = ("ema", "params")  # config.init_from_params
@@ -61,7 +69,12 @@ LABEL_INIT_STD = 0.02  # the official label table's N(0, 0.02)
 # Model fields that change how, not what, the network computes: free to differ.
 IMPLEMENTATION_FIELDS = ("attention", "dtype", "remat", "remat_policy", "scan_blocks",
                          "scan_unroll", "dropout_rate")
+# Model fields the run's config decides even when fine-tuning: what can be adapted, what the
+# data fixes, and how (not what) the network computes.
+RUN_FIELDS = ("name", "num_classes", "input_size", "image_size", "window_size", "in_channels",
+              "out_channels") + IMPLEMENTATION_FIELDS
 _MAX_LISTED = 6  # tensors named in a refusal; the rest are counted
+_READ = {}  # (init_from, weights) -> read_source's result, read once per run
 
 
 class IncompatibleSourceError(ConfigError):
@@ -299,6 +312,47 @@ def fit(source: dict[tuple, np.ndarray], source_model: Any, run_model: Any, *,
 # The trainer's two calls.
 
 
+def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
+                       command_line: list[str] | None = None) -> list[str]:
+  """Sets the `config.model` fields that the fine-tuning source decides (module docstring).
+
+  Args:
+    config: the run's config; changed in place (nothing when `config.init_from` is empty).
+    workdir: the run's workdir. One that already holds checkpoints resumes with the
+      architecture its `config.json` saved, so the source need not exist any more.
+    command_line: the fields set on the command line (default:
+      `config_lib.overridden_paths()` of `sys.argv`); these keep the run's values.
+
+  Returns:
+    One `field=value` per field changed (also logged).
+
+  Raises:
+    IncompatibleSourceError: see `read_source`.
+  """
+  if not config.init_from:
+    return []
+  if workdir and _resumes(workdir):
+    with open(os.path.join(workdir, "config.json")) as f:
+      source_model, what = json.load(f)["model"], f"{workdir}/config.json"
+  else:
+    key = (config.init_from, config.init_from_params)
+    _READ[key] = read_source(*key)
+    source_model, what = _READ[key][1], f"config.init_from={config.init_from}"
+  set_here = {p.removeprefix("config.model.") for p in (
+      config_lib.overridden_paths() if command_line is None else command_line)}
+  changed = []
+  for field, value in dict(source_model).items():
+    if field in RUN_FIELDS or field in set_here or field not in config.model:
+      continue
+    value = tuple(value) if isinstance(value, list) else value
+    if config.model[field] != value:
+      config.model[field] = value
+      changed.append(f"{field}={value!r}")
+  if changed:
+    logging.info("The network's architecture from %s: %s.", what, ", ".join(changed))
+  return changed
+
+
 def load_source(config: ml_collections.ConfigDict, workdir: str) -> Source | None:
   """Reads and fits `config.init_from` for a run about to start in `workdir`.
 
@@ -317,8 +371,10 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> Source | Non
   if _resumes(workdir):
     logging.info("%s holds checkpoints: resuming from them, not from config.init_from=%s.",
                  workdir, config.init_from)
+    _READ.clear()
     return None
-  flat, source_model, what = read_source(config.init_from, weights)
+  flat, source_model, what = _READ.pop((config.init_from, weights), None) or read_source(
+      config.init_from, weights)
   params, adapted = fit(flat, source_model, config.model, seed=config.seed,
                         spec=config.init_from)
   logging.info("Fine-tuning from %s: %d tensors, %d adapted%s", what, len(params), len(adapted),

@@ -98,6 +98,8 @@ def main(argv):
                  checkpoint.CorruptCheckpointError)
   try:
     if FLAGS.dry_run:
+      from diffit_jax import finetune  # pylint: disable=g-import-not-at-top
+      finetune.adopt_architecture(config, FLAGS.workdir)  # the network config.init_from has
       if config_lib.left_to_data(config):  # a dry run reads no data unless it must
         train.fit_to_data(config)
       train.validate_config(config)

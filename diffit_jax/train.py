@@ -568,6 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   #      the data against the config (filling what it leaves to the data), the config, the
   #      mesh against the devices. ---------------------------------------------------------
   sharding_lib.initialize_distributed(config)
+  finetune.adopt_architecture(config, workdir)  # config.init_from's network, unless set here
   fit_to_data(config)  # the fields left to the dataset; data the model cannot take
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.

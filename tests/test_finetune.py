@@ -232,7 +232,7 @@ def test_mismatched_source_is_refused_by_the_cli_before_anything_runs(official, 
   with latents.LatentShardWriter(data, 0, 1) as writer:
     for i in range(8):
       writer.write(np.zeros((2, 8, 8, 4), np.float16), np.zeros((2, 8, 8, 4), np.float16), i)
-  latents.write_info(data, num_classes=10)
+  latents.write_info(data, num_classes=5)
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "diffit_jax.main",
          "--config=" + os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"),
@@ -379,3 +379,27 @@ def test_export_of_a_finetuned_latent_run_loads_into_the_official_code(official,
   # Trained: the weights moved away from the source.
   assert not np.array_equal(flat(state.ema_params)[("final_layer", "linear", "kernel")],
                             official.params[("final_layer", "linear", "kernel")])
+
+
+def test_architecture_comes_from_the_source_unless_set_on_the_command_line(official, tmp_path):
+  # The config describes another network (depth 3, width 48); the source's is taken.
+  config = latent_config(official.path, depth=3, hidden_size=48)
+  changed = finetune.adopt_architecture(config, str(tmp_path / "run"), command_line=[])
+  assert sorted(changed) == ["depth=2", "hidden_size=32"]
+  state, net = step0(config, tmp_path / "run")
+  got = flat(state.params)
+  for path, value in official.params.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+  x, t, y = inputs()
+  out = np.asarray(net(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
+  assert rel(out, official.reference(x, t, y)) < TOL
+  # Set on the command line, the run's value stays, and the source no longer fits.
+  config = latent_config(official.path, depth=3, hidden_size=32)
+  changed = finetune.adopt_architecture(config, str(tmp_path / "run2"),
+                                        command_line=["config.model.depth"])
+  assert changed == [] and config.model.depth == 3
+  with pytest.raises(finetune.IncompatibleSourceError, match=r"depth=2 \(this run: 3\)"):
+    finetune.load_source(config, str(tmp_path / "run2"))
+  # What may change (classes, resolution) stays the run's config's.
+  config = latent_config(official.path, num_classes=3, input_size=16)
+  assert finetune.adopt_architecture(config, str(tmp_path / "run3"), command_line=[]) == []
