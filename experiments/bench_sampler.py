@@ -13,6 +13,7 @@ official ones may be run; the time is then scaled linearly in NFE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from typing import Any, Callable
@@ -31,12 +32,14 @@ from bench_jax import jax_train_config, latent_shape
 OFFICIAL_DDPM_STEPS, OFFICIAL_HEUN_STEPS = 250, 18
 
 
-def official_ddpm(num_steps: int, num_classes: int) -> dict[str, Any]:
-  """The official ImageNet-256 sampler (w = 4.4, power-cosine with exponent 4 on 3 channels),
-  with `num_steps` DDPM steps (250 in the release), as `samplers.SamplerConfig` fields."""
-  return dict(name="ddpm", num_steps=num_steps, guidance_scale=4.4,
-              guidance_schedule="power_cosine", guidance_power=4.0, guidance_channels=3,
-              num_classes=num_classes)
+def official_ddpm(num_steps: int, num_classes: int) -> samplers.SamplerConfig:
+  """The released ImageNet-256 sampler as the shipped config has it (DDPM, power-cosine
+  guidance w = 4.4 with exponent 4 on 3 channels), with `num_steps` steps (250 in the
+  release) for a network of `num_classes` classes."""
+  from diffit_jax import inference  # pylint: disable=g-import-not-at-top
+  from diffit_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  released = inference.sampler_config(load_config("imagenet256_latent"))
+  return dataclasses.replace(released, num_steps=num_steps, num_classes=num_classes)
 
 
 def trivial_network(adm: bool) -> samplers.ApplyFn:
