@@ -160,8 +160,9 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
   flag_values = flags.FlagValues()
   define_flags(flag_values)
   if any(a in HELP_FLAGS for a in argv):
-    listed = "\n".join(line for line in flag_values.module_help(define_flags.__module__)
-                       .splitlines() if line.startswith(" "))  # not the module's name
+    # Every flag here is this command's: `flag_values` is its own, not absl's global FLAGS.
+    listed = "\n".join(line for line in flag_values.get_help(include_special_flags=False)
+                       .splitlines() if line.startswith(" "))  # not the modules' names
     print(f"{_summary(doc)}\n\nflags of `{prog}`:\n{listed}")
     return 0
   try:

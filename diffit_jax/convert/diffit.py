@@ -33,8 +33,9 @@ from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint, models
 from diffit_jax.config_lib import load_config, shipped_configs_dir
-from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, read_safetensors,
-                                               strip_prefixes, torch_shape_of_flax, torch_to_flax)
+from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, define_io_flags,
+                                               output_path, read_safetensors, strip_prefixes,
+                                               torch_shape_of_flax, torch_to_flax)
 from diffit_jax.models.embeddings import sincos_pos_embed_2d
 from diffit_jax.models.latent import LATENT_SIZES, PATCH_SIZES, LatentDiffiT
 from diffit_jax.models.tmsa import relative_position_index
@@ -65,23 +66,18 @@ _LEAF_NAMES = {"kernel": "weight", "embedding": "weight"}
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines the `diffit` command's flags."""
-  flags.DEFINE_string("src", None, "Official latent DiffiT .safetensors (diffit_256 / "
-                      "diffit_512).", required=True, flag_values=flag_values)
-  flags.DEFINE_string("out", None, "Output checkpoint folder (must not exist).", required=True,
-                      flag_values=flag_values)
+  define_io_flags(flag_values, "Official latent DiffiT .safetensors (diffit_256 / diffit_512).",
+                  "Output checkpoint folder (must not exist).")
   flags.DEFINE_string("config", None, "Experiment config (configs/X.py[:arg]) to store with "
                       "the weights (default: chosen by the detected resolution: "
                       "configs/imagenet256_latent.py for 32x32 latents, "
                       "configs/imagenet512_latent.py for 64x64); its model must match the file.",
                       flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
 def run(args: flags.FlagValues) -> int:
   """Converts `args.src` and writes the checkpoint `args.out`; nothing is written on error."""
-  dst = os.path.abspath(args.out)
-  if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--out {dst} already exists; choose a new folder or pass --overwrite.")
+  dst = output_path(args.out, args.overwrite)
   params, config, info = convert_diffit(args.src, config=args.config)
   print(f"writing {dst}")
   checkpoint.save_weights(dst, params, overwrite=args.overwrite, metadata={

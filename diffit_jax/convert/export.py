@@ -33,31 +33,27 @@ from diffit_jax import checkpoint
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert.diffit import (POS_EMBED, RPI_SUFFIX, expected_tensors,
                                       official_buffers, param_shapes)
-from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, flax_conv_to_torch,
-                                               flax_linear_to_torch)
+from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, define_io_flags,
+                                               flax_conv_to_torch, flax_linear_to_torch,
+                                               output_path)
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines the `export` command's flags."""
-  flags.DEFINE_string("src", None, "A converted weights checkpoint (python -m diffit_jax.convert "
-                      "diffit) or a training workdir (the EMA weights of its newest checkpoint).",
-                      required=True, flag_values=flag_values)
-  flags.DEFINE_string("out", None, "Output .safetensors file (must not exist).", required=True,
-                      flag_values=flag_values)
+  define_io_flags(flag_values, "A converted weights checkpoint (python -m diffit_jax.convert "
+                  "diffit) or a training workdir (the EMA weights of its newest checkpoint).",
+                  "Output .safetensors file (must not exist).")
   flags.DEFINE_integer("step", None, "With a training workdir: the checkpoint step (default: "
                        "the newest).", flag_values=flag_values)
   flags.DEFINE_string("config", None, "Override the config stored with the weights "
                       "(configs/X.py[:arg]; rarely needed).", flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
 def run(args: flags.FlagValues) -> int:
   """Exports `args.src` to `args.out`; nothing is written on error."""
-  dst = os.path.abspath(args.out)
-  if not dst.endswith(".safetensors"):
+  if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out {args.out} must end in .safetensors.")
-  if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--out {dst} already exists; choose a new file or pass --overwrite.")
+  dst = output_path(args.out, args.overwrite)
   params, config = _load_source(args.src, args.config, args.step)
   print(f"exporting {args.src}")
   tensors = export_params(params, config.model)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from diffit_jax import checkpoint
 from diffit_jax.convert import safe_pickle
-from diffit_jax.convert.safetensors_io import ConversionError
+from diffit_jax.convert.safetensors_io import ConversionError, define_io_flags, output_path
 from diffit_jax.models.inception import InceptionV3
 
 MODEL_NAME = "inception_v3_fid_2015_12_05"
@@ -184,17 +184,13 @@ def load_inception(path: str) -> InceptionV3:
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines the `inception` command's flags."""
-  flags.DEFINE_string("src", None, "pytorch-fid's pt_inception-2015-12-05-*.pth (downloaded by "
-                      "hand).", required=True, flag_values=flag_values)
-  flags.DEFINE_string("out", None, "Output checkpoint folder.", required=True,
-                      flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
+  define_io_flags(flag_values, "pytorch-fid's pt_inception-2015-12-05-*.pth (downloaded by "
+                  "hand).", "Output checkpoint folder.")
 
 
 def run(args: flags.FlagValues) -> int:
   """Converts `args.src` into the checkpoint folder `args.out`; writes nothing on error."""
-  if os.path.exists(args.out) and not args.overwrite:
-    raise ConversionError(f"--out {args.out} already exists; choose a new folder or pass --overwrite.")
+  output_path(args.out, args.overwrite)
   state_dict = read_torch_state_dict(args.src)
   sha256 = _sha256(args.src)
   match = _HASH_IN_NAME.search(os.path.basename(args.src))

@@ -72,6 +72,22 @@ def read_safetensors(path: str | os.PathLike, *,
   return out
 
 
+def define_io_flags(flag_values, src_help: str, out_help: str) -> None:
+  """Every converter's `--src`, `--out` and `--overwrite` flags (absl, in `flag_values`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("src", None, src_help, required=True, flag_values=flag_values)
+  flags.DEFINE_string("out", None, out_help, required=True, flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
+
+
+def output_path(out: str, overwrite: bool) -> str:
+  """`--out` as an absolute path; refuses one that exists unless `--overwrite`."""
+  path = os.path.abspath(out)
+  if os.path.exists(path) and not overwrite:
+    raise ConversionError(f"--out {path} already exists; choose another or pass --overwrite.")
+  return path
+
+
 def strip_prefixes(state: Mapping[str, np.ndarray],
                    prefixes: Iterable[str] = DEFAULT_PREFIXES) -> dict[str, np.ndarray]:
   """Removes wrapper prefixes that every key shares (e.g. `module.` from DataParallel).

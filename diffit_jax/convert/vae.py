@@ -31,8 +31,9 @@ from absl import flags
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint
-from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, read_safetensors,
-                                               strip_prefixes, torch_shape_of_flax, torch_to_flax)
+from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, define_io_flags,
+                                               output_path, read_safetensors, strip_prefixes,
+                                               torch_shape_of_flax, torch_to_flax)
 from diffit_jax.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -76,20 +77,15 @@ _ATTN_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines the `vae` command's flags."""
-  flags.DEFINE_string("src", None, "Diffusers VAE folder, or a .safetensors file (diffusers or "
-                      "LDM key names).", required=True, flag_values=flag_values)
-  flags.DEFINE_string("out", None, "Output checkpoint folder (must not exist).", required=True,
-                      flag_values=flag_values)
+  define_io_flags(flag_values, "Diffusers VAE folder, or a .safetensors file (diffusers or LDM "
+                  "key names).", "Output checkpoint folder (must not exist).")
   flags.DEFINE_integer("norm_num_groups", None, "GroupNorm groups when there is no config.json "
                        "(default 32, the SD VAE).", flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=flag_values)
 
 
 def run(args: flags.FlagValues) -> int:
   """Converts `args.src` and writes the checkpoint `args.out`; nothing is written on error."""
-  dst = os.path.abspath(args.out)
-  if os.path.exists(dst) and not args.overwrite:
-    raise ConversionError(f"--out {dst} already exists; choose a new folder or pass --overwrite.")
+  dst = output_path(args.out, args.overwrite)
   params, config, info = convert_vae(args.src, norm_num_groups=args.norm_num_groups)
   print(f"writing {dst}")
   checkpoint.save_weights(dst, params, overwrite=args.overwrite, metadata={
