@@ -73,5 +73,5 @@ def get_config(arg=None):
     config.log_every_steps = 5
     config.checkpoint_every_steps = 10
     config.sample_every_steps = 20
-    config.sampler.num_steps = 4
+    config.sample_grid.num_steps = 4  # quick grids; config.sampler stays what `sample` uses
   return config

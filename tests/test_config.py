@@ -129,6 +129,17 @@ def test_an_unknown_config_arg_is_refused_naming_the_valid_ones():
     config_lib.load_config(os.path.join(ROOT, "configs", "ffhq64.py:runlcoal"))
 
 
+def test_runlocal_shrinks_the_training_grids_not_the_sampler():
+  """`sample --workdir` of a `:runlocal` run draws with the full config's sampler."""
+  for path in CONFIGS:
+    if "runlocal" not in config_lib.config_args(path):
+      continue
+    full, local = config_lib.load_config(path), config_lib.load_config(f"{path}:runlocal")
+    name = os.path.basename(path)
+    assert local.sampler.to_dict() == full.sampler.to_dict(), name
+    assert 0 < local.sample_grid.num_steps < full.sampler.num_steps, name
+
+
 # ----------------------------------------------------------------------------------------
 # 3. Everything is validated before the workdir is written.
 
