@@ -123,7 +123,7 @@ def make_decoder(config: ml_collections.ConfigDict, vae_path: str | None,
     return jax.jit(lambda x: to_uint8(x[..., :channels], rounding=rounding)), None
   if not vae_path:
     raise ValueError("latent samples need the SD VAE to become images: pass --vae=DIR (make "
-                     "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --dst=DIR`) "
+                     "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --out=DIR`) "
                      "or set config.vae.")
   from diffit_jax.convert.vae import load_vae  # pylint: disable=g-import-not-at-top
   from diffit_jax.models.vae import from_latent  # pylint: disable=g-import-not-at-top

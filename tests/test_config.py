@@ -253,3 +253,18 @@ def test_encode_usage_errors_are_one_line():
   assert "config" in error, error
   error = user_error(run_cli("diffit_jax.encode", "--data=mnist_demo"))
   assert "--vae" in error and "--out" in error, error
+
+
+def test_the_missing_vae_advice_is_a_command_convert_takes(tmp_path):
+  """The `convert vae` command a latent run without a VAE is told to run: its flags exist
+  (it then stops at the missing --src, with one line)."""
+  from diffit_jax import inference  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as advice:
+    inference.make_decoder(config_lib.load_config(LATENT), None, None)
+  command = re.search(r"`python -m diffit_jax\.convert (vae [^`]*)`", str(advice.value))
+  assert command, advice.value
+  args = [a.replace("DIR", str(tmp_path / "vae")).replace("sd-vae-ft-ema",
+                                                         str(tmp_path / "no_vae"))
+          for a in command.group(1).split()]
+  error = user_error(run_cli("diffit_jax.convert", *args))
+  assert "no_vae" in error and "does not exist" in error, error
