@@ -14,24 +14,7 @@ window 4, time token 512 (Table 3), positional time embedding (Table 8); EDM
 training "strictly followed": Adam, lr 1e-3, batch 512, 200K iterations, EDM's
 deterministic sampler with 18 steps; unconditional.
 
-Where the paper is silent (each choice also listed in the README):
-  * channels (128, 256, 256): the paper's rule "channels change only between stage 1
-    and 2" with the FFHQ widths; the 1-2-2 multiplier of EDM's DDPM++.
-  * blocks per stage 2/2/2 from App. I.1 (App. H.1 says 4; I.1 describes the actual run).
-  * skip merge by concatenation, the first decoder block of a stage mapping
-    C_up + C_skip -> C with a 1x1-conv residual: as EDM's DDPM++/ADM U-Nets.
-  * residual projection: 1x1 conv when a ResBlock changes width, identity otherwise.
-  * heads = width / 64 (EDM's channels_per_head 64); MLP ratio 4 as the latent model.
-  * GroupNorm 32 groups, eps 1e-6 (EDM/DDPM++); LayerNorm eps 1e-6 as the release.
-  * downsampling: stride-2 conv3x3; upsampling: nearest x2 then conv3x3 (ADM); the
-    paper only says "convolutional" and that bilinear resizing did as well.
-  * dropout 0.13 on the transformer MLP's hidden layer (EDM's CIFAR-10 rate; EDM
-    applies it inside each residual block).
-  * zero-initialised output conv (EDM and ADM do), so the network starts at F = 0.
-  * EMA: EDM's half-life of 0.5 Mimg with ramp-up ratio 0.05 (the paper names none).
-  * lr warm-up over 10 Mimg (EDM's default), i.e. 19,531 steps at batch 512.
-  * EDM's non-leaky augmentation pipeline and its augmentation labels are not used:
-    only random horizontal flips.
+Where the paper is silent, the choices and why: docs/paper_notes.md, "Image-space DiffiT".
 """
 
 from diffit_jax import config_lib
