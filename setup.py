@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Versions that install together and pass `pip check` (see README, "Environment").
+# Versions that install together and pass `pip check` (see docs/environment.md).
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",

@@ -31,7 +31,7 @@ faster). `--config.model.scan_blocks=True --config.model.remat=True` trades spee
 memory (340 img/s in 12.2 GiB): the way to larger per-device batches.
 `--config.model.dtype=bfloat16` computes in bf16 (weights stay float32), and then
 `attention="auto"` uses cuDNN's fused attention on NVIDIA GPUs (16% faster than XLA's).
-How much memory a run needs per device: `--dry_run` (see the README, "Will it fit").
+How much memory a run needs per device: `--dry_run` (docs/performance.md, "Will it fit").
 """
 
 from diffit_jax import config_lib

@@ -1,7 +1,7 @@
 """The benchmark's report: its speed targets, evaluated, and its figures as markdown tables.
 
 `targets` reads the figures `benchmark.py` collected; `markdown` is what
-experiments/results/benchmark_<platform>.md holds and README's Performance section shows.
+experiments/results/benchmark_<platform>.md holds and docs/performance.md shows.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def targets(report: dict) -> dict[str, Any]:
 
 
 def markdown(report: dict) -> str:
-  """The results as markdown tables (what README's Performance section shows)."""
+  """The results as markdown tables (what docs/performance.md shows)."""
   m = report["machine"]
   lines = [
       f"# diffit_jax benchmark ({m['platform']}: {m['device_kind']})",

@@ -60,7 +60,8 @@ def markdown(rows: list[dict], precision: str) -> str:
                  f"{r['batch'] // r['devices']} | {r['state_and_batch_gib']:.2f} | "
                  f"{r['temporaries_gib']:.2f} | {r['total_gib']:.2f} |")
   return (f"XL/2 train step, global batch {rows[0]['batch']}, {precision}, XLA:CPU's plan per "
-          "device (see the README for how it compares with a GPU's)\n\n" + "\n".join(lines) + "\n")
+          "device (see docs/performance.md for how it compares with a GPU's)\n\n"
+          + "\n".join(lines) + "\n")
 
 
 def main() -> None:

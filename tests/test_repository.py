@@ -13,7 +13,8 @@ a reason each.
 
 And every relative Markdown link in README.md and docs/*.md, and every `docs/*.md` that any
 tracked file cites, names a tracked file inside the repository; a link's `#anchor` into a
-Markdown file must be one of its headings (GitHub's anchor rules).
+Markdown file must be one of its headings (GitHub's anchor rules); and README.md links every
+page of docs/, so that a reader who starts there can reach all of them.
 """
 
 import os
@@ -152,6 +153,15 @@ def test_markdown_links_resolve(texts):
         bad.append(f"{path}: {target!r}: {resolved} has no heading with anchor #{anchor}")
   assert not bad, "broken Markdown links:\n" + "\n".join(bad)
   assert checked, "no relative links found: is the link pattern broken?"
+
+
+def test_the_readme_links_every_docs_page(texts):
+  pages = {p for p in texts if re.fullmatch(r"docs/[^/]+\.md", p)}
+  linked = {os.path.normpath(t.partition("#")[0]) for t in markdown_links(texts["README.md"])
+            if not SCHEME.match(t) and t.partition("#")[0]}
+  assert pages, "no docs/*.md pages found"
+  missing = sorted(pages - linked)
+  assert not missing, f"README.md links none of these docs pages: {missing}"
 
 
 def test_cited_docs_exist(texts):
