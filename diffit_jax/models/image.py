@@ -9,8 +9,8 @@ Table 3) is a sinusoidal embedding of the noise level through a Swish MLP; an
 optional label embedding is added to it for class-conditional custom data.
 
 No official code exists for this model; where the paper is silent the choices are
-the constructor's defaults, each explained in `configs/cifar10.py` and the README's
-"Where the paper is silent".
+the constructor's defaults, each explained in docs/paper_notes.md ("Our choices where
+the paper is silent").
 """
 
 from __future__ import annotations
