@@ -217,6 +217,114 @@ def test_folder_build_removes_stale_partial_folders(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(["src", "ds", live.name, unnamed.name])
 
 
+@pytest.fixture
+def awkward_folder(tmp_path, monkeypatch):
+  """Real images in class folders beside every entry `data build` must not read or wait on.
+
+  src/cat: c0.png, c1.png; pipe.png (a FIFO: opening it blocks until a writer comes), sock.png
+  (a UNIX socket), gone.png (a dangling symlink), dir.png/ (an empty folder), cycle -> ../cat.
+  src/dog: d0.png, d1.png, outside.png -> a real image outside the source.
+  src/bird -> a class folder outside the source (followed: a symlinked class is read once).
+  src/loop -> . (the source itself), src/up -> .. (the folder holding the source).
+  Returns (src, the expected (class, pixels) records, the expected skipped entry -> reason).
+  """
+  rng = np.random.default_rng(0)
+  src, outside = tmp_path / "src", tmp_path / "outside"
+  images = {}
+  for path, label in [("cat/c0.png", "cat"), ("cat/c1.png", "cat"), ("dog/d0.png", "dog"),
+                      ("dog/d1.png", "dog")]:
+    images[src / path] = label
+  images[outside / "e.png"], images[outside / "bird" / "b0.png"] = "dog", "bird"
+  records = []
+  for path, label in images.items():
+    pixels = _noise_image(rng, 6, 5)
+    _save(str(path), pixels)
+    records.append((label, pixels.tobytes()))
+  cat = src / "cat"
+  os.mkfifo(cat / "pipe.png")
+  with monkeypatch.context() as m, socket.socket(socket.AF_UNIX) as sock:
+    m.chdir(cat)  # A relative name: AF_UNIX paths are limited to ~100 bytes.
+    sock.bind("sock.png")
+  (cat / "gone.png").symlink_to("missing.png")
+  (cat / "dir.png").mkdir()
+  (cat / "cycle").symlink_to("../cat")
+  (src / "dog" / "outside.png").symlink_to(outside / "e.png")
+  (src / "bird").symlink_to(outside / "bird")
+  (src / "loop").symlink_to(".")
+  (src / "up").symlink_to("..")
+  skipped = {
+      "cat/pipe.png": "a FIFO, not a regular file",
+      "cat/sock.png": "a socket, not a regular file",
+      "cat/gone.png": "a broken symlink (-> missing.png",
+      f"cat/dir.png{os.sep}": "a folder, not an image file",
+      "cat/cycle": "a symlink to a folder already scanned (-> ../cat)",
+      "loop": "a symlink to a folder already scanned (-> .)",
+      "up": "a symlink to a folder holding the source (-> ..)",
+  }
+  return src, sorted(records), skipped
+
+
+def test_folder_build_skips_special_files_and_symlink_loops(awkward_folder, tmp_path):
+  """The CLI finishes (the old scan blocked forever opening the FIFO), writes exactly the real
+  images, and names every entry it did not read with its reason."""
+  src, records, skipped = awkward_folder
+  result = _data_cli("build", f"--src={src}", f"--out={tmp_path / 'ds'}")
+  assert result.returncode == 0, result.stderr
+  assert "Wrote 6 images" in result.stdout and "bird (1), cat (2), dog (3)" in result.stdout
+  assert "Skipped 3 images and 4 other entries:" in result.stdout, result.stdout
+  listed = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines()
+                if line.startswith("  "))
+  assert set(listed) == set(skipped), result.stdout
+  for path, reason in skipped.items():
+    assert listed[path].startswith(reason), (path, listed[path])
+  builder = tfds.builder_from_directory(str(tmp_path / "ds"))
+  assert {p for p, _ in builder.info.metadata["skipped"]} == set(skipped)
+  names = builder.info.features["label"].names
+  source = builder.as_data_source(split="train")
+  assert sorted((names[int(r["label"])], r["image"].tobytes()) for r in source) == records
+  assert _leftovers(tmp_path) == []
+
+
+def test_folder_build_strict_refuses_special_files_and_symlink_loops(awkward_folder, tmp_path):
+  src, _, skipped = awkward_folder
+  result = _data_cli("build", f"--src={src}", f"--out={tmp_path / 'ds'}", "--strict")
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      "error: Build rejected (--strict): 7 entries cannot be read as images;"), result.stderr
+  for path, reason in skipped.items():
+    assert f"  {path}: {reason}" in result.stderr, (path, result.stderr)
+  assert not (tmp_path / "ds").exists() and _leftovers(tmp_path) == []
+
+
+def test_folder_image_readers_refuse_a_special_file_without_opening_it(tmp_path):
+  """A file swapped for a FIFO after the scan: the readers name it instead of blocking."""
+  import threading
+
+  fifo = str(tmp_path / "swapped.png")
+  os.mkfifo(fifo)
+  results = {}
+
+  def read():
+    results["probe"] = folder._probe(fifo)
+    try:
+      folder._load(fifo, 3, None)
+    except OSError as e:
+      results["load"] = str(e)
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  reader.join(10)
+  while reader.is_alive():  # A reader blocked in open(): a writer lets it go on, so this fails.
+    try:
+      os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+      pass  # No reader has the FIFO open at this instant.
+    reader.join(0.1)
+  assert results == {"probe": (None, "a FIFO, not a regular file"),
+                     "load": "a FIFO, not a regular file"}
+
+
 def test_data_cli_user_errors_are_one_line(tmp_path, capsys):
   assert data_cli.main(["build", f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'ds'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()

@@ -8,7 +8,8 @@
 
 `build` reads a folder of images (class sub-folders are labels) or the official CIFAR-10
 tarball (`cifar-10-python.tar.gz`, labels included; no TensorFlow needed), prints what it
-wrote, each skipped image with its reason, and the classes; train on the result with
+wrote, each skipped image or entry (special files, broken symlinks and symlink loops are never
+opened) with its reason, and the classes; train on the result with
 `--config.data.name=folder:DATASET`. `info` describes a built image dataset or a latent
 dataset from `python -m diffit_jax.encode`. Exit status: 0 ok; 2 for an error the user can
 fix (a bad flag, a missing source, an existing --out, a rejected build), reported as an
@@ -42,8 +43,10 @@ def define_build_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer("resolution", None, "ADM center-crop every image to RESOLUTION x "
                        "RESOLUTION (default: keep the size, which all images must share).",
                        lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("strict", False, "Reject the build on any unreadable or odd-sized image "
-                    "(default: skip it).", flag_values=fv)
+  flags.DEFINE_bool("strict", False, "Reject the build on any unreadable or odd-sized image, "
+                    "or any entry the scan does not read (a FIFO or socket named like an image, "
+                    "a broken symlink, a symlink loop); default: skip it by name.",
+                    flag_values=fv)
   flags.DEFINE_string("name", None, "Dataset name (default: from --out; cifar10 for the "
                       "tarball).", flag_values=fv)
   flags.DEFINE_integer("channels", 3, "3 = RGB, 1 = grey.", flag_values=fv)

@@ -5,6 +5,14 @@ For FFHQ and custom data. Layout rules:
     sub-folder names map to ids 0, 1, ... and are saved as the `label` feature's names.
   * images directly in SRC and no class sub-folders, or `unconditional=True` (e.g. FFHQ,
     whose images sit in numbered chunk folders): one unconditional dataset, no `label`.
+  * only regular files are read: a FIFO, socket or device named like an image is skipped by
+    name (nothing opens it: a FIFO would block the build forever), and so are broken symlinks
+    and folders named like an image that hold none. A symlink to an image file is that image.
+  * symlinked folders (`cats -> /data/cats`) are followed after the real folders, each folder
+    (by device and inode) is scanned at most once, and a symlink to a folder already scanned
+    (`cat/again -> ../cat`, `loop -> .`) or to a folder holding SRC (`up -> ..`, which would
+    pull in the whole parent tree) is skipped by name.
+  Hidden entries (`.name`) are passed over; non-image files are listed as ignored.
 
 Images are converted to 8-bit RGB (or grey with `channels=1`; `to_8bit` says how for each
 PIL mode: 16-bit samples are scaled by 1/257, transparent pixels are composited on white)
@@ -12,12 +20,13 @@ and, with `resolution`, brought to `resolution x resolution` by ADM's center cro
 (`transforms.center_crop_arr`). Without `resolution` all images must share one size (the
 most common one is taken). Unreadable files, images of a mode that cannot be converted,
 and odd-sized images (another size when not resizing; shorter side below `resolution`
-unless `allow_upscale`) are reported by name and skipped, or with `strict=True` the build is
-rejected. The dataset is written with a TensorFlow-free tfds builder
-(`file_format="array_record"`) into a temporary sibling folder `DST.partial-HOST-PID-*`
-that is renamed into place only when complete, so a failed build never leaves a half-written
-dataset. A build that was killed leaves its partial folder behind; the next build of the same
-DST removes every such folder whose writer (that PID on this host) is no longer running.
+unless `allow_upscale`) are reported by name and skipped, as are the entries above that are
+not read; with `strict=True` any of them rejects the build. The dataset is written with a
+TensorFlow-free tfds builder (`file_format="array_record"`) into a temporary sibling folder
+`DST.partial-HOST-PID-*` that is renamed into place only when complete, so a failed build
+never leaves a half-written dataset. A build that was killed leaves its partial folder
+behind; the next build of the same DST removes every such folder whose writer (that PID on
+this host) is no longer running.
 
 Read the result with `tfds.builder_from_directory(dst).as_data_source()`, or train on it with
 `config.data.name = "folder:<dst>"` (see `pipeline.py`). Every record has one shape, the
@@ -37,10 +46,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -91,7 +101,10 @@ class BuildReport:
                      "pass --unconditional to ignore them.")
     else:
       lines.append("Unconditional (no class sub-folders).")
-    lines.append(f"Skipped {len(self.skipped)} images" + (":" if self.skipped else "."))
+    others = sum(p.endswith(os.sep) or not _is_image(p) for p, _ in self.skipped)  # Folders, links.
+    head = f"Skipped {len(self.skipped) - others} images"
+    head += f" and {others} other entries" if others else ""
+    lines.append(head + (":" if self.skipped else "."))
     lines += [f"  {path}: {reason}" for path, reason in self.skipped[:max_listed]]
     if len(self.skipped) > max_listed:
       lines.append(f"  ... and {len(self.skipped) - max_listed} more (see metadata.json).")
@@ -120,31 +133,148 @@ def _is_image(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(root: str, top: str) -> tuple[list[str], list[str]]:
-  """Returns (image paths, other files) under `root`, relative to `top`, sorted."""
-  images, others = [], []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    for name in sorted(filenames):
-      if name.startswith("."):
+# How each kind of file that is not a regular file is named when it is skipped.
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+  """Why a file of this `st_mode` is not read as an image; None for a regular file."""
+  if stat.S_ISREG(mode):
+    return None
+  if stat.S_ISDIR(mode):
+    return "a folder, not an image file"
+  kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+  return f"{kind}, not a regular file"
+
+
+class NotRegularFileError(OSError):
+  """A path the image readers will not open: it is not a regular file."""
+
+
+def _open_regular(path: str) -> io.BufferedReader:
+  """Opens `path` for reading if it is a regular file (or a symlink to one).
+
+  The stat comes first, so nothing opens a FIFO or a device; O_NONBLOCK and the fstat of what
+  was opened cover a file swapped for a FIFO since then, so no open ever waits for a writer.
+
+  Raises:
+    NotRegularFileError: naming what `path` is instead.
+  """
+  reason = _not_regular(os.stat(path).st_mode)
+  if reason:
+    raise NotRegularFileError(reason)
+  nonblock = getattr(os, "O_NONBLOCK", 0)
+  fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0))
+  try:
+    reason = _not_regular(os.fstat(fd).st_mode)
+    if reason:
+      raise NotRegularFileError(reason)
+    if nonblock:
+      os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+class _Tree(NamedTuple):
+  """What `_walk` found below a source folder; paths relative to it, in walk order."""
+  images: list[str]  # Regular files (or symlinks to them) named like images.
+  others: list[str]  # Entries of any kind not named like images; never opened.
+  special: list[tuple[str, str]]  # (path, reason): named like images but not regular files.
+  folders: list[str]  # Every folder scanned, real or through a symlink.
+  skipped: list[tuple[str, str]]  # (path, reason): broken symlinks, loops, unreadable entries.
+
+
+def _walk(src: str) -> _Tree:
+  """Walks `src` top-down like `os.walk` (sorted, hidden entries passed over), without opening
+  a file, and follows symlinked folders once the real tree is done (see the module docstring).
+
+  Folders are told apart by (st_dev, st_ino) of what their path resolves to, so each is
+  scanned at most once, however many links lead to it.
+  """
+  def key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+  visited = {key(os.stat(src))}
+  holders = set()  # The folders above src: a link to one would scan src again, and more.
+  path = os.path.realpath(src)
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    holders.add(key(os.stat(path)))
+  tree = _Tree([], [], [], [], [])
+  links = collections.deque()  # (relative path, stat of the folder it leads to)
+  pending = [""]
+  while pending or links:
+    if not pending:  # The real tree is done: the next symlinked folder.
+      rel, st = links.popleft()
+      target = os.readlink(os.path.join(src, rel))
+      if key(st) in visited:
+        tree.skipped.append((rel, f"a symlink to a folder already scanned (-> {target})"))
+      elif key(st) in holders:
+        tree.skipped.append((rel, f"a symlink to a folder holding the source (-> {target}); "
+                                  "following it would scan the source again"))
+      else:
+        visited.add(key(st))
+        tree.folders.append(rel)
+        pending.append(rel)
+      continue
+    rel_dir = pending.pop()
+    try:
+      with os.scandir(os.path.join(src, rel_dir)) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+      if not rel_dir:
+        raise
+      tree.skipped.append((rel_dir + os.sep, f"unreadable folder ({type(e).__name__}: {e})"))
+      continue
+    subfolders = []
+    for entry in entries:
+      rel = os.path.join(rel_dir, entry.name)
+      try:
+        st = os.stat(entry.path)  # Follows symlinks; opens nothing.
+      except OSError as e:
+        if entry.is_symlink():
+          tree.skipped.append(
+              (rel, f"a broken symlink (-> {os.readlink(entry.path)}: {e.strerror})"))
+        else:
+          tree.skipped.append((rel, f"unreadable ({type(e).__name__}: {e})"))
         continue
-      rel = os.path.relpath(os.path.join(dirpath, name), top)
-      (images if _is_image(name) else others).append(rel)
-  return images, others
+      if stat.S_ISDIR(st.st_mode):
+        if entry.is_symlink():
+          links.append((rel, st))
+        elif key(st) in visited:  # A bind mount of a folder already scanned.
+          tree.skipped.append((rel + os.sep, "a folder already scanned"))
+        else:
+          visited.add(key(st))
+          tree.folders.append(rel)
+          subfolders.append(rel)
+      elif not _is_image(entry.name):
+        tree.others.append(rel)
+      elif stat.S_ISREG(st.st_mode):
+        tree.images.append(rel)
+      else:
+        tree.special.append((rel, _not_regular(st.st_mode)))
+    pending += reversed(subfolders)  # Popped in sorted order: os.walk's top-down order.
+  return tree
 
 
 def scan_folder(src: str, unconditional: bool = False
-                ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-  """Lists the images of a source folder with their labels.
+                ) -> tuple[list[tuple[str, int]], list[str], list[str], list[tuple[str, str]]]:
+  """Lists the images of a source folder with their labels, opening none of them.
 
   Args:
     src: the source folder.
     unconditional: ignore sub-folders as classes; take every image below `src`.
 
   Returns:
-    (files, class_names, ignored): files as (path relative to `src`, label id) pairs;
+    (files, class_names, ignored, skipped): files as (path relative to `src`, label id) pairs;
     class names in id order (empty when unconditional); ignored entries (non-image files,
-    image-free sub-folders, loose images beside class sub-folders) as relative paths.
+    image-free sub-folders, loose images beside class sub-folders) as relative paths;
+    skipped entries that would have been read but cannot be, as (relative path, reason):
+    special files named like images, broken symlinks, folders named like images that hold
+    none, symlinks to folders already scanned or holding `src`, unreadable folders.
 
   Raises:
     FileNotFoundError: `src` is not a folder.
@@ -152,34 +282,39 @@ def scan_folder(src: str, unconditional: bool = False
   """
   if not os.path.isdir(src):
     raise FileNotFoundError(f"Source folder {src} does not exist or is not a folder.")
+  tree = _walk(src)
+  # `x.png/` holding no images is named: it could be taken for an image that went missing.
+  hollow = [d + os.sep for d in tree.folders
+            if _is_image(d) and not any(p.startswith(d + os.sep) for p in tree.images)]
+  skipped = tree.skipped + [(d, "a folder, not an image file (it holds no images)")
+                            for d in hollow]
+  ignored = list(tree.others)
   if unconditional:
-    images, ignored = _walk_images(src, src)
-    files, class_names = [(p, 0) for p in images], []
+    files, class_names = [(p, 0) for p in tree.images], []
+    skipped += tree.special
   else:
-    entries = sorted(e for e in os.listdir(src) if not e.startswith("."))
-    subdirs = [e for e in entries if os.path.isdir(os.path.join(src, e))]
-    top_files = [e for e in entries if not os.path.isdir(os.path.join(src, e))]
-    per_class, ignored = {}, []
-    for d in subdirs:
-      images, others = _walk_images(os.path.join(src, d), src)
-      ignored += others
-      if images:
-        per_class[d] = images
-      else:
+    per_class = {d: [] for d in tree.folders if os.sep not in d}
+    loose = []
+    for p in tree.images:
+      head, _, tail = p.partition(os.sep)
+      (per_class[head] if tail else loose).append(p)
+    for d, images in per_class.items():
+      if not images and d + os.sep not in hollow:
         ignored.append(d + os.sep)
-    if per_class:
-      class_names = sorted(per_class)
+    class_names = sorted(d for d, images in per_class.items() if images)
+    if class_names:
       files = [(p, i) for i, n in enumerate(class_names) for p in per_class[n]]
-      ignored += top_files  # Loose files beside class folders belong to no class.
+      # Loose files beside class folders belong to no class, whatever kind of file they are.
+      ignored += loose + [p for p, _ in tree.special if os.sep not in p]
+      skipped += [(p, r) for p, r in tree.special if os.sep in p]
     else:
-      class_names = []
-      files = [(e, 0) for e in top_files if _is_image(e)]
-      ignored += [e for e in top_files if not _is_image(e)]
+      files = [(p, 0) for p in loose]
+      skipped += tree.special
   if not files:
     raise FolderDatasetError(
         f"No images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-        "directly or in class sub-folders).")
-  return files, class_names, sorted(ignored)
+        "directly or in class sub-folders).", sorted(skipped))
+  return files, class_names, sorted(ignored), sorted(skipped)
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: int) -> Iterator[Any]:
@@ -201,9 +336,11 @@ class UnsupportedImageError(ValueError):
 def _probe(path: str) -> tuple[tuple[int, int] | None, str | None]:
   """Reads an image's header: ((width, height), None) or (None, reason it is unusable)."""
   try:
-    with Image.open(path) as im:
+    with _open_regular(path) as f, Image.open(f) as im:
       size, mode = im.size, im.mode
       im.verify()  # Structure and checksums, without decoding the pixels.
+  except NotRegularFileError as e:
+    return None, str(e)
   except Exception as e:  # PIL raises many types for bad files.
     return None, f"unreadable ({type(e).__name__}: {e})"
   if mode in _REFUSED_MODES:
@@ -272,7 +409,7 @@ def _size_problem(size: tuple[int, int], expected: tuple[int, int] | None,
 
 def _load(path: str, channels: int, resolution: int | None) -> bytes:
   """Decodes, converts and resizes one image; returns it PNG-encoded."""
-  with Image.open(path) as im:
+  with _open_regular(path) as f, Image.open(f) as im:
     im.load()  # Decodes everything: truncated files fail here.
     im = to_8bit(im, channels)
   if resolution is not None:
@@ -323,7 +460,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       rel, label = item
       try:
         return rel, label, _load(os.path.join(plan.src, rel), c, plan.resolution), None
-      except UnsupportedImageError as e:
+      except (UnsupportedImageError, NotRegularFileError) as e:
         return rel, label, None, str(e)
       except Exception as e:  # Decoding errors come in many types.
         return rel, label, None, f"unreadable ({type(e).__name__}: {e})"
@@ -442,8 +579,8 @@ def build_folder_dataset(
     dst: the dataset directory to create (it will hold dataset_info.json and the shards).
     resolution: bring every image to resolution x resolution with ADM's center crop; None
       keeps the size, which must then be the same for all images.
-    strict: reject the whole build on any unreadable or odd-sized image instead of
-      skipping it.
+    strict: reject the whole build on any unreadable or odd-sized image, or any entry the
+      scan skips (a FIFO named like an image, a broken symlink, ...), instead of skipping it.
     name: dataset name stored in the info (default: from `dst`'s base name).
     channels: 3 (RGB) or 1 (grey).
     unconditional: ignore sub-folders as classes.
@@ -471,7 +608,7 @@ def build_folder_dataset(
   if dst == src or dst.startswith(src + os.sep):
     raise ValueError(f"--out {dst} must not lie inside the source folder {src}.")
   num_threads = num_threads or min(16, os.cpu_count() or 1)
-  files, class_names, ignored = scan_folder(src, unconditional)
+  files, class_names, ignored, unread = scan_folder(src, unconditional)
 
   # Pass 1: headers only. Finds unreadable and odd-sized files before anything is written.
   lines = logging_utils.ProgressLines("checking images", len(files))
@@ -488,10 +625,13 @@ def build_folder_dataset(
       problems.append((rel, problem))
     else:
       good.append((rel, label))
-  if strict and problems:
+  if strict and (unread or problems):
+    what = [f"{len(unread)} entries cannot be read as images"] if unread else []
+    what += [f"{len(problems)} of {len(files)} images are unusable"] if problems else []
     raise FolderDatasetError(
-        f"Build rejected (--strict): {len(problems)} of {len(files)} images are unusable; fix "
-        "or remove them, or drop --strict to skip them:", problems)
+        f"Build rejected (--strict): {' and '.join(what)}; fix or remove them, or drop --strict "
+        "to skip them:", unread + problems)
+  problems = unread + problems
   if not good:
     raise FolderDatasetError(f"None of the {len(files)} images in {src} is usable:", problems)
 
