@@ -29,14 +29,16 @@ WORKDIR/rejected_checkpoints/.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -44,7 +46,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffit_jax import logging_utils
+from diffit_jax import files, logging_utils
 
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
@@ -64,13 +66,16 @@ def save_weights(path: str, tree: Any, *, metadata: dict, overwrite: bool = Fals
     raise FileExistsError(f"{path} already exists; choose another destination or pass overwrite.")
   json.dumps(metadata)  # Fail before writing anything if metadata is not serialisable.
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  needed = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+  files.check_space(path, needed)
   tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
   try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, WEIGHTS_DIR), tree)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-      json.dump(metadata, f, indent=2, sort_keys=True)
+    with files.writing(path, needed):
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(os.path.join(tmp, WEIGHTS_DIR), tree)
+      checkpointer.wait_until_finished()
+      with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2, sort_keys=True)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.rename(tmp, path)
@@ -112,6 +117,7 @@ def load_weights(path: str, target: Any = None) -> tuple[Any, dict]:
 # Training checkpoints.
 
 TRAIN_CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"  # the resolved config a training run saves in its workdir
 REJECTED_DIR = "rejected_checkpoints"  # in WORKDIR: checkpoints that failed a restore
 INTEGRITY_FILE = "integrity.json"
 STATE_ITEM, EMA_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "ema_params", "data_iterator", "config"
@@ -236,7 +242,7 @@ def _structure_mismatch(step_dir: str, items: Mapping[str, Any]) -> str | None:
   return None
 
 
-def _from_process_0(flag: bool, barrier: str) -> bool:
+def from_process_0(flag: bool, barrier: str) -> bool:
   """Process 0's value of `flag` on every process (it alone reads the files).
 
   `barrier` names a barrier, unique within the run, that the others wait at while
@@ -246,6 +252,35 @@ def _from_process_0(flag: bool, barrier: str) -> bool:
     return flag
   ocp.multihost.sync_global_processes(barrier)
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+@contextlib.contextmanager
+def lock_for_run(folder: str, *, what: str, advice: str) -> Iterator[None]:
+  """Holds `FOLDER/diffit_jax.lock` while the block runs: one writer per folder.
+
+  Process 0 takes the lock for all the processes of a run (they are one writer); when it
+  is refused, every process raises `files.FolderInUseError` (process 0's names the holder).
+
+  Args:
+    folder: the folder written (a workdir, a sampler's --out); created if missing.
+    what: what the run is, for the message ("training run").
+    advice: what a refused user should do ("pass another --workdir").
+  """
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    lock = files.FolderLock(os.path.join(folder, files.LOCK_FILE), what=what, advice=advice)
+    try:
+      lock.acquire()
+    except files.FolderInUseError as e:
+      lock, refused = None, e
+  if not from_process_0(refused is None, f"diffit_jax:lock:{os.path.basename(folder)}"):
+    raise refused or files.FolderInUseError(
+        f"{folder} is in use by another {what} (process 0 names it); {advice}.")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def _on_every_process(flag: bool) -> bool:
@@ -278,7 +313,9 @@ class TrainCheckpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, TRAIN_CHECKPOINT_DIR)
     self._async_save = async_save
-    self._saving_step = None
+    self._saving_step = None  # the step being (or last) saved; None once its failure is reported
+    self._saving_bytes = 0
+    self._disk_filled = False
     # Always Orbax's async checkpointer: only it runs a callback between writing the last
     # file and committing the folder, which is where the integrity record is written.
     options = ocp.CheckpointManagerOptions(
@@ -325,10 +362,54 @@ class TrainCheckpointer:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items[CONFIG_ITEM] = ocp.args.JsonSave(dict(config))
-    self._manager.wait_until_finished()  # the previous save's callback is done with its step
-    self._saving_step = int(step)
-    self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    self._wait()  # the previous save's callback is done with its step
+    # A checkpoint that cannot fit is not started: the disk is not filled to the last byte,
+    # and the run stops here with one line (a disk that fills meanwhile is reported too).
+    latest = self.latest_step()
+    needed = max(sum(int(x.nbytes) for x in jax.tree.leaves(state)),
+                 files.tree_bytes(self.step_dir(latest)) if latest is not None else 0)
+    files.check_space(self.step_dir(step), needed, resume=self._resume_note(latest))
+    self._saving_step, self._saving_bytes = int(step), needed
+    with self._full_disk_reported():
+      self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     if not self._async_save:
+      self._wait()
+
+  @contextlib.contextmanager
+  def _full_disk_reported(self):
+    """A full disk while checkpoint `_saving_step` is written -> `files.OutOfSpaceError`, with
+    its unfinished folder removed (the checkpoints before it are untouched)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not files.is_out_of_space(e):
+        raise
+      if self._saving_step is None:  # the failure of a save already reported
+        return
+      final = self.step_dir(self._saving_step)
+      error = files.OutOfSpaceError(final, self._saving_bytes,
+                                    resume=self._resume_note(self.latest_step()))
+      with contextlib.suppress(Exception):  # the same failure, from its background writes
+        self._manager.close()  # lets Orbax's writes that are still running end first
+      if jax.process_index() == 0:
+        # A write that was still running may have recreated a file: look until it stays gone.
+        for _ in range(50):
+          leftovers = glob.glob(glob.escape(final) + ocp.path.atomicity.TMP_DIR_SUFFIX + "*")
+          if not leftovers:
+            break
+          for tmp in leftovers:
+            files.remove(tmp)
+          time.sleep(0.1)
+      self._saving_step, self._disk_filled = None, True  # reported once, not at close again
+      raise error from e
+
+  @staticmethod
+  def _resume_note(latest: int | None) -> str:
+    return (f"; it resumes from checkpoint {latest}" if latest is not None else
+            "; it starts from scratch (no checkpoint was completed)")
+
+  def _wait(self) -> None:
+    with self._full_disk_reported():
       self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Mapping[str, Any], *,
@@ -393,7 +474,7 @@ class TrainCheckpointer:
       step_dir, why = self.step_dir(step), None
       if has_integrity_record(step_dir):
         why = verify_integrity(step_dir) if jax.process_index() == 0 else None
-        if not _from_process_0(why is None, f"diffit_jax:verify_checkpoint_{step}"):
+        if not from_process_0(why is None, f"diffit_jax:verify_checkpoint_{step}"):
           why = why or "its files fail the integrity check (see process 0's log)"
       else:
         logging.warning("Checkpoint %s has no %s (written by an older diffit_jax?); loading it "
@@ -448,11 +529,18 @@ class TrainCheckpointer:
     self._manager.reload()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the last save is committed (`files.OutOfSpaceError`: the disk filled)."""
+    self._wait()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._disk_filled:  # else: the full disk, already reported
+          raise
 
 
 def _restore_params(step_dir: str) -> dict:
@@ -545,3 +633,59 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     manager.close()
     logging.getLogger("absl").removeFilter(unread_items_note)
   return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished training checkpoint's step in `workdir` (None: there is none)."""
+  directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The config a run saved: WORKDIR/config.json, and a copy in each checkpoint.
+
+
+def read_run_config(workdir: str) -> dict:
+  """WORKDIR/config.json: the resolved config a training run saved when it started.
+
+  Raises:
+    FileNotFoundError: there is none (a folder that is not a training run's).
+    files.DamagedFileError: it does not parse; the message names it and what to do.
+  """
+  path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE} (training writes it when it "
+                            "starts); pass --config=THE_RUN'S_CONFIG.")
+  return files.read_json(path, advice=(
+      "Pass --config=THE_RUN'S_CONFIG to use that config instead, or move the file aside and "
+      f"resume the training run (python -m diffit_jax.main --workdir={workdir} ...), which "
+      "writes it again."))
+
+
+def checkpointed_config(workdir: str) -> tuple[int, dict] | None:
+  """(step, config) of the newest checkpoint whose saved config is intact; None if none.
+
+  What a resumed run falls back on when WORKDIR/config.json is damaged or gone: each
+  checkpoint holds its own copy of the run config, covered by its integrity record.
+  """
+  directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((int(e) for e in os.listdir(directory) if e.isdigit()), reverse=True)
+  for step in steps:
+    step_dir = os.path.join(directory, str(step))
+    if has_integrity_record(step_dir) and verify_integrity(step_dir, (CONFIG_ITEM,)):
+      continue
+    try:
+      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return step, dict(checkpointer.restore(epath.Path(step_dir) / CONFIG_ITEM))
+    except Exception:  # pylint: disable=broad-except  (an older or unreadable one)
+      continue
+  return None

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 
 USER_ERROR_STATUS = 2  # The status for bad arguments (argparse's too), used for every user error.
@@ -43,6 +44,12 @@ def quiet_library_noise() -> None:
     * Orbax's notes on every read-only checkpoint manager (a sampler's): "read_only=True,
       setting create=False", "Given directory is read only=...": those messages of the
       absl logger are dropped.
+    * A full disk: Orbax's and asyncio's log records of every write that failed for lack of
+      space (the command reports it once, as one `error:` line), and TensorStore's printed
+      `RuntimeError: Event loop is closed` for each write still queued on the event loop
+      Orbax closed after the failure (raised by asyncio's `call_soon_threadsafe` when a C
+      callback reaches a closed loop, and printed as unraisable: never an error of the
+      user's or of diffit_jax's).
   tfds's download banner, its note that OpenCV is not installed, and Orbax's notes about
   checkpoint items a sampler does not read are silenced where those libraries are called
   (`data.folder`, `data.pipeline`, `checkpoint`), so grain's worker processes and library
@@ -56,6 +63,26 @@ def quiet_library_noise() -> None:
   if not any(isinstance(f, logging_utils.DropMessages)
              and f.prefixes == logging_utils.ORBAX_READ_ONLY_NOTES for f in absl_logger.filters):
     absl_logger.addFilter(logging_utils.DropMessages(*logging_utils.ORBAX_READ_ONLY_NOTES))
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, logging_utils.DropOutOfSpaceReports) for f in logger.filters):
+      logger.addFilter(logging_utils.DropOutOfSpaceReports())
+  if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+    sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _without_closed_loop_callbacks(hook: Callable) -> Callable:
+  """`sys.unraisablehook` that does not print a C callback's `RuntimeError: Event loop is
+  closed` from asyncio's `call_soon_threadsafe` (see `quiet_library_noise`); every other
+  unraisable exception goes to `hook`."""
+  def unraisablehook(unraisable):
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and frames[:1] == ["call_soon_threadsafe"]):
+      return
+    hook(unraisable)
+  unraisablehook.drops_closed_loop_callbacks = True
+  return unraisablehook
 
 
 def report_user_error(error: BaseException | str) -> int:
@@ -151,8 +178,9 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
       exit status (None: 0).
 
   Returns:
-    `run`'s exit status. A command line that does not parse exits with status 2 and one
-    `error:` line; `--help` prints the help and returns 0.
+    `run`'s exit status. A command line that does not parse, a full disk, an output folder
+    another process writes and a damaged metadata file end with status 2 and one `error:`
+    line; `--help` prints the help and returns 0.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -176,7 +204,16 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
   if rest[1:]:
     _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
                        "--out=...)")
-  return run(flag_values) or 0
+  from diffit_jax import files  # pylint: disable=g-import-not-at-top
+
+  try:
+    return run(flag_values) or 0
+  except (files.OutOfSpaceError, files.FolderInUseError, files.DamagedFileError) as e:
+    return report_user_error(e)
+  except Exception as e:  # pylint: disable=broad-except  (a full disk below any write)
+    if not files.is_out_of_space(e):
+      raise
+    return report_user_error(files.OutOfSpaceError(getattr(e, "filename", None) or "--out"))
 
 
 class Command(NamedTuple):

@@ -119,7 +119,7 @@ def main(argv):
   try:
     n = encode_dataset(data_config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
                        dtype=FLAGS.dtype, limit=FLAGS.limit)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # OSError: a missing file, an existing --out, a full disk
     sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback
   print(f"[encode] wrote {n} records to {FLAGS.out}; train with "
         f"--config.data.name=latents:{FLAGS.out}")

@@ -45,7 +45,6 @@ architecture is the one its `config.json` saved.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -53,10 +52,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint as checkpoint_lib
+from diffit_jax import files
 from diffit_jax import models
 from diffit_jax import config_lib
 from diffit_jax.config_lib import ConfigError
@@ -93,17 +92,17 @@ class Source:
 # Reading a source.
 
 
-def _resumes(workdir: str) -> bool:
-  """Whether `workdir` holds a finished training checkpoint (the trainer then resumes)."""
-  directory = os.path.join(os.path.abspath(workdir), checkpoint_lib.TRAIN_CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return False
-  manager = ocp.CheckpointManager(directory,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+def _resumed_model(workdir: str) -> tuple[dict, str]:
+  """(config.model, where it was read) of the run a workdir resumes: its config.json, or
+  the newest checkpoint's own copy of the config where that file is damaged or gone."""
   try:
-    return manager.latest_step() is not None
-  finally:
-    manager.close()
+    return checkpoint_lib.read_run_config(workdir)["model"], f"{workdir}/config.json"
+  except (FileNotFoundError, files.DamagedFileError) as e:
+    saved = checkpoint_lib.checkpointed_config(workdir)
+    if saved is None:
+      raise
+    logging.warning("%s Resuming with the config saved in checkpoint %d.", e, saved[0])
+    return saved[1]["model"], f"checkpoint {saved[0]} of {workdir}"
 
 
 def _split_step(spec: str) -> tuple[str, int | None]:
@@ -331,9 +330,8 @@ def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
   """
   if not config.init_from:
     return []
-  if workdir and _resumes(workdir):
-    with open(os.path.join(workdir, "config.json")) as f:
-      source_model, what = json.load(f)["model"], f"{workdir}/config.json"
+  if workdir and checkpoint_lib.latest_step(workdir) is not None:
+    source_model, what = _resumed_model(workdir)
   else:
     key = (config.init_from, config.init_from_params)
     _READ[key] = read_source(*key)
@@ -368,7 +366,7 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> Source | Non
     raise IncompatibleSourceError(f"config.init_from_params={weights!r}; use one of {WEIGHTS}.")
   if not config.init_from:
     return None
-  if _resumes(workdir):
+  if checkpoint_lib.latest_step(workdir) is not None:
     logging.info("%s holds checkpoints: resuming from them, not from config.init_from=%s.",
                  workdir, config.init_from)
     _READ.clear()

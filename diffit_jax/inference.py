@@ -22,15 +22,12 @@ For example (a converted official checkpoint and VAE):
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -40,7 +37,6 @@ from diffit_jax.diffusion import samplers
 from diffit_jax.models import apply_fn, nnx_apply_fn  # the samplers' apply_fn(params, x, t, y)
 from diffit_jax.utils import to_uint8
 
-CONFIG_FILE = "config.json"  # what a training run saves in its workdir
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,12 +228,10 @@ def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None
   if config is not None:
     return config
   if workdir:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-      raise ValueError(f"{workdir} has no {CONFIG_FILE} (training writes it when it "
-                       "starts); pass --config=THE_RUN'S_CONFIG.")
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(checkpoint.read_run_config(workdir))
+    except FileNotFoundError as e:
+      raise ValueError(str(e)) from None
   metadata = checkpoint.load_metadata(checkpoint_path)
   if metadata.get("kind") not in (None, "diffit"):
     raise ValueError(f"{checkpoint_path} holds a {metadata['kind']!r} checkpoint, not a DiffiT "
@@ -252,15 +246,7 @@ def load_weights(workdir: str | None, checkpoint_path: str | None) -> tuple[dict
   checkpoint's parameters and None. Host arrays; `place_params` puts them on devices."""
   if not workdir:
     return checkpoint.load_weights(checkpoint_path)[0], None
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.TRAIN_CHECKPOINT_DIR)
-  step = None  # none yet: load_ema_params says what is missing
-  if os.path.isdir(directory):
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True))
-    try:
-      step = manager.latest_step()
-    finally:
-      manager.close()
+  step = checkpoint.latest_step(workdir)  # None: load_ema_params says what is missing
   # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
   return checkpoint.load_ema_params(workdir, step)[0], step
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from diffit_jax import files
 from diffit_jax.utils import image_grid, save_png, to_uint8
 
 METRICS_FILE = "metrics.jsonl"
@@ -72,8 +73,10 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    row = json.dumps({"step": int(step), **scalars}) + "\n"
+    with files.writing(self.path, len(row), resume="; it resumes from the newest checkpoint"):
+      with open(self.path, "a") as f:
+        f.write(row)
     if self._events() is not None:
       for tag, value in scalars.items():
         self._tb.add_scalar(tag, value, int(step))
@@ -104,16 +107,22 @@ class MetricWriter:
     self._purge_step = int(step) + 1
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      text = f.read()
-    rows = _parse_rows(text)
+    with open(self.path, "rb") as f:
+      text = f.read().decode(errors="replace")
+    rows, damaged = _parse_rows(text)
     kept = [row for row in rows if row["step"] <= step]
-    if len(kept) == len(rows) and (not text or text.endswith("\n")):
+    if len(kept) == len(rows) and not damaged and (not text or text.endswith("\n")):
       return
+    if damaged:  # kept as it was, beside the rows that could be read
+      aside = files.move_aside(self.path)
+      logging.warning("%s is damaged: %d of its lines are not metrics rows (the first is line "
+                      "%d); moved it to %s and kept its %d readable rows.", self.path,
+                      len(damaged), damaged[0], aside, len(rows))
     tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(tmp, self.path)
+    with files.writing(self.path, len(text), remove_on_failure=(tmp,)):
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+      os.replace(tmp, self.path)
     logging.info("%s: dropped %d rows of steps after %d, the step this run starts from (it "
                  "logs those steps again).", self.path, len(rows) - len(kept), step)
     self._draw_curve()
@@ -143,9 +152,12 @@ class MetricWriter:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = self.curve_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, self.curve_path)
+    try:
+      with files.writing(self.curve_path, remove_on_failure=(tmp,)):
+        fig.savefig(tmp)
+        os.replace(tmp, self.curve_path)
+    finally:
+      plt.close(fig)
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -161,18 +173,33 @@ class MetricWriter:
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of `workdir/metrics.jsonl` (an empty list if there are none).
 
-  A last line cut short (the run was killed while writing it) is left out.
+  A last line cut short (the run was killed while writing it) is left out, and so are
+  lines that are not rows (a damaged file; a resumed run sets the file aside and keeps its
+  rows, see `MetricWriter.rewind`).
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return _parse_rows(f.read())
+  with open(path, "rb") as f:
+    return _parse_rows(f.read().decode(errors="replace"))[0]
 
 
-def _parse_rows(text: str) -> list[dict[str, float]]:
+def _parse_rows(text: str) -> tuple[list[dict[str, float]], list[int]]:
+  """(the rows, the 1-based numbers of the complete lines that are not rows)."""
+  rows, damaged = [], []
   # Every complete row ends with a newline: text after the last one was cut short.
-  return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+  for number, line in enumerate(text.split("\n")[:-1], 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
+      rows.append(row)
+    else:
+      damaged.append(number)
+  return rows, damaged
 
 
 class Progress:
@@ -226,6 +253,31 @@ class DropMessages(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(self.prefixes)
+
+
+class DropOutOfSpaceReports(logging.Filter):
+  """Drops library log records about a full disk: Orbax logs each failed write of a
+  checkpoint with its traceback, asyncio each failed task nobody awaited. The command
+  reports the full disk once, as one `error:` line (`files.OutOfSpaceError`).
+
+  Once a full disk was logged, Orbax's and asyncio's later tracebacks go too: they are that
+  failure's aftermath (e.g. "cannot schedule new futures after shutdown" from a background
+  write still running while the command exits).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.disk_filled = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if (error is not None and files.is_out_of_space(error)) or (
+        error is None and files.mentions_out_of_space(record.getMessage())):
+      self.disk_filled = True
+      return False
+    aftermath = error is not None and any(
+        part in record.pathname for part in (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}"))
+    return not (self.disk_filled and aftermath)
 
 
 def _eta_text(minutes: float) -> str:

@@ -89,13 +89,14 @@ def main(argv):
     import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
-  from diffit_jax import checkpoint, train
+  from diffit_jax import checkpoint, files, train
   # What a user can act on ends with one `error:` line; anything else keeps its traceback:
   # the config (all checked before anything is written), missing files, a run that
   # diverged (the message names the newest good checkpoint), a workdir whose checkpoints
-  # are all damaged.
+  # are all damaged, a workdir another run is using, a full disk, a damaged metadata file.
   user_errors = (config_lib.ConfigError, FileNotFoundError, train.NonFiniteLossError,
-                 checkpoint.CorruptCheckpointError)
+                 checkpoint.CorruptCheckpointError, files.FolderInUseError,
+                 files.OutOfSpaceError, files.DamagedFileError)
   try:
     if FLAGS.dry_run:
       from diffit_jax import finetune  # pylint: disable=g-import-not-at-top

@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffit_jax import cli, config_lib, inference, logging_utils
+from diffit_jax import checkpoint, cli, config_lib, files, inference, logging_utils
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.inference import draw_labels
 
@@ -106,6 +106,7 @@ def weights_digest(tree) -> str:
 
 
 MANIFEST = "manifest.json"
+RESUME_NOTE = "; it keeps the batches already finished"
 
 
 def prepare_parts(parts_dir: str, key: dict) -> None:
@@ -119,32 +120,35 @@ def prepare_parts(parts_dir: str, key: dict) -> None:
   os.makedirs(parts_dir, exist_ok=True)
   key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
   path = os.path.join(parts_dir, MANIFEST)
+  damaged = None
   try:
-    with open(path) as f:
-      old = json.load(f)
+    old = files.read_json(path, advice="")
   except FileNotFoundError:
     old = None
-  except (OSError, ValueError):
-    old = "unreadable"
+  except (OSError, files.DamagedFileError) as e:
+    old, damaged = None, getattr(e, "problem", str(e))
   if old == key:
     return
   parts = sorted(name for name in os.listdir(parts_dir) if name.endswith(".npz"))
-  if parts:
+  if damaged:
+    # Nothing says what drew these batches: they are kept aside, not deleted or reused.
+    aside = files.move_aside(parts_dir, "unverified")
+    os.makedirs(parts_dir)
+    print(f"[sample] {damaged}; moved the {len(parts)} batches beside it to {aside} (delete "
+          "that folder once you no longer need them) and starting over", flush=True)
+  elif parts:
     if isinstance(old, dict):
       was, now = inference.flat_dict(old), inference.flat_dict(key)
       why = [f"{k}: {was.get(k)} there, {now.get(k)} now"
              for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
       why = "; ".join(why[:4]) + (f"; {len(why) - 4} more" if len(why) > 4 else "")
     else:
-      why = f"{MANIFEST} is {old or 'missing'}"
+      why = f"{MANIFEST} is missing"
     print(f"[sample] {parts_dir} holds {len(parts)} batches drawn otherwise ({why}): "
           "starting over (pass another --out to keep them)", flush=True)
     for name in parts:
       os.remove(os.path.join(parts_dir, name))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(key, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json(path, key)
 
 
 def check_part(path: str, image_shape: tuple[int, ...], labels: np.ndarray | None) -> str | None:
@@ -203,74 +207,78 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   out = out or (os.path.join(workdir, "samples_eval") if workdir else "samples")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
-  try:
-    mesh = sharding_lib.create_mesh(config.get("mesh"))
-  except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
-    print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
-          "instead.", flush=True)
-    mesh = sharding_lib.create_mesh()
-  graphdef, state = inference.abstract_network(config)
-  pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
-  vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
-                if chief and pipeline.vae_params is not None else None)
-  params, step = inference.load_weights(workdir, checkpoint_path)
-  state = inference.place_params(state, params, workdir or checkpoint_path, config.model.name,
-                                 sharding_lib.replicated(pipeline.mesh))
-  parts_dir = os.path.join(out, "parts")
-  starts = range(0, num_samples, batch_size)
-  stop_of = lambda start: min(start + batch_size, num_samples)
-  part_path = lambda start: os.path.join(parts_dir, f"{start:08d}_{stop_of(start):08d}.npz")
-  # What is left to do is the chief's view of the folder, so that every process runs the
-  # same batches (each is a collective computation).
-  todo = np.ones(len(starts), bool)
-  if chief:
-    prepare_parts(parts_dir, {
-        "checkpoint_step": step, "weights_sha256": weights_digest(params),
-        "vae_sha256": vae_digest, "model": config.model.to_dict(),
-        "sampler": dataclasses.asdict(pipeline.sampler.config), "labels": labels, "seed": seed,
-        "num_samples": num_samples, "batch_size": batch_size})
+  # One writer per --out: a second sampler into the same folder is refused here.
+  with checkpoint.lock_for_run(out, what="sampler", advice="pass another --out"):
+    try:
+      mesh = sharding_lib.create_mesh(config.get("mesh"))
+    except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
+      print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
+            "instead.", flush=True)
+      mesh = sharding_lib.create_mesh()
+    graphdef, state = inference.abstract_network(config)
+    pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
+    vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
+                  if chief and pipeline.vae_params is not None else None)
+    params, step = inference.load_weights(workdir, checkpoint_path)
+    state = inference.place_params(state, params, workdir or checkpoint_path, config.model.name,
+                                   sharding_lib.replicated(pipeline.mesh))
+    parts_dir = os.path.join(out, "parts")
+    starts = range(0, num_samples, batch_size)
+    stop_of = lambda start: min(start + batch_size, num_samples)
+    part_path = lambda start: os.path.join(parts_dir, f"{start:08d}_{stop_of(start):08d}.npz")
+    # What is left to do is the chief's view of the folder, so that every process runs the
+    # same batches (each is a collective computation).
+    todo = np.ones(len(starts), bool)
+    if chief:
+      prepare_parts(parts_dir, {
+          "checkpoint_step": step, "weights_sha256": weights_digest(params),
+          "vae_sha256": vae_digest, "model": config.model.to_dict(),
+          "sampler": dataclasses.asdict(pipeline.sampler.config), "labels": labels, "seed": seed,
+          "num_samples": num_samples, "batch_size": batch_size})
+      for i, start in enumerate(starts):
+        if not os.path.exists(part_path(start)):
+          continue
+        why = check_part(part_path(start), (stop_of(start) - start, *pipeline.image_shape),
+                         None if all_labels is None else all_labels[start:stop_of(start)])
+        todo[i] = why is not None
+        if why:
+          print(f"[sample] part {part_path(start)} is unreadable or incomplete ({why}): "
+                "recomputing it", flush=True)
+    del params  # the host copy; the network holds its own
+    if jax.process_count() > 1:
+      todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+    progress = logging_utils.Progress(int(todo.sum()), batch_size)
+    done = 0
     for i, start in enumerate(starts):
-      if not os.path.exists(part_path(start)):
+      if not todo[i]:
         continue
-      why = check_part(part_path(start), (stop_of(start) - start, *pipeline.image_shape),
-                       None if all_labels is None else all_labels[start:stop_of(start)])
-      todo[i] = why is not None
-      if why:
-        print(f"[sample] part {part_path(start)} is unreadable or incomplete ({why}): "
-              "recomputing it", flush=True)
-  del params  # the host copy; the network holds its own
-  if jax.process_count() > 1:
-    todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
-  progress = logging_utils.Progress(int(todo.sum()), batch_size)
-  done = 0
-  for i, start in enumerate(starts):
-    if not todo[i]:
-      continue
-    stop = stop_of(start)
-    # Every call has the full batch size (one compilation); the tail is cut off after.
-    indices = np.arange(start, start + batch_size)
-    batch_labels = None if all_labels is None else np.resize(all_labels, indices.size + start)[start:]
-    images = sharding_lib.to_host(pipeline.images(state, batch_labels, indices, seed))
-    images = images[:stop - start]
-    batch_labels = None if batch_labels is None else batch_labels[:stop - start]
-    done += 1
-    if not chief:
-      continue
-    part = part_path(start)
-    tmp = part + ".tmp.npz"
-    np.savez(tmp, images=images, labels=np.zeros(0) if batch_labels is None else batch_labels)
-    os.replace(tmp, part)
-    line = logging_utils.format_progress(done, progress.total_steps, {}, progress.update(done),
-                                         unit=("batch", "batches"))
-    print(f"[sample] {line} | {stop}/{num_samples} images", flush=True)
+      stop = stop_of(start)
+      # Every call has the full batch size (one compilation); the tail is cut off after.
+      indices = np.arange(start, start + batch_size)
+      batch_labels = (None if all_labels is None else
+                      np.resize(all_labels, indices.size + start)[start:])
+      images = sharding_lib.to_host(pipeline.images(state, batch_labels, indices, seed))
+      images = images[:stop - start]
+      batch_labels = None if batch_labels is None else batch_labels[:stop - start]
+      done += 1
+      if not chief:
+        continue
+      part = part_path(start)
+      tmp = part + ".tmp.npz"
+      with files.writing(part, images.nbytes, resume=RESUME_NOTE, remove_on_failure=(tmp,)):
+        np.savez(tmp, images=images, labels=np.zeros(0) if batch_labels is None else batch_labels)
+        os.replace(tmp, part)
+      line = logging_utils.format_progress(done, progress.total_steps, {}, progress.update(done),
+                                           unit=("batch", "batches"))
+      print(f"[sample] {line} | {stop}/{num_samples} images", flush=True)
 
-  path = None
-  if chief:
-    path = write_samples(out, [part_path(start) for start in starts], num_samples,
-                         with_labels=all_labels is not None, grid_scale=grid_scale)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("diffit_jax:sample_done")
-  return path
+    path = None
+    if chief:
+      path = write_samples(out, [part_path(start) for start in starts], num_samples,
+                           with_labels=all_labels is not None, grid_scale=grid_scale)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("diffit_jax:sample_done")
+    return path
 
 
 def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: bool,
@@ -288,8 +296,9 @@ def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: 
   n, h, w, c = images.shape
   path = os.path.join(out, f"samples_{n}x{h}x{w}x{c}.npz")
   tmp = path + ".tmp.npz"
-  np.savez(tmp, images, label_arr)  # arr_0, arr_1: the ADM evaluator's layout
-  os.replace(tmp, path)
+  with files.writing(path, images.nbytes, resume=RESUME_NOTE, remove_on_failure=(tmp,)):
+    np.savez(tmp, images, label_arr)  # arr_0, arr_1: the ADM evaluator's layout
+    os.replace(tmp, path)
   grid = images[:GRID_MAX_IMAGES]
   scale = grid_scale or max(1, math.ceil(GRID_CELL_PX / w))
   logging_utils.save_image_grid(os.path.join(out, "grid.png"), grid,
@@ -312,7 +321,8 @@ def main(argv):
         out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides,
         grid_scale=FLAGS.grid_scale)
-  except (ValueError, OSError) as e:  # a bad flag or file, a missing checkpoint, a full disk
+  # A bad flag or file, a missing checkpoint, a full disk, an --out another sampler writes.
+  except (ValueError, OSError, files.FolderInUseError) as e:
     sys.exit(cli.report_user_error(e))
 
 

@@ -56,6 +56,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import config_lib
 from diffit_jax import diffusion
+from diffit_jax import files
 from diffit_jax import finetune
 from diffit_jax import inference
 from diffit_jax import logging_utils
@@ -63,7 +64,6 @@ from diffit_jax import models
 from diffit_jax import optim
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import ConfigError
-from diffit_jax.inference import CONFIG_FILE
 
 STEP_IMPLS = ("jit", "shard_map")
 SAMPLES_DIR = "samples"
@@ -533,21 +533,28 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes WORKDIR/config.json; warns about fields that differ from the previous run's."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  """Writes WORKDIR/config.json; warns about fields that differ from the previous run's.
+
+  A previous config.json that does not parse is moved aside (kept, not overwritten) with one
+  warning: this run's config, and each checkpoint's own copy, say what the run is.
+  """
+  path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
   new = _config_json(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  try:
+    old = checkpoint_lib.read_run_config(workdir)
+  except FileNotFoundError:
+    old = None
+  except files.DamagedFileError as e:
+    old = None
+    logging.warning("%s; moved it to %s and wrote this run's config in its place.", e.problem,
+                    files.move_aside(path))
+  if old is not None:
     flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (
         flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
     changed = sorted(k for k in set(flat(old)) | set(flat(new)) if flat(old).get(k) != flat(new).get(k))
     if changed:
       logging.warning("Config differs from the previous run in this workdir: %s", changed)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json(path, new)
 
 
 # ----------------------------------------------------------------------------------------
@@ -589,6 +596,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise ConfigError(str(e)) from e
   logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                jax.process_count())
+
+  # Fine-tuning: the weights config.init_from names, read and fitted to this network before
+  # anything is written or compiled (None: from scratch, or resuming this workdir's own).
+  source = finetune.load_source(config, workdir)
+
+  # One writer per workdir: a second run on it is refused here, before it writes anything.
+  workdir = os.path.abspath(workdir)
+  with checkpoint_lib.lock_for_run(workdir, what="training run",
+                                   advice="pass another --workdir"):
+    return _train(config, workdir, mesh, data_iter, source)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, data_iter: Any,
+           source: finetune.Source | None) -> TrainState:
+  """`train_and_evaluate` once the run is checked and its workdir is locked: steps 4-8."""
+  batch_size = int(config.batch_size)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   image_shape = models.input_shape(config.model, batch_size)  # (B, H, W, C) the network takes
 
@@ -601,12 +624,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
             for k in ("image", "label")}
 
-  # Fine-tuning: the weights config.init_from names, read and fitted to this network before
-  # anything is written or compiled (None: from scratch, or resuming this workdir's own).
-  source = finetune.load_source(config, workdir)
-
-  # The workdir and its config.json. ----------------------------------------------------
-  workdir = os.path.abspath(workdir)
+  # The workdir's config.json. -----------------------------------------------------------
   is_chief = jax.process_index() == 0
   if is_chief:
     os.makedirs(workdir, exist_ok=True)

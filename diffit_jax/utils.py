@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from diffit_jax import files
+
 
 def to_uint8(x: jax.Array, *, rounding: bool = False) -> jax.Array:
   """[-1, 1] images -> uint8.
@@ -42,5 +44,6 @@ def save_png(path: str, image: np.ndarray) -> None:
   if image.shape[-1] == 1:
     image = image[..., 0]
   tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
+  with files.writing(path, image.nbytes, remove_on_failure=(tmp,)):
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)

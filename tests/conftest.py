@@ -11,6 +11,53 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+@pytest.fixture(scope="session")
+def mount_namespace() -> list[str] | None:
+  """The command prefix that runs a command in a mount namespace of its own, in which it may
+  mount a small tmpfs (a real filesystem that fills up, seen by nothing else); None where
+  this machine allows none (neither root nor user namespaces)."""
+  import shutil
+  import subprocess
+
+  if shutil.which("unshare") is None:
+    return None
+  command = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+  probe = subprocess.run([*command, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                         capture_output=True)
+  return command if probe.returncode == 0 else None
+
+
+# Leaves `$1` KB free on the tmpfs at $MNT (a filler file), for the scripts run in a
+# `mount_namespace`.
+FILL_SHELL_FUNCTION = r"""
+fill() {
+  rm -f "$MNT/filler"
+  dd if=/dev/zero of="$MNT/filler" bs=1k count=$(( $(df --output=avail "$MNT" | tail -1) - $1 )) 2>/dev/null
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def run_on_small_disk(mount_namespace):
+  """`run(script, mnt, size_kb, env) -> CompletedProcess`: a bash script run with a tmpfs of
+  `size_kb` mounted at `mnt` ($MNT), and `fill N` to leave N KB free on it. None where no
+  mount namespace can be made (the test then skips, saying so)."""
+  import subprocess
+
+  if mount_namespace is None:
+    return None
+
+  def run(script: str, mnt, size_kb: int, env: dict[str, str], **kwargs):
+    os.makedirs(mnt, exist_ok=True)
+    body = (f'set -u\nmount -t tmpfs -o size={size_kb}k tmpfs "$MNT"\n'
+            + FILL_SHELL_FUNCTION + script + '\numount "$MNT"\n')
+    return subprocess.run([*mount_namespace, "bash", "-c", body],
+                          env={**env, "MNT": str(mnt)}, capture_output=True, text=True,
+                          **kwargs)
+
+  return run
+
+
 @pytest.fixture
 def free_port() -> int:
   """A TCP port on 127.0.0.1 that nothing listens on, for a local JAX coordinator."""

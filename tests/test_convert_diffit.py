@@ -14,6 +14,7 @@ building 561 M random parameters is too slow for a unit test.
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -391,3 +392,22 @@ def test_unconditional_fixed_variance_detected():
                           patch_size=2)
   config = resolve_config(detected, guessed)
   assert config.sampler.guidance.scale == 1.0 and not config.diffusion.learn_sigma
+
+
+def test_a_full_disk_stops_the_conversion_with_one_line(small_state, tmp_path, run_on_small_disk):
+  """`convert diffit --out` on a real tmpfs with 64 KB free: one line naming --out and the
+  space the weights need, exit 2, no partial folder."""
+  if run_on_small_disk is None:
+    pytest.skip("no mount namespace here (unshare -m needs root or user namespaces)")
+  src = save(small_state, tmp_path / "small.safetensors")
+  script = ('fill 64\n"$PYTHON" -m diffit_jax.convert diffit --src="$SRC" --out="$MNT/ckpt" '
+            '> "$OUT/full.txt" 2>&1; echo "rc=$?"; ls -a "$MNT"')
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, SRC=src, OUT=str(tmp_path))
+  proc = run_on_small_disk(script, tmp_path / "mnt", 4096, env, timeout=300)
+  full = (tmp_path / "full.txt").read_text()
+  assert "rc=2" in proc.stdout and "Traceback" not in full, (proc.stdout, full)
+  (error,) = [line for line in full.splitlines() if line.startswith("error:")]
+  needed = sum(v.nbytes for v in small_state.values())
+  assert f"out of space writing {tmp_path / 'mnt' / 'ckpt'}: the write needs about" in error
+  assert needed > 64_000, needed  # the check has something to refuse
+  assert proc.stdout.split("rc=2")[1].split() == [".", "..", "filler"], proc.stdout

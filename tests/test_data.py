@@ -733,3 +733,58 @@ def test_pipeline_latent_shards_partition_records(tmp_path):
     seen.append([int(label) for batch in it for label in batch["label"]])
   assert len(seen[0]) == len(seen[1]) == 10
   assert sorted(seen[0] + seen[1]) == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------
+# The disk the build shares: another build of the same --out, a full disk.
+
+
+def test_a_second_build_of_the_same_out_is_refused(class_folder, tmp_path):
+  """A live build of --out (a child holding OUT.lock, as `data build` does) makes a second
+  one exit 2 with one line naming it; nothing is written."""
+  dst = tmp_path / "built"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import time; from diffit_jax import files; "
+       f"files.FolderLock({str(dst) + '.lock'!r}, what='dataset build', advice='-').acquire(); "
+       "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    result = _data_cli("build", f"--src={class_folder}", f"--out={dst}")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert f"pid {holder.pid} on host" in error and "dataset build" in error, error
+  assert not dst.exists() and not _leftovers(tmp_path)
+
+
+FULL_DATASET_SCRIPT = r"""
+fill 64
+"$PYTHON" -m diffit_jax.data build --src="$SRC" --out="$MNT/ds" > "$OUT/full.txt" 2>&1
+echo "full rc=$?"; ls -a "$MNT"
+rm "$MNT/filler"
+"$PYTHON" -m diffit_jax.data build --src="$SRC" --out="$MNT/ds" > "$OUT/freed.txt" 2>&1
+echo "freed rc=$?"; ls "$MNT/ds"
+"""
+
+
+def test_a_full_disk_stops_the_build_with_one_line(tmp_path, run_on_small_disk):
+  """--out on a real tmpfs with 64 KB free for 600 KB of images: one line naming --out and
+  the space the build needs, exit 2, no partial folder; with space freed it builds."""
+  if run_on_small_disk is None:
+    pytest.skip("no mount namespace here (unshare -m needs root or user namespaces)")
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 128, 128))
+  env = dict(os.environ, PYTHON=sys.executable, SRC=str(tmp_path / "src"), OUT=str(tmp_path))
+  proc = run_on_small_disk(FULL_DATASET_SCRIPT, tmp_path / "mnt", 2048, env, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  full = (tmp_path / "full.txt").read_text()
+  assert "full rc=2" in proc.stdout and "Traceback" not in full, (proc.stdout, full)
+  (error,) = [line for line in full.splitlines() if line.startswith("error:")]
+  assert f"out of space writing {tmp_path / 'mnt' / 'ds'}: the write needs about" in error, error
+  listing = proc.stdout.split("full rc=2")[1].split("freed rc=")[0].split()
+  assert listing == [".", "..", "filler"], proc.stdout  # no partial folder, no lock
+  assert "freed rc=0" in proc.stdout and "dataset_info.json" in proc.stdout, (
+      (tmp_path / "freed.txt").read_text())

@@ -14,9 +14,13 @@ time) and lets them share the cores; each test then checks its own.
 """
 
 import concurrent.futures
+import json
 import os
+import shlex
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -25,10 +29,11 @@ import pytest
 from PIL import Image
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import logging_utils, train
+from diffit_jax import files, logging_utils, train
 from diffit_jax import sharding as sharding_lib
 # The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
-from test_train import compilation_cache_dir, run_main, tiny_config  # noqa: F401
+from test_train import (REPO, TINY_FLAGS, compilation_cache_dir, run_main,  # noqa: F401
+                        subprocess_env, tiny_config)
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
 
@@ -56,10 +61,13 @@ def copy_run(trained, tmp_path) -> str:
   return workdir
 
 
+RESUME_FLAGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
+                "--config.keep_checkpoints=3", "--config.sample_every_steps=0")
+MNIST_RUNLOCAL = os.path.join(REPO, "configs", "mnist_demo.py:runlocal")  # as run_main's
+
+
 def start_resume(workdir, steps, *flags):
-  return run_main(workdir, f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
-                  "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=3",
-                  "--config.sample_every_steps=0", *flags)
+  return run_main(workdir, f"--config.num_train_steps={steps}", *RESUME_FLAGS, *flags)
 
 
 def resume(workdir, steps, *flags, returncode=0) -> str:
@@ -164,16 +172,116 @@ def killed_then_resumed(trained, root) -> dict:
   return dict(workdir=workdir, after_kill=after_kill, killed=killed, out=resume(workdir, 10))
 
 
+def two_trainers_then_holder_killed(trained, root) -> dict:
+  """A second `main` on a workdir whose run is still training; then that run is killed
+  (kill -9 leaves its lock file behind) and the same command starts again."""
+  workdir = copy_run(trained, root / "two_trainers")
+  first = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
+                   "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
+  deadline = time.time() + 600
+  while time.time() < deadline and first.poll() is None:
+    if any(r["step"] >= 8 for r in logging_utils.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  assert first.poll() is None, first.communicate()[0]
+  try:
+    with open(os.path.join(workdir, files.LOCK_FILE)) as f:
+      holder = json.load(f)
+    second = resume(workdir, 8, returncode=2)
+    rows_meanwhile = len(logging_utils.read_metrics(workdir))
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+  lock_after_kill = os.path.exists(os.path.join(workdir, files.LOCK_FILE))
+  return dict(workdir=workdir, first_pid=first.pid, holder=holder, second=second,
+              rows_meanwhile=rows_meanwhile, lock_after_kill=lock_after_kill,
+              third=resume(workdir, 8))
+
+
+def damaged_run_metadata(trained, root) -> dict:
+  """config.json truncated, a torn line in the middle of metrics.jsonl, and the newest
+  checkpoint's integrity.json emptied; then `sample --workdir` and the same training
+  command."""
+  workdir = copy_run(trained, root / "damaged_metadata")
+  config_path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
+  with open(config_path) as f:
+    config_text = f.read()
+  with open(config_path, "w") as f:
+    f.write(config_text[:30])
+  metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
+  with open(metrics_path) as f:
+    lines = f.readlines()
+  with open(metrics_path, "w") as f:
+    f.writelines(lines[:3] + ['{"step": 4, "train/lo\x00\x00\n'] + lines[3:])
+  open(os.path.join(step_dir(workdir, 6), checkpoint_lib.INTEGRITY_FILE), "w").close()
+  sampled = subprocess.run(
+      [sys.executable, "-m", "diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
+       "--batch_size=2", f"--out={root / 'damaged_metadata_samples'}"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  return dict(workdir=workdir, config_text=config_text, lines=lines, sampled=sampled,
+              out=resume(workdir, 8))
+
+
+# The trained workdir on a real size-limited filesystem (a tmpfs in a mount namespace of the
+# test's own, see conftest.run_on_small_disk) with 100 KB free: the run stops before
+# checkpoint 8 (the check for room), then again with that check off (the disk fills inside
+# Orbax); then the filler is removed and the same command resumes.
+DISK_FULL_SCRIPT = r"""
+cp -r "$TRAINED" "$MNT/run"
+show() { echo "== $1 rc=$2"; ls -a "$MNT/run/checkpoints"; }
+fill 4
+"$@" > "$OUT/nospace.txt" 2>&1; show nospace $?
+fill 100
+"$@" > "$OUT/precheck.txt" 2>&1; show precheck $?
+NO_SPACE_CHECK=1 "$@" > "$OUT/midwrite.txt" 2>&1; show midwrite $?
+rm "$MNT/filler"
+"$@" > "$OUT/freed.txt" 2>&1; show freed $?
+cp -r "$MNT/run" "$OUT/run"
+"""
+
+# `main` whose check for room before a checkpoint is switched off by NO_SPACE_CHECK=1, so
+# that the disk fills while Orbax writes the checkpoint.
+MAIN_WITHOUT_SPACE_CHECK = r"""
+import os, sys
+from absl import app
+from diffit_jax import cli, files, main
+if os.environ.get("NO_SPACE_CHECK"):
+  files.check_space = lambda *args, **kwargs: None
+app.run(main.main, flags_parser=cli.parse_absl_flags)
+"""
+
+
+def disk_full_during_checkpoint(trained, root, run_on_small_disk) -> dict:
+  if run_on_small_disk is None:
+    return dict(skip="no mount namespace here (unshare -m needs root or user namespaces)")
+  out, mnt = root / "disk_full", root / "disk_full_mnt"
+  out.mkdir()
+  script = out / "main_without_space_check.py"
+  script.write_text(MAIN_WITHOUT_SPACE_CHECK)
+  command = [sys.executable, str(script), f"--config={MNIST_RUNLOCAL}",
+             f"--workdir={mnt / 'run'}", *TINY_FLAGS, *RESUME_FLAGS, "--config.num_train_steps=8"]
+  size_kb = files.tree_bytes(trained) // 1024 + 2048
+  proc = run_on_small_disk(DISK_FULL_SCRIPT.replace('"$@"', shlex.join(command)), mnt, size_kb,
+                           subprocess_env(TRAINED=trained, OUT=str(out)), cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return dict(listing=proc.stdout, **{name: (out / f"{name}.txt").read_text()
+                                      for name in ("nospace", "precheck", "midwrite", "freed")},
+              workdir=str(out / "run"))
+
+
 FAULTS = (flipped_newest_ema, truncated_state_and_deleted_ema, every_ema_flipped,
-          diverged_then_rerun, keep_nothing, killed_then_resumed)
+          diverged_then_rerun, keep_nothing, killed_then_resumed,
+          two_trainers_then_holder_killed, damaged_run_metadata, disk_full_during_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def runs(trained, tmp_path_factory) -> dict[str, concurrent.futures.Future]:
+def runs(trained, tmp_path_factory, run_on_small_disk) -> dict[str, concurrent.futures.Future]:
   """{fault: the future of its runs}: all started at once, three processes at a time."""
   root = tmp_path_factory.mktemp("faults")
+  extra = {disk_full_during_checkpoint: (run_on_small_disk,)}
   with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-    yield {fault.__name__: pool.submit(fault, trained, root) for fault in FAULTS}
+    yield {fault.__name__: pool.submit(fault, trained, root, *extra.get(fault, ()))
+           for fault in FAULTS}
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,3 +418,98 @@ def test_rewind_drops_later_and_torn_rows_and_redraws_the_curve(tmp_path):
     reference.write_scalars(step, {"train/loss": 1.0 / step})
   np.testing.assert_array_equal(np.asarray(Image.open(writer.curve_path)),
                                 np.asarray(Image.open(reference.curve_path)))
+
+
+# ----------------------------------------------------------------------------------------
+# The disk the run shares: a second trainer, damaged metadata, a full disk.
+
+
+def test_a_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(trained, runs):
+  run = runs["two_trainers_then_holder_killed"].result()
+  # The running trainer holds the lock, naming itself.
+  assert run["holder"]["pid"] == run["first_pid"] and run["holder"]["what"] == "training run"
+  # The second is refused at start with one line naming the holder and what to do; it wrote
+  # nothing (the first run's rows go on; no checkpoint of its own).
+  errors = lines_with(run["second"], "error:")
+  assert len(errors) == 1, run["second"]
+  assert f"pid {run['first_pid']}" in errors[0] and "pass another --workdir" in errors[0]
+  assert "Traceback" not in run["second"], run["second"]
+  assert "Resuming from" not in run["second"] and "Compiled" not in run["second"]
+  assert run["rows_meanwhile"] >= 8
+  # kill -9 leaves the lock behind; the same command takes it over with one line and
+  # resumes from the newest checkpoint, logging each step once.
+  assert run["lock_after_kill"]
+  taken = lines_with(run["third"], "Taking over")
+  assert len(taken) == 1 and f"pid {run['first_pid']}" in taken[0], run["third"]
+  assert "no longer running" in taken[0]
+  assert lines_with(run["third"], "Resuming from")[0].endswith("/6."), run["third"]
+  assert_one_row_per_step(run["workdir"], 8)
+  assert not os.path.exists(os.path.join(run["workdir"], files.LOCK_FILE))  # released at exit
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_ema_params(run["workdir"], 6)[0],
+               checkpoint_lib.load_ema_params(trained, 6)[0])
+
+
+def test_damaged_config_metrics_and_integrity_record(trained, runs):
+  run = runs["damaged_run_metadata"].result()
+  workdir, out = run["workdir"], run["out"]
+  # `sample --workdir`: one line naming the file and what to do; nothing written.
+  sampled = run["sampled"]
+  assert sampled.returncode == 2, sampled.stdout + sampled.stderr
+  assert "Traceback" not in sampled.stderr, sampled.stderr
+  (error,) = lines_with(sampled.stderr, "error:")
+  assert f"{workdir}/config.json is damaged" in error and "--config=" in error, error
+  # Training resumes: the damaged config.json is kept aside and rewritten, the torn metrics
+  # row is set aside with the file, the checkpoint whose record is damaged is skipped.
+  (config_line,) = lines_with(out, "config.json is damaged")
+  assert "config.json.damaged" in config_line, out
+  with open(os.path.join(workdir, "config.json.damaged")) as f:
+    assert f.read() == run["config_text"][:30]
+  with open(os.path.join(workdir, checkpoint_lib.CONFIG_FILE)) as f:
+    rewritten = json.load(f)
+  assert rewritten == {**json.loads(run["config_text"]), "num_train_steps": 8}  # this run's
+  (metrics_line,) = lines_with(out, "metrics.jsonl is damaged")
+  assert "line 4" in metrics_line and "kept its 6 readable rows" in metrics_line, out
+  with open(os.path.join(workdir, "metrics.jsonl.damaged")) as f:
+    assert len(f.readlines()) == len(run["lines"]) + 1
+  assert_one_row_per_step(workdir, 8)
+  (skipped,) = lines_with(out, "Skipping checkpoint")
+  assert "/6" in skipped and "integrity.json" in skipped, out
+  assert lines_with(out, "Resuming from")[0].endswith("/4."), out
+  assert "Traceback" not in out, out
+  for step in (6, 8):  # step 6 recomputed bit for bit from 4
+    assert checkpoint_lib.verify_integrity(step_dir(workdir, step)) is None
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_ema_params(workdir, 6)[0],
+               checkpoint_lib.load_ema_params(trained, 6)[0])
+
+
+def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(trained, runs):
+  run = runs["disk_full_during_checkpoint"].result()
+  if "skip" in run:
+    pytest.skip(run["skip"])
+  listing = run["listing"]
+  # 4 KB free: the lock file fits, config.json does not: it is named, and kept as it was.
+  (error,) = lines_with(run["nospace"], "error:")
+  assert "out of space writing" in error and "/run/config.json:" in error, error
+  assert "== nospace rc=2" in listing and "Traceback" not in run["nospace"]
+  for name in ("precheck", "midwrite"):
+    out = run[name]
+    assert f"== {name} rc=2" in listing, (listing, out)
+    (error,) = lines_with(out, "error:")
+    assert "out of space writing" in error and "/checkpoints/8:" in error, out
+    assert "needs about" in error and "resumes from checkpoint 6" in error, error
+    # No traceback, no library's report of the failed writes: the line is all.
+    assert "Traceback" not in out and "RESOURCE_EXHAUSTED" not in out, out
+    assert "Event loop is closed" not in out, out
+  # Nothing half-written is left, the checkpoints before are untouched...
+  after = listing.split("== midwrite")[1].split("==")[0]
+  assert "orbax-checkpoint-tmp" not in listing, listing
+  assert after.split() == ["rc=2", ".", "..", "2", "4", "6"], listing
+  # ...and with space freed the same command resumes from 6 and saves 8.
+  assert "== freed rc=0" in listing, (listing, run["freed"])
+  assert lines_with(run["freed"], "Resuming from")[0].endswith("/6."), run["freed"]
+  workdir = run["workdir"]
+  assert not [name for name in os.listdir(workdir) if ".tmp" in name], os.listdir(workdir)
+  assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_ema_params(workdir, 6)[0],
+               checkpoint_lib.load_ema_params(trained, 6)[0])
+  assert_one_row_per_step(workdir, 8)

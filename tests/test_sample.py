@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffit_jax import checkpoint, models, sample
+from diffit_jax import checkpoint, files, models, sample
 from diffit_jax.config_lib import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,3 +347,89 @@ def test_runlocal_shrinks_only_the_training_grids():
     assert local.sampler.to_dict() == full.sampler.to_dict(), name
     assert inference.sampler_config(local).steps == steps, name
     assert 0 < local.sample_grid.num_steps < steps, name
+
+
+# ----------------------------------------------------------------------------------------
+# The disk it shares: another sampler, a damaged manifest, a full disk.
+
+
+def test_an_out_another_sampler_writes_is_refused(conditional_checkpoint, tmp_path):
+  """A live process holding --out's lock (here a child that took it and waits): the
+  command says who, exits 2 and writes nothing; once that process is gone it samples."""
+  out = tmp_path / "out"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from diffit_jax import files; "
+       f"files.FolderLock({str(out / files.LOCK_FILE)!r}, what='sampler', advice='-').acquire(); "
+       "print('held', flush=True); time.sleep(600)"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    flags = [f"--checkpoint={conditional_checkpoint}", f"--out={out}", "--num_samples=3",
+             "--batch_size=3"]
+    refused = run_cli(*flags)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    (error,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert f"pid {holder.pid} on host" in error and "pass another --out" in error, error
+    assert sorted(os.listdir(out)) == [files.LOCK_FILE]
+  finally:
+    holder.kill()
+    holder.wait()
+  done = run_cli(*flags)
+  assert done.returncode == 0, done.stderr
+  assert "Taking over" in done.stderr and f"pid {holder.pid}" in done.stderr, done.stderr
+  assert sorted(os.listdir(out)) == ["grid.png", "parts", "samples_3x16x16x1.npz"]  # released
+
+
+def test_a_damaged_manifest_sets_its_parts_aside(conditional_checkpoint, tmp_path):
+  """A manifest that does not parse cannot say what drew the parts beside it: they are
+  moved aside (not reused, not deleted), one line says so, and sampling starts over."""
+  out = tmp_path / "out"
+  flags = [f"--checkpoint={conditional_checkpoint}", f"--out={out}", "--num_samples=5",
+           "--batch_size=2", "--labels=cycle", "--seed=3"]
+  assert run_cli(*flags).returncode == 0
+  first = load(out / "samples_5x16x16x1.npz")
+  parts = sorted(os.listdir(out / "parts"))
+  (out / "parts" / sample.MANIFEST).write_text('{"checkpoint_step": nul')
+  again = run_cli(*flags)
+  assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+  (line,) = [line for line in again.stdout.splitlines() if "manifest.json is damaged" in line]
+  assert "parts.unverified" in line and "3 batches" in line, line
+  assert sorted(os.listdir(out / "parts.unverified")) == parts  # kept as they were
+  for got, want in zip(load(out / "samples_5x16x16x1.npz"), first):
+    np.testing.assert_array_equal(got, want)
+
+
+FULL_OUT_SCRIPT = r"""
+fill 20
+"$PYTHON" -m diffit_jax.sample "$@" --out="$MNT/out" > "$OUT/full.txt" 2>&1; echo "full rc=$?"
+ls -a "$MNT/out/parts"
+rm "$MNT/filler"
+"$PYTHON" -m diffit_jax.sample "$@" --out="$MNT/out" > "$OUT/freed.txt" 2>&1; echo "freed rc=$?"
+cp "$MNT/out/samples_24x16x16x1.npz" "$OUT/"
+"""
+
+
+def test_a_full_disk_stops_sampling_with_one_line_and_it_resumes(conditional_checkpoint,
+                                                                tmp_path, run_on_small_disk):
+  """--out on a real tmpfs with 20 KB free: the parts that fit are kept, the one that does
+  not is named with the space it needed, nothing half-written stays, and once space is
+  freed the same command finishes with the samples of a run that never stopped."""
+  if run_on_small_disk is None:
+    pytest.skip("no mount namespace here (unshare -m needs root or user namespaces)")
+  flags = [f"--checkpoint={conditional_checkpoint}", "--num_samples=24", "--batch_size=4",
+           "--labels=cycle", "--seed=2"]
+  script = FULL_OUT_SCRIPT.replace('"$@"', " ".join(flags))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, OUT=str(tmp_path))
+  proc = run_on_small_disk(script, tmp_path / "mnt", 1024, env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  full = (tmp_path / "full.txt").read_text()
+  assert "full rc=2" in proc.stdout and "Traceback" not in full, (proc.stdout, full)
+  (error,) = [line for line in full.splitlines() if line.startswith("error:")]
+  assert "out of space writing" in error and "/parts/" in error and "needs about" in error
+  listing = proc.stdout.split("full rc=2")[1].split("freed rc=")[0].split()
+  assert ".tmp" not in " ".join(listing) and 1 <= len(listing) - 3 < 6, listing  # some parts
+  assert "freed rc=0" in proc.stdout, (tmp_path / "freed.txt").read_text()
+  clean = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "clean"),
+                     num_samples=24, batch_size=4, labels="cycle", seed=2)
+  for got, want in zip(load(tmp_path / "samples_24x16x16x1.npz"), load(clean)):
+    np.testing.assert_array_equal(got, want)

@@ -25,7 +25,7 @@ from PIL import Image
 from flax import nnx
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import config_lib, diffusion, evaluation, logging_utils, models, optim, train
+from diffit_jax import config_lib, diffusion, evaluation, files, logging_utils, models, optim, train
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import load_config
 from diffit_jax.data import latents
@@ -430,6 +430,9 @@ def test_two_processes_on_localhost_and_preemption(tmp_path, free_port):
         break
       time.sleep(0.2)
     assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+    # The two processes are one writer: process 0 holds the workdir's lock for both.
+    holder = json.loads((workdir / files.LOCK_FILE).read_text())
+    assert holder["pid"] == procs[0].pid, holder
     procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one VM
     outs = [p.communicate(timeout=300)[0] for p in procs]
   finally:
@@ -438,6 +441,7 @@ def test_two_processes_on_localhost_and_preemption(tmp_path, free_port):
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
+  assert not (workdir / files.LOCK_FILE).exists()  # released at exit
   assert "process 0 of 2, 2 local / 4 global devices" in outs[0]
   assert "Mesh {'data': 4, 'fsdp': 1}" in outs[0]
   steps = checkpoint_lib.TrainCheckpointer(str(workdir)).all_steps()

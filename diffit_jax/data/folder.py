@@ -45,7 +45,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import stat
 import types
 import uuid
@@ -56,7 +55,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffit_jax import logging_utils
+from diffit_jax import files, logging_utils
 from diffit_jax.data import transforms
 
 IMAGE_EXTENSIONS = frozenset(
@@ -496,24 +495,10 @@ def _dataset_name(dst: str, name: str | None) -> str:
   return clean
 
 
-def _host() -> str:
-  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
 def _temp_name(dst: str, kind: str) -> str:
   """`DST.partial-HOST-PID-RANDOM` (or `.old-`): names the writer, so a later run can tell
   whether it is still running."""
-  return f"{dst}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _is_running(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)  # Signal 0: only checks that the process exists.
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Another user's process.
-  return True
+  return f"{dst}.{kind}-{files.host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_stale_builds(dst: str) -> tuple[list[str], list[str]]:
@@ -543,7 +528,7 @@ def remove_stale_builds(dst: str) -> tuple[list[str], list[str]]:
                   "delete it if no build is writing it.")
       continue
     match = named.fullmatch(entry)
-    if not match or match.group(2) != _host() or _is_running(int(match.group(3))):
+    if not match or match.group(2) != files.host_name() or files.is_running(int(match.group(3))):
       continue
     if match.group(1) == "old" and not os.path.exists(dst):
       kept.append(f"Kept {path}: the dataset a killed --overwrite build was replacing; "
