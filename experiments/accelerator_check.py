@@ -584,6 +584,10 @@ def _profile_markdown(report: dict) -> list[str]:
            f"after the timed ones; {where}. Each op is classified by the HLO instruction the "
            "trace names (opcode, fused ops, custom-call target, JAX scope); time is exclusive "
            "and split between ops running at once, so the rows add up to the traced time.",
+           "While a profile is active XLA:GPU runs its command buffers (CUDA graphs) op by op "
+           "(`--xla_enable_command_buffers_during_profiling` is false by default), so idle gaps "
+           "can be longer in the trace than in the timed steps: compare the traced ms per call "
+           "with the timed one.",
            "Open the trace (`profile.trace` in the JSON) in TensorBoard's or XProf's profile "
            "tab for the timeline."]
   for name, r in profiled.items():
