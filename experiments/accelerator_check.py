@@ -94,10 +94,10 @@ SETTINGS = {
 LHS_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=true"
 SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0"  # see _case_env
 # Most important first: the shipped config, then the candidates for more speed (one GPU run
-# A/Bs them all), then the rest of what the targets need, then the rest. "default" is the shipped config
-# (configs/imagenet256_latent.py: blocks unrolled, attention "auto", which is cuDNN's fused
-# kernel on NVIDIA GPUs of compute capability 8.0+ in bf16, einsum on CPU); the report
-# shows which attention each case resolved to. A name's bN is the per-device batch at the
+# A/Bs them all), then the rest of what the targets need, then the rest. "default" is the
+# shipped config (configs/imagenet256_latent.py: blocks unrolled, attention "auto", which is
+# cuDNN's fused kernel on NVIDIA GPUs of compute capability 8.0+ in bf16, einsum on CPU);
+# the report shows which attention each case resolved to. A name's bN is the per-device batch at the
 # accelerator sizes (32 x batch_mult; the smoke run's batch is 2 x batch_mult).
 # `profile`: a jax.profiler trace of a few steps goes into the report (bench_profile.py).
 CASES = (

@@ -369,7 +369,7 @@ def breakdown(events: list[OpEvent], hlo_text: str, *, calls: int,
   ms = lambda ns: ns / 1e6 / calls
   rows = [dict(category=c, ms_per_call=round(ms(per_category[c]), 4),
                percent=round(100.0 * per_category[c] / span, 2),
-               ops_per_call=round(count[c] / calls, 1))
+               events_per_call=round(count[c] / calls, 1))
           for c in CATEGORIES if c in per_category]
   top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
   return dict(
@@ -428,11 +428,12 @@ def markdown(profile: dict[str, Any], *, step_ms: float | None = None,
   lines = [f"{profile['calls']} calls traced, {profile['traced_ms_per_call']:.2f} ms per call "
            f"from the first op to the last{timed}; {profile['events']} op events on "
            f"{len(read['lines'])} line(s) of {read['plane']}.", "",
-           "| where the time goes | ms per call | % of traced time | ops per call |",
+           "| where the time goes | ms per call | % of traced time | events per call |",
            "|---|---|---|---|"]
   for r in profile["rows"]:
-    ops = "-" if r["category"] in (IDLE, IDLE_IN_STEP, IDLE_BETWEEN) else f"{r['ops_per_call']:g}"
-    lines.append(f"| {r['category']} | {r['ms_per_call']:.3f} | {r['percent']:.1f}% | {ops} |")
+    idle = r["category"] in (IDLE, IDLE_IN_STEP, IDLE_BETWEEN)
+    n = "-" if idle else f"{r['events_per_call']:g}"
+    lines.append(f"| {r['category']} | {r['ms_per_call']:.3f} | {r['percent']:.1f}% | {n} |")
   lines.append(f"| total | {sum(r['ms_per_call'] for r in profile['rows']):.3f} | "
                f"{profile['percent_sum']:.1f}% | |")
   if profile.get("ops_missing_from_hlo"):

@@ -104,7 +104,7 @@ def test_smoke_run_measures_every_case_without_the_input_pipeline(tmp_path):
     # The model's matmuls and Eq. 6 are found by the HLO the trace names.
     for category in ("matmul (dot / convolution / gemm)",
                      "attention (Eq. 6: fused kernel, or XLA's dots + softmax)"):
-      assert rows[category]["ms_per_call"] > 0 and rows[category]["ops_per_call"] > 0
+      assert rows[category]["ms_per_call"] > 0 and rows[category]["events_per_call"] > 0
     assert not profile["ops_missing_from_hlo"]
     assert profile["top_kernels"] and f"### {name}" in markdown
   train_rows = {r["category"] for r in cases["jax_train_bf16_default"]["profile"]["rows"]}
