@@ -162,7 +162,8 @@ def memory_analysis(compiled: Any) -> dict[str, float] | None:
                            m.alias_size_in_bytes, m.temp_size_in_bytes)
   return dict(arguments_gib=round(arg / GIB, 3), outputs_gib=round(out / GIB, 3),
               aliased_gib=round(alias / GIB, 3), temp_gib=round(temp / GIB, 3),
-              total_gib=round((arg + out - alias + temp) / GIB, 3))
+              total_gib=round((arg + out - alias + temp) / GIB, 3),
+              temp_bytes=int(temp))  # unrounded, for toy sizes
 
 
 # ----------------------------------------------------------------------------------------

@@ -49,8 +49,10 @@ def random_weights(params: Any, seed: int = 0, std: float = WEIGHT_STD) -> Any:
   """
   rng = np.random.default_rng(seed)
   def draw(x):
-    value = (std * rng.standard_normal(x.shape)).astype(x.dtype)
-    return jax.device_put(value, x.sharding)
+    # Drawn in float32, not float64: 4x faster for XL/2's 561 M weights (seconds per case).
+    value = rng.standard_normal(x.shape, dtype=np.float32)
+    value *= std
+    return jax.device_put(value.astype(x.dtype), x.sharding)
   return jax.tree.map(draw, params)
 
 

@@ -120,6 +120,7 @@ def resolve_attention(implementation: str, dtype=jnp.float32) -> str:
   return implementation
 
 
+@jax.named_scope("attention")  # the accelerator check's profile attributes Eq. 6 by it
 def attention(qkv: jax.Array, bias: jax.Array, implementation: str) -> jax.Array:
   """Eq. 6, softmax(q k^T / sqrt(d) + B) v, per window and head.
 
