@@ -9,7 +9,9 @@ Reads top to bottom in the order a run happens:
   4. model + opt   the network split once (`nnx.split`) into a graph and a pure dict of
                    float32 weights; Adam/AdamW with warm-up and clipping (`diffit_jax.optim`).
   5. shardings     the train state's layout: replicated, or FSDP by config.
-  6. restore       the newest intact checkpoint in WORKDIR, if any (exact resume); broken
+  6. restore       once the workdir is locked for this run (`checkpoint.lock_for_run`: a
+                   second trainer on it is refused at start, naming the first), the
+                   newest intact checkpoint in WORKDIR, if any (exact resume); broken
                    newer ones are skipped and set aside (`diffit_jax.checkpoint`). A fresh
                    run may start from other weights (`config.init_from`, `diffit_jax.finetune`).
   7. step          one pure `(state, batch) -> (state, metrics)` function, `jax.jit`-ed and

@@ -153,17 +153,23 @@ def keep_nothing(trained, root) -> dict:
                                           returncode=2))
 
 
-def killed_then_resumed(trained, root) -> dict:
-  """kill -9 at step 9 or later of a run that checkpoints nothing past 6; then a resume."""
-  workdir = copy_run(trained, root / "killed")
+def start_endless_run(workdir, until_step):
+  """A run that checkpoints nothing, once it has logged `until_step` (still running)."""
   proc = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
                   "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
-    if any(r["step"] >= 9 for r in logging_utils.read_metrics(workdir)):
+    if any(r["step"] >= until_step for r in logging_utils.read_metrics(workdir)):
       break
     time.sleep(0.1)
   assert proc.poll() is None, proc.communicate()[0]
+  return proc
+
+
+def killed_then_resumed(trained, root) -> dict:
+  """kill -9 at step 9 or later of a run that checkpoints nothing past 6; then a resume."""
+  workdir = copy_run(trained, root / "killed")
+  proc = start_endless_run(workdir, until_step=9)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   killed = {r["step"]: r for r in logging_utils.read_metrics(workdir)}
@@ -176,14 +182,7 @@ def two_trainers_then_holder_killed(trained, root) -> dict:
   """A second `main` on a workdir whose run is still training; then that run is killed
   (kill -9 leaves its lock file behind) and the same command starts again."""
   workdir = copy_run(trained, root / "two_trainers")
-  first = run_main(workdir, "--config.num_train_steps=100000", "--config.log_every_steps=1",
-                   "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0")
-  deadline = time.time() + 600
-  while time.time() < deadline and first.poll() is None:
-    if any(r["step"] >= 8 for r in logging_utils.read_metrics(workdir)):
-      break
-    time.sleep(0.1)
-  assert first.poll() is None, first.communicate()[0]
+  first = start_endless_run(workdir, until_step=8)
   try:
     with open(os.path.join(workdir, files.LOCK_FILE)) as f:
       holder = json.load(f)
