@@ -3,7 +3,8 @@
 Two kinds of checkpoint live here:
   * weights-only checkpoints (`save_weights` / `load_weights`): a pytree of arrays
     plus a JSON metadata file (the model config, where the weights came from).
-    Converters write these; the sampler and evaluator read them.
+    Converters write these; the sampler and evaluator read them, and
+    `load_metadata(path, kind=...)` refuses one of another kind (a VAE for a DiffiT).
   * training checkpoints (`TrainCheckpointer`, `load_ema_params`): the train state,
     EMA, optimizer, step, RNG and data iterator position through
     `orbax.checkpoint.CheckpointManager`, laid out as
@@ -84,15 +85,51 @@ def save_weights(path: str, tree: Any, *, metadata: dict, overwrite: bool = Fals
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_metadata(path: str) -> dict:
-  """Reads the metadata of a weights checkpoint written by `save_weights`."""
+# The kinds of weights checkpoint the converters write: what each is, and the command that
+# writes one (for the message that refuses another kind).
+KINDS = {
+    "diffit": ("a DiffiT network",
+               "python -m diffit_jax.convert diffit --src=diffit_256.safetensors --out=DIR"),
+    "vae": ("a VAE", "python -m diffit_jax.convert vae --src=SD_VAE --out=DIR"),
+}
+
+
+class WrongCheckpointError(ValueError):
+  """A weights checkpoint of another kind than the one needed, or one without its config."""
+
+
+def load_metadata(path: str, kind: str | None = None) -> dict:
+  """Reads the metadata of a weights checkpoint written by `save_weights`.
+
+  Args:
+    path: the checkpoint folder.
+    kind: "diffit" or "vae" (`KINDS`): check that the checkpoint is one of that kind and
+      carries its model config; None: read it unchecked.
+
+  Raises:
+    FileNotFoundError: `path` holds no metadata file.
+    WrongCheckpointError: it is not a checkpoint of `kind`, or carries no config; the
+      message names the kind found and the command that writes the right kind.
+  """
   meta_path = os.path.join(os.path.abspath(path), METADATA_FILE)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(
         f"{path} is not a diffit_jax weights checkpoint (no {METADATA_FILE}); "
         "create one with `python -m diffit_jax.convert`.")
   with open(meta_path) as f:
-    return json.load(f)
+    metadata = json.load(f)
+  if kind is None:
+    return metadata
+  what, command = KINDS[kind]
+  found = metadata.get("kind")
+  if found != kind:
+    raise WrongCheckpointError(
+        f"{path} holds a {found!r} checkpoint, not {what}; create one with `{command}`.")
+  if "config" not in metadata:
+    raise WrongCheckpointError(
+        f"{path} is a {kind!r} checkpoint whose {METADATA_FILE} carries no config; write it "
+        f"again with `{command}` (or pass --config where the command takes one).")
+  return metadata
 
 
 def load_weights(path: str, target: Any = None) -> tuple[Any, dict]:

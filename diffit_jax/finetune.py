@@ -147,11 +147,10 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
       what = f"{'raw' if weights == 'params' else 'EMA'} weights of the run {path}" + (
           f" at step {step}" if step is not None else " (newest checkpoint)")
     elif os.path.isfile(os.path.join(path, checkpoint_lib.METADATA_FILE)):
-      metadata = checkpoint_lib.load_metadata(path)
-      if metadata.get("kind") != "diffit" or "config" not in metadata:
-        raise IncompatibleSourceError(
-            f"{field} is a {metadata.get('kind')!r} checkpoint, not DiffiT weights; pass a "
-            "folder written by `python -m diffit_jax.convert diffit`.")
+      try:
+        metadata = checkpoint_lib.load_metadata(path, kind="diffit")
+      except checkpoint_lib.WrongCheckpointError as e:
+        raise IncompatibleSourceError(f"{field}: {e}") from None
       tree, _ = checkpoint_lib.load_weights(path)
       model = ml_collections.ConfigDict(metadata["config"]["model"])
       what = f"the converted checkpoint {path}"

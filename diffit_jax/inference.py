@@ -232,12 +232,7 @@ def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None
       return ml_collections.ConfigDict(checkpoint.read_run_config(workdir))
     except FileNotFoundError as e:
       raise ValueError(str(e)) from None
-  metadata = checkpoint.load_metadata(checkpoint_path)
-  if metadata.get("kind") not in (None, "diffit"):
-    raise ValueError(f"{checkpoint_path} holds a {metadata['kind']!r} checkpoint, not a DiffiT "
-                     "network.")
-  if "config" not in metadata:
-    raise ValueError(f"{checkpoint_path} carries no config; pass --config.")
+  metadata = checkpoint.load_metadata(checkpoint_path, kind="diffit")
   return ml_collections.ConfigDict(metadata["config"])
 
 

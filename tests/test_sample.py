@@ -433,3 +433,36 @@ def test_a_full_disk_stops_sampling_with_one_line_and_it_resumes(conditional_che
                      num_samples=24, batch_size=4, labels="cycle", seed=2)
   for got, want in zip(load(tmp_path / "samples_24x16x16x1.npz"), load(clean)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
+  """One metadata check (`checkpoint.load_metadata(path, kind=...)`) behind every reader:
+  a VAE where a DiffiT is needed, and a DiffiT where a VAE is, each refused through the
+  real CLIs with one line naming the kind found and the command that writes the right one."""
+  from diffit_jax import finetune
+  from diffit_jax.convert.diffit import load_diffit
+  _, ckpt, vae = tiny_latent(tmp_path)
+  convert = lambda *flags: subprocess.run([sys.executable, "-m", "diffit_jax.convert", *flags],
+                                          cwd=ROOT, capture_output=True, text=True)
+  for result in [run_cli(f"--checkpoint={vae}", f"--out={tmp_path / 's'}"),
+                 convert("export", f"--src={vae}", f"--out={tmp_path / 'e.safetensors'}")]:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert f"{vae} holds a 'vae' checkpoint, not a DiffiT network" in line, result.stderr
+    assert "python -m diffit_jax.convert diffit" in line, result.stderr
+  assert not os.path.exists(tmp_path / "e.safetensors")
+  wrong_vae = run_cli(f"--checkpoint={ckpt}", f"--vae={ckpt}", f"--out={tmp_path / 's'}")
+  assert wrong_vae.returncode == 2 and "Traceback" not in wrong_vae.stderr, wrong_vae.stderr
+  line = wrong_vae.stderr.splitlines()[-1]
+  assert f"{ckpt} holds a 'diffit' checkpoint, not a VAE" in line, wrong_vae.stderr
+  assert "python -m diffit_jax.convert vae" in line, wrong_vae.stderr
+  # The library readers give the same message.
+  with pytest.raises(checkpoint.WrongCheckpointError, match="holds a 'vae' checkpoint"):
+    load_diffit(vae)
+  with pytest.raises(finetune.IncompatibleSourceError,
+                     match=f"config.init_from={vae}: .*holds a 'vae' checkpoint"):
+    finetune.read_source(vae)
+  no_config = str(tmp_path / "no_config")
+  checkpoint.save_weights(no_config, {"w": np.zeros(2)}, metadata={"kind": "diffit"})
+  with pytest.raises(ValueError, match="carries no config"):
+    sample.run(None, checkpoint_path=no_config, out=str(tmp_path / "s"))

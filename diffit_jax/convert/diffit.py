@@ -465,11 +465,7 @@ def load_diffit(path: str, *, dtype: str | None = None,
   Returns:
     (model, config): the network with the converted weights and the stored experiment config.
   """
-  metadata = checkpoint.load_metadata(path)
-  if metadata.get("kind") != "diffit" or "config" not in metadata:
-    raise ValueError(
-        f"{path} is a {metadata.get('kind')!r} checkpoint, not a converted DiffiT; create one "
-        "with `python -m diffit_jax.convert diffit --src=diffit_256.safetensors --out=DIR`.")
+  metadata = checkpoint.load_metadata(path, kind="diffit")
   config = ml_collections.ConfigDict(metadata["config"])
   if dtype is not None:
     config.model.dtype = dtype

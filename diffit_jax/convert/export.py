@@ -130,10 +130,10 @@ def _load_source(src: str, config_spec: str | None, step: int | None
     raise ConversionError(f"--src {src} does not exist; pass a converted checkpoint folder or a "
                           "training workdir.")
   if os.path.isfile(os.path.join(src, checkpoint.METADATA_FILE)):
-    metadata = checkpoint.load_metadata(src)
-    if metadata.get("kind") != "diffit" or "config" not in metadata:
-      raise ConversionError(f"{src} holds a {metadata.get('kind')!r} checkpoint, not a latent "
-                            "DiffiT; only latent DiffiT weights have an official layout.")
+    try:
+      metadata = checkpoint.load_metadata(src, kind="diffit")
+    except checkpoint.WrongCheckpointError as e:
+      raise ConversionError(str(e)) from None
     if step is not None:
       raise ConversionError("--step applies to training workdirs, not to a weights checkpoint.")
     params, _ = checkpoint.load_weights(src)

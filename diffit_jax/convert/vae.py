@@ -170,11 +170,7 @@ def load_vae(path: str, *, dtype: Any = jnp.float32,
   Returns:
     The `AutoencoderKL` with the converted weights.
   """
-  metadata = checkpoint.load_metadata(path)
-  if metadata.get("kind") != "vae":
-    raise ValueError(
-        f"{path} is a {metadata.get('kind')!r} checkpoint, not a VAE; create one with "
-        "`python -m diffit_jax.convert vae --src=SD_VAE --out=DIR`.")
+  metadata = checkpoint.load_metadata(path, kind="vae")
   config = VAEConfig.from_dict(metadata["config"])
   # Build abstractly (no random init of 84 M parameters), then restore into that structure.
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
