@@ -5,7 +5,7 @@ Two kinds of checkpoint live here:
     plus a JSON metadata file (the model config, where the weights came from).
     Converters write these; the sampler and evaluator read them, and
     `load_metadata(path, kind=...)` refuses one of another kind (a VAE for a DiffiT).
-  * training checkpoints (`TrainCheckpointer`, `load_ema_params`): the train state,
+  * training checkpoints (`TrainCheckpointer`, `load_run_params`): the train state,
     EMA, optimizer, step, RNG and data iterator position through
     `orbax.checkpoint.CheckpointManager`, laid out as
 
@@ -593,9 +593,12 @@ def _restore_params(step_dir: str) -> dict:
         item=meta, restore_args=restore_args, partial_restore=True))["params"]
 
 
-def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
+RUN_WEIGHTS = ("ema", "params")  # which weights of a training run `load_run_params` reads
+
+
+def load_run_params(workdir: str, step: int | None = None, *, which: str = "ema"
                     ) -> tuple[dict, dict]:
-  """The EMA weights of a training run, for samplers, exporters and fine-tuning.
+  """The weights of a training run, for samplers, exporters and fine-tuning.
 
   The files read are checked against the checkpoint's integrity record first.
 
@@ -603,16 +606,19 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     workdir: the run folder given to `python -m diffit_jax.main`.
     step: which checkpoint; None: the newest intact one (a broken newer one is skipped
       with a warning).
-    raw: the trained weights of the train state (`params`) instead of their EMA.
+    which: "ema": the EMA weights (what sampling uses); "params": the trained weights of
+      the train state, without reading the optimizer state beside them.
 
   Returns:
-    (params, config): the EMA (or raw) parameters as a pure nested dict of host numpy arrays
-    (the structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a
-    model with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
+    (params, config): the parameters as a pure nested dict of host numpy arrays (the
+    structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a model
+    with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
 
   Raises:
     CorruptCheckpointError: checkpoint `step` (or, with step None, every one) is broken.
   """
+  if which not in RUN_WEIGHTS:
+    raise ValueError(f"which={which!r}; use one of {RUN_WEIGHTS}.")
   directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -630,18 +636,20 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
       item_handlers={EMA_ITEM: ocp.PyTreeCheckpointHandler(),
                      CONFIG_ITEM: ocp.JsonCheckpointHandler()})
 
-  def restore(step: int) -> dict:
-    if raw:  # returned under EMA_ITEM, the key read below
-      return {EMA_ITEM: _restore_params(os.path.join(directory, str(step))),
-              CONFIG_ITEM: manager.restore(step, args=ocp.args.Composite(**{
-                  CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]}
+  def restore(step: int) -> tuple[dict, dict]:
+    """(params, config) of checkpoint `step`."""
+    config_arg = {CONFIG_ITEM: ocp.args.JsonRestore()}
+    if which == "params":
+      params = _restore_params(os.path.join(directory, str(step)))
+      config = manager.restore(step, args=ocp.args.Composite(**config_arg))[CONFIG_ITEM]
+      return params, config
     ema_meta = manager.item_metadata(step)[EMA_ITEM]
     ema_meta = getattr(ema_meta, "tree", ema_meta)
     # Host numpy arrays: independent of the mesh the run was saved from.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
-    return manager.restore(step, args=ocp.args.Composite(**{
-        EMA_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args),
-        CONFIG_ITEM: ocp.args.JsonRestore()}))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{EMA_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}, **config_arg))
+    return restored[EMA_ITEM], restored[CONFIG_ITEM]
 
   try:
     steps = sorted(manager.all_steps(), reverse=True)
@@ -652,11 +660,12 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     broken = []  # (step, why)
     for candidate in steps if step is None else [step]:
       step_dir = os.path.join(directory, str(candidate))
-      why = (verify_integrity(step_dir, (STATE_ITEM if raw else EMA_ITEM, CONFIG_ITEM))
+      item = STATE_ITEM if which == "params" else EMA_ITEM
+      why = (verify_integrity(step_dir, (item, CONFIG_ITEM))
              if has_integrity_record(step_dir) else None)
       if why is None:
         try:
-          restored = restore(candidate)
+          params, config = restore(candidate)
           break
         except Exception as e:  # pylint: disable=broad-except  (reported below)
           why = f"it does not load ({_first_line(e)})"
@@ -665,11 +674,12 @@ def load_ema_params(workdir: str, step: int | None = None, *, raw: bool = False
     else:
       reasons = "; ".join(f"{s}: {why}" for s, why in broken)
       raise CorruptCheckpointError(
-          f"No usable {'trained' if raw else 'EMA'} weights in {directory} ({reasons}).")
+          f"No usable {'trained' if which == 'params' else 'EMA'} weights in {directory} "
+          f"({reasons}).")
   finally:
     manager.close()
     logging.getLogger("absl").removeFilter(unread_items_note)
-  return _int_keys(restored[EMA_ITEM]), dict(restored[CONFIG_ITEM])
+  return _int_keys(params), dict(config)
 
 
 def latest_step(workdir: str) -> int | None:

@@ -9,7 +9,7 @@ before it writes or compiles anything, and `start_from` once the state is initia
     checked by `convert.diffit.convert_diffit` (no pickle is ever read);
   * a converted checkpoint folder (`python -m diffit_jax.convert diffit`);
   * a training workdir: its newest intact checkpoint, or `WORKDIR@STEP`, read through
-    `checkpoint.load_ema_params` (integrity-checked).
+    `checkpoint.load_run_params` (integrity-checked).
 
 Only weights are taken; the optimizer, step, RNG and data position start fresh. The params
 and the EMA both start from the source's EMA weights (what samplers use and what NVIDIA
@@ -142,7 +142,7 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
         "only); set config.init_from_params='ema'.")
   try:
     if is_run:
-      tree, config = checkpoint_lib.load_ema_params(path, step, raw=weights == "params")
+      tree, config = checkpoint_lib.load_run_params(path, step, which=weights)
       model = ml_collections.ConfigDict(config["model"])
       what = f"{'raw' if weights == 'params' else 'EMA'} weights of the run {path}" + (
           f" at step {step}" if step is not None else " (newest checkpoint)")

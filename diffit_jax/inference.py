@@ -241,9 +241,9 @@ def load_weights(workdir: str | None, checkpoint_path: str | None) -> tuple[dict
   checkpoint's parameters and None. Host arrays; `place_params` puts them on devices."""
   if not workdir:
     return checkpoint.load_weights(checkpoint_path)[0], None
-  step = checkpoint.latest_step(workdir)  # None: load_ema_params says what is missing
+  step = checkpoint.latest_step(workdir)  # None: load_run_params says what is missing
   # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
-  return checkpoint.load_ema_params(workdir, step)[0], step
+  return checkpoint.load_run_params(workdir, step)[0], step
 
 
 def place_params(abstract_state: Any, params: dict, source: str, model_name: str,

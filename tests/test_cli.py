@@ -107,7 +107,7 @@ def test_reading_ema_weights_logs_no_orbax_notes(tmp_path, caplog):
   os.remove(os.path.join(tmp_path, "checkpoints", "2", "config", "metadata"))  # a broken one
 
   with caplog.at_level(logging.WARNING):
-    ema, config = checkpoint.load_ema_params(str(tmp_path))
+    ema, config = checkpoint.load_run_params(str(tmp_path))
   np.testing.assert_array_equal(ema["w"], 2)
   assert config == {"seed": 0}
   shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

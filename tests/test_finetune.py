@@ -308,7 +308,7 @@ def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
   unused = str(tmp_path / "unused")
   for init_from, weights, expected in [
       (pretrained, "ema", trained.ema_params), (pretrained, "params", trained.params),
-      (pretrained + "@20", "ema", checkpoint.load_ema_params(pretrained, 20)[0])]:
+      (pretrained + "@20", "ema", checkpoint.load_run_params(pretrained, 20)[0])]:
     config.init_from, config.init_from_params = init_from, weights
     got, want = source_params(finetune.load_source(config, unused)), flat(expected)
     assert got.keys() == want.keys()
@@ -327,7 +327,7 @@ def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
     f.seek(0)
     f.write(bytes([byte[0] ^ 0xFF]))
   with pytest.raises(checkpoint.CorruptCheckpointError, match="train_state/.*crc32"):
-    checkpoint.load_ema_params(damaged, 40, raw=True)
+    checkpoint.load_run_params(damaged, 40, which="params")
 
   scratch = str(tmp_path / "scratch")
   train.train_and_evaluate(image_config(num_train_steps=4), scratch)

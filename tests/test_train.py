@@ -289,7 +289,7 @@ def test_main_entry_point_trains_on_demo_data(tmp_path):
   image = np.asarray(Image.open(grid))
   cell = config["model"]["image_size"] + 2  # 2-pixel gaps
   assert image.shape == (10 * cell + 2, 2 * cell + 2)  # one row per class, 2 samples each
-  params, saved_config = checkpoint_lib.load_ema_params(str(workdir))
+  params, saved_config = checkpoint_lib.load_run_params(str(workdir))
   assert saved_config["model"]["num_classes"] == 10
   assert params["tokenizer"]["kernel"].shape == (3, 3, 1, 16)  # the tiny network
   assert isinstance(params["encoder"][0][0]["conv"]["kernel"], np.ndarray)  # int keys restored
@@ -321,10 +321,10 @@ def test_resume_is_exact(tmp_path):
   assert [r["step"] for r in resumed_rows] == [2, 4, 6, 8]
   assert [r["train/loss"] for r in resumed_rows] == [r["train/loss"] for r in straight_rows]
   # Samplers and exporters read the newest EMA weights.
-  ema, config = checkpoint_lib.load_ema_params(workdir)
+  ema, config = checkpoint_lib.load_run_params(workdir)
   assert_trees_equal(ema, straight.ema_params)
   assert config["num_train_steps"] == 8
-  older, _ = checkpoint_lib.load_ema_params(workdir, step=6)
+  older, _ = checkpoint_lib.load_run_params(workdir, step=6)
   assert not np.array_equal(older["head"]["kernel"], ema["head"]["kernel"])
 
 
@@ -359,7 +359,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert "The newest good checkpoint is step 2" in str(error.value)
   steps = checkpoint_lib.TrainCheckpointer(workdir).all_steps()
   assert steps[-1] < 40
-  ema, _ = checkpoint_lib.load_ema_params(workdir)
+  ema, _ = checkpoint_lib.load_run_params(workdir)
   assert 2 in steps and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
 
 
@@ -450,5 +450,5 @@ def test_two_processes_on_localhost_and_preemption(tmp_path, free_port):
     assert f"Saved checkpoint {steps[0]} after SIGTERM" in out
   data_files = set(os.listdir(workdir / "checkpoints" / str(steps[0]) / "data_iterator"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files  # each its own shard
-  params, _ = checkpoint_lib.load_ema_params(str(workdir))
+  params, _ = checkpoint_lib.load_run_params(str(workdir))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

@@ -10,9 +10,9 @@ leading depth axis unstacked into `blocks.{i}.*`), plus the `pos_embed` and
 
 Sources: a weights checkpoint from `python -m diffit_jax.convert diffit`, or a training
 workdir (the EMA parameters of its newest checkpoint, or `--step`, through
-`diffit_jax.checkpoint.load_ema_params`); either carries its config. Library users with parameters in
-memory call `export_params` and `write_safetensors`. The file is written to a temporary
-name and renamed, so a crash never leaves a partial `.safetensors` behind.
+`diffit_jax.checkpoint.load_run_params`); either carries its config. Library users with
+parameters in memory call `export_params` and `write_safetensors`. The file is written to a
+temporary name and renamed, so a crash never leaves a partial `.safetensors` behind.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _load_source(src: str, config_spec: str | None, step: int | None
     params, _ = checkpoint.load_weights(src)
     saved = metadata["config"]
   else:
-    params, saved = checkpoint.load_ema_params(src, step)  # FileNotFoundError if not a run
+    params, saved = checkpoint.load_run_params(src, step)  # FileNotFoundError if not a run
   if config_spec:
     config = load_config(config_spec)
   elif saved:
