@@ -10,7 +10,7 @@ everywhere:
   make_decoder                sampler output -> uint8 NHWC images (through the VAE for latent
                               models), with one rounding rule (`uint8_rounding`)
   Pipeline                    the compiled sampler and the decoder: `images(params, ...)`
-  resolve_config, load_weights, place_params, load
+  resolve_config, load_params, place_params, load
                               a training workdir's or a converted checkpoint's config and
                               weights, checked against the network and placed on the mesh
 
@@ -236,7 +236,7 @@ def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None
   return ml_collections.ConfigDict(metadata["config"])
 
 
-def load_weights(workdir: str | None, checkpoint_path: str | None) -> tuple[dict, int | None]:
+def load_params(workdir: str | None, checkpoint_path: str | None) -> tuple[dict, int | None]:
   """(params, step): a training workdir's newest EMA and its step, or a converted weights
   checkpoint's parameters and None. Host arrays; `place_params` puts them on devices."""
   if not workdir:
@@ -279,7 +279,7 @@ def load(*, workdir: str | None = None, checkpoint: str | None = None,
   """
   config = resolve_config(config, workdir, checkpoint)
   pipeline = Pipeline(config, mesh=mesh, vae=vae, **pipeline_kwargs)
-  params, step = load_weights(workdir, checkpoint)
+  params, step = load_params(workdir, checkpoint)
   state = place_params(abstract_network(config)[1], params, workdir or checkpoint,
                        config.model.name, sharding_lib.replicated(pipeline.mesh))
   return pipeline, state, step

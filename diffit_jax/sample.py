@@ -219,7 +219,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
     vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
                   if chief and pipeline.vae_params is not None else None)
-    params, step = inference.load_weights(workdir, checkpoint_path)
+    params, step = inference.load_params(workdir, checkpoint_path)
     state = inference.place_params(state, params, workdir or checkpoint_path, config.model.name,
                                    sharding_lib.replicated(pipeline.mesh))
     parts_dir = os.path.join(out, "parts")
