@@ -94,15 +94,16 @@ class Source:
 
 
 def _resumed_model(workdir: str) -> tuple[dict, str]:
-  """(config.model, where it was read) of the run a workdir resumes: its config.json, or
-  the newest checkpoint's own copy of the config where that file is damaged or gone."""
+  """(config.model, where it was read) of the run in a workdir (the one this run resumes, or
+  a fine-tuning source): its config.json, or the newest checkpoint's own copy of the config
+  where that file is damaged or gone."""
   try:
     return checkpoint_lib.read_run_config(workdir)["model"], f"{workdir}/config.json"
   except (FileNotFoundError, files.DamagedFileError) as e:
     saved = checkpoint_lib.checkpointed_config(workdir)
     if saved is None:
       raise
-    logging.warning("%s Resuming with the config saved in checkpoint %d.", e, saved[0])
+    logging.warning("%s Using the config saved in checkpoint %d.", e, saved[0])
     return saved[1]["model"], f"checkpoint {saved[0]} of {workdir}"
 
 
