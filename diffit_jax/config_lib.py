@@ -30,6 +30,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -430,10 +431,9 @@ def load_config(spec: str, relative_to: str | None = None) -> ConfigDict:
   return config
 
 
-def overridden_paths(name: str = "config", argv: list[str] | None = None) -> list[str]:
-  """The dotted fields of `--NAME.a.b=v` / `--[no]NAME.a.b` command-line overrides
-  (of `sys.argv` unless `argv` is given), e.g. `["config.model.depth"]`."""
-  argv = sys.argv if argv is None else argv
+def overridden_paths(argv: Sequence[str], name: str = "config") -> list[str]:
+  """The dotted fields of the `--NAME.a.b=v` / `--[no]NAME.a.b` overrides in a command line
+  `argv`, e.g. `["config.model.depth"]`. Only a CLI entry point knows its command line."""
   pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
   return [f"config.{m.group(1)}" for m in map(pattern.match, argv) if m]
 
@@ -444,7 +444,9 @@ class _ConfigFileParser(ConfigFileFlagParser):
   def parse(self, path):
     config = load_config(path)
     fields = field_paths(config)
-    for field in overridden_paths(self.name):
+    # ml_collections' flag reads its overrides from sys.argv too (absl gives a flag parser
+    # only the flag's value): this is the CLI layer, which main() passes on.
+    for field in overridden_paths(sys.argv, self.name):
       if field not in fields:
         raise unknown_field(field, list(fields), config.model.name)
     if self._lock_config:

@@ -16,10 +16,12 @@ and the EMA both start from the source's EMA weights (what samplers use and what
 released), or, with `config.init_from_params = "params"`, from a training run's raw weights.
 
 The network's architecture comes from the source unless the config says otherwise
-(`adopt_architecture`, before anything else of the run): every `config.model` field that
-shapes the network (depth, widths, heads, patch size, stages, ...) takes the source's value,
-except the fields set on the command line (`--config.model.depth=...`), the fields tied to
-the data (`in_channels`, `out_channels`), and what may change, which the run's config decides:
+(`adopt_architecture`, before anything else of the run, reading only the source's
+architecture: a safetensors header's shapes, a checkpoint's saved config): every
+`config.model` field that shapes the network (depth, widths, heads, patch size, stages, ...)
+takes the source's value, except the fields set explicitly (the CLI's
+`--config.model.depth=...`, passed down as `overrides`), the fields tied to the data
+(`in_channels`, `out_channels`), and what may change, which the run's config decides:
 
   * the number of classes (`num_classes`): the label table's class rows are drawn afresh
     (N(0, 0.02), the official initialisation, from `config.seed`) and its last row, the
@@ -47,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -57,7 +60,6 @@ from flax import nnx, traverse_util
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import files
 from diffit_jax import models
-from diffit_jax import config_lib
 from diffit_jax.config_lib import ConfigError
 
 WEIGHTS = ("ema", "params")  # config.init_from_params
@@ -73,7 +75,6 @@ IMPLEMENTATION_FIELDS = ("attention", "dtype", "remat", "remat_policy", "scan_bl
 RUN_FIELDS = ("name", "num_classes", "input_size", "image_size", "window_size", "in_channels",
               "out_channels") + IMPLEMENTATION_FIELDS
 _MAX_LISTED = 6  # tensors named in a refusal; the rest are counted
-_READ = {}  # (init_from, weights) -> read_source's result, read once per run
 
 
 class IncompatibleSourceError(ConfigError):
@@ -93,15 +94,16 @@ class Source:
 
 
 def _resumed_model(workdir: str) -> tuple[dict, str]:
-  """(config.model, where it was read) of the run a workdir resumes: its config.json, or
-  the newest checkpoint's own copy of the config where that file is damaged or gone."""
+  """(config.model, where it was read) of the run in a workdir (the one this run resumes, or
+  a fine-tuning source): its config.json, or the newest checkpoint's own copy of the config
+  where that file is damaged or gone."""
   try:
     return checkpoint_lib.read_run_config(workdir)["model"], f"{workdir}/config.json"
   except (FileNotFoundError, files.DamagedFileError) as e:
     saved = checkpoint_lib.checkpointed_config(workdir)
     if saved is None:
       raise
-    logging.warning("%s Resuming with the config saved in checkpoint %d.", e, saved[0])
+    logging.warning("%s Using the config saved in checkpoint %d.", e, saved[0])
     return saved[1]["model"], f"checkpoint {saved[0]} of {workdir}"
 
 
@@ -111,6 +113,70 @@ def _split_step(spec: str) -> tuple[str, int | None]:
   if at and step.isdigit() and os.path.isdir(path):
     return path, int(step)
   return spec, None
+
+
+def _source_kind(spec: str, weights: str) -> tuple[str, int | None, str]:
+  """(path, step, kind) of `config.init_from`: kind is "run", "converted" or "official".
+
+  Raises:
+    IncompatibleSourceError: the path is none of those, or `weights` does not apply to it.
+  """
+  path, step = _split_step(spec)
+  field = f"config.init_from={spec}"
+  is_run = os.path.isdir(os.path.join(path, checkpoint_lib.TRAIN_CHECKPOINT_DIR))
+  if weights == "params" and not is_run:
+    raise IncompatibleSourceError(
+        f"config.init_from_params='params' takes the raw weights of a training run, but "
+        f"{field} is not a training workdir (released and converted weights are EMA weights "
+        "only); set config.init_from_params='ema'.")
+  if is_run:
+    kind = "run"
+  elif os.path.isfile(os.path.join(path, checkpoint_lib.METADATA_FILE)):
+    kind = "converted"
+  elif path.endswith(".safetensors") or os.path.isfile(path):
+    kind = "official"
+  else:
+    raise IncompatibleSourceError(
+        f"{field} does not exist or is none of: an official .safetensors file, a folder "
+        "written by `python -m diffit_jax.convert diffit`, a training workdir (its "
+        "checkpoints/ folder), WORKDIR@STEP.")
+  return path, step, kind
+
+
+def _converted_metadata(path: str, spec: str) -> dict:
+  """The metadata of a converted DiffiT checkpoint (`IncompatibleSourceError`: another kind)."""
+  try:
+    return checkpoint_lib.load_metadata(path, kind="diffit")
+  except checkpoint_lib.WrongCheckpointError as e:
+    raise IncompatibleSourceError(f"config.init_from={spec}: {e}") from None
+
+
+def read_architecture(spec: str, weights: str = "ema") -> Any:
+  """The `config.model` of the source `config.init_from` names, reading no weights.
+
+  An official `.safetensors` file's model is detected from the tensor shapes of its header
+  (as `convert.diffit.convert_diffit` detects it from the tensors); a converted checkpoint's
+  and a training workdir's is the config saved with it.
+
+  Raises:
+    IncompatibleSourceError: see `_source_kind`; a file whose header is not an official
+      latent DiffiT's.
+    FileNotFoundError, files.DamagedFileError: a workdir without a readable config.
+  """
+  from diffit_jax.convert import diffit as convert_diffit  # pylint: disable=g-import-not-at-top
+  from diffit_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+
+  path, _, kind = _source_kind(spec, weights)
+  if kind == "run":  # one run, one architecture: its config.json (or a checkpoint's copy)
+    return ml_collections.ConfigDict(_resumed_model(path)[0])
+  if kind == "converted":
+    return ml_collections.ConfigDict(_converted_metadata(path, spec)["config"]["model"])
+  try:
+    header = safetensors_io.strip_prefixes(safetensors_io.read_safetensors_header(path))
+    detected, guessed = convert_diffit.detect_model(header, path)
+    return convert_diffit.resolve_config(detected, guessed, None, path).model
+  except safetensors_io.ConversionError as e:
+    raise IncompatibleSourceError(f"config.init_from={spec}: {e}") from e
 
 
 def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray], Any, str]:
@@ -132,37 +198,23 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
   from diffit_jax.convert import diffit as convert_diffit  # pylint: disable=g-import-not-at-top
   from diffit_jax.convert.safetensors_io import ConversionError  # pylint: disable=g-import-not-at-top
 
-  path, step = _split_step(spec)
+  path, step, kind = _source_kind(spec, weights)
   field = f"config.init_from={spec}"
-  is_run = os.path.isdir(os.path.join(path, checkpoint_lib.TRAIN_CHECKPOINT_DIR))
-  if weights == "params" and not is_run:
-    raise IncompatibleSourceError(
-        f"config.init_from_params='params' takes the raw weights of a training run, but "
-        f"{field} is not a training workdir (released and converted weights are EMA weights "
-        "only); set config.init_from_params='ema'.")
   try:
-    if is_run:
+    if kind == "run":
       tree, config = checkpoint_lib.load_run_params(path, step, which=weights)
       model = ml_collections.ConfigDict(config["model"])
       what = f"{'raw' if weights == 'params' else 'EMA'} weights of the run {path}" + (
           f" at step {step}" if step is not None else " (newest checkpoint)")
-    elif os.path.isfile(os.path.join(path, checkpoint_lib.METADATA_FILE)):
-      try:
-        metadata = checkpoint_lib.load_metadata(path, kind="diffit")
-      except checkpoint_lib.WrongCheckpointError as e:
-        raise IncompatibleSourceError(f"{field}: {e}") from None
+    elif kind == "converted":
+      metadata = _converted_metadata(path, spec)
       tree, _ = checkpoint_lib.load_weights(path)
       model = ml_collections.ConfigDict(metadata["config"]["model"])
       what = f"the converted checkpoint {path}"
-    elif path.endswith(".safetensors") or os.path.isfile(path):
+    else:
       tree, config, _ = convert_diffit.convert_diffit(path)
       model = config.model
       what = f"the official weights {path}"
-    else:
-      raise IncompatibleSourceError(
-          f"{field} does not exist or is none of: an official .safetensors file, a folder "
-          "written by `python -m diffit_jax.convert diffit`, a training workdir (its "
-          "checkpoints/ folder), WORKDIR@STEP.")
   except ConversionError as e:
     raise IncompatibleSourceError(f"{field}: {e}") from e
   flat = {tuple(path): np.asarray(jax.device_get(v), np.float32)
@@ -311,32 +363,34 @@ def fit(source: dict[tuple, np.ndarray], source_model: Any, run_model: Any, *,
 
 
 def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
-                       command_line: list[str] | None = None) -> list[str]:
+                       overrides: Iterable[str] = ()) -> list[str]:
   """Sets the `config.model` fields that the fine-tuning source decides (module docstring).
 
   Args:
     config: the run's config; changed in place (nothing when `config.init_from` is empty).
     workdir: the run's workdir. One that already holds checkpoints resumes with the
       architecture its `config.json` saved, so the source need not exist any more.
-    command_line: the fields set on the command line (default:
-      `config_lib.overridden_paths()` of `sys.argv`); these keep the run's values.
+    overrides: the fields the user set explicitly (`config.model.depth`, ...), which keep
+      the run's values: the CLI passes those of its command line
+      (`config_lib.overridden_paths`); none by default.
 
   Returns:
     One `field=value` per field changed (also logged).
 
+  Reads only the source's architecture (`read_architecture`: no weights); `load_source`
+  reads the weights.
+
   Raises:
-    IncompatibleSourceError: see `read_source`.
+    IncompatibleSourceError: see `read_architecture`.
   """
   if not config.init_from:
     return []
   if workdir and checkpoint_lib.latest_step(workdir) is not None:
     source_model, what = _resumed_model(workdir)
   else:
-    key = (config.init_from, config.init_from_params)
-    _READ[key] = read_source(*key)
-    source_model, what = _READ[key][1], f"config.init_from={config.init_from}"
-  set_here = {p.removeprefix("config.model.") for p in (
-      config_lib.overridden_paths() if command_line is None else command_line)}
+    source_model = read_architecture(config.init_from, config.init_from_params)
+    what = f"config.init_from={config.init_from}"
+  set_here = {p.removeprefix("config.model.") for p in overrides}
   changed = []
   for field, value in dict(source_model).items():
     if field in RUN_FIELDS or field in set_here or field not in config.model:
@@ -368,10 +422,8 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> Source | Non
   if checkpoint_lib.latest_step(workdir) is not None:
     logging.info("%s holds checkpoints: resuming from them, not from config.init_from=%s.",
                  workdir, config.init_from)
-    _READ.clear()
     return None
-  flat, source_model, what = _READ.pop((config.init_from, weights), None) or read_source(
-      config.init_from, weights)
+  flat, source_model, what = read_source(config.init_from, weights)
   params, adapted = fit(flat, source_model, config.model, seed=config.seed,
                         spec=config.init_from)
   logging.info("Fine-tuning from %s: %d tensors, %d adapted%s", what, len(params), len(adapted),

@@ -44,16 +44,15 @@ def model_summary(config) -> str:
   ])
 
 
-# How far the estimate can be trusted (measured: experiments/results/accelerator_nvidia_h200.*).
+# How far the estimate can be trusted: the measured figures are in docs/performance.md
+# ("Will it fit"), from experiments/results/accelerator_nvidia_h200.* and fit_xl2.*.
 MEMORY_NOTE = (
     "note: XLA's plan for one device: weights, EMA and optimizer state as config.mesh shards "
     "them, this device's share of the batch, and the step's temporaries; not the framework's "
     "own reserve, the data pipeline, sampling or FID. On a GPU or TPU it is that compiler's "
-    "own plan (an H200 ran the XL/2 bf16 batch-32 steps within 3% of their plans). "
-    "XLA:CPU plans more temporaries: for those steps it planned {cpu}. Read a CPU estimate "
-    "as an upper bound.")
-CPU_VS_GPU = ("44.9 / 55.1 / 12.9 GiB where the H200 planned 25.7 / 34.1 / 12.2 GiB "
-              "(unrolled / scanned / scanned with remat): 1.05-1.75x")
+    "own plan (an H200 ran its steps within a few percent of their plans). XLA:CPU plans "
+    "more temporaries than a GPU's compiler for the same step: read a CPU estimate as an "
+    "upper bound (measurements: docs/performance.md, \"Will it fit\").")
 
 
 def train_step_memory_summary(config, num_devices: int) -> str:
@@ -78,13 +77,14 @@ def train_step_memory_summary(config, num_devices: int) -> str:
       f"donated {gib(m['outputs'] - m['aliased'])}",
       f"  for global batch {config.batch_size} over mesh {dict(mesh.shape)} of {mesh.size} "
       f"{kind} devices ({devices[0].device_kind}){remat}",
-      MEMORY_NOTE.format(cpu=CPU_VS_GPU),
+      MEMORY_NOTE,
   ])
 
 
 def main(argv):
   del argv
   config = FLAGS.config
+  overrides = config_lib.overridden_paths(sys.argv)  # the fields this command line sets
   if FLAGS.dry_run and FLAGS.dry_run_devices:
     import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
     jax.config.update("jax_platforms", "cpu")
@@ -100,7 +100,7 @@ def main(argv):
   try:
     if FLAGS.dry_run:
       from diffit_jax import finetune  # pylint: disable=g-import-not-at-top
-      finetune.adopt_architecture(config, FLAGS.workdir)  # the network config.init_from has
+      finetune.adopt_architecture(config, FLAGS.workdir, overrides)  # config.init_from's net
       if config_lib.left_to_data(config):  # a dry run reads no data unless it must
         train.fit_to_data(config)
       train.validate_config(config)
@@ -110,7 +110,7 @@ def main(argv):
       return
     if not FLAGS.workdir:
       sys.exit(cli.report_user_error("--workdir is required for training (or pass --dry_run)."))
-    train.train_and_evaluate(config, FLAGS.workdir)  # checks data and config first
+    train.train_and_evaluate(config, FLAGS.workdir, overrides=overrides)  # checks all first
   except user_errors as e:
     sys.exit(cli.report_user_error(e))
 

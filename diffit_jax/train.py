@@ -43,6 +43,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -563,10 +564,19 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # The trainer.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overrides: Iterable[str] = ()) -> TrainState:
   """Trains (or resumes) the run `config` describes in `workdir`; returns the final state.
 
   Running it again with the same workdir resumes from the newest intact checkpoint.
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder.
+    overrides: the config fields the user set explicitly (`config.model.depth`, ...):
+      those keep the config's values where `config.init_from`'s network would set them
+      (`finetune.adopt_architecture`). The CLI passes those of its command line; a caller
+      in Python gets exactly the config it passes (none by default).
 
   Raises:
     NonFiniteLossError: the loss or the state became NaN/Inf (the newest good checkpoint
@@ -577,7 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   #      the data against the config (filling what it leaves to the data), the config, the
   #      mesh against the devices. ---------------------------------------------------------
   sharding_lib.initialize_distributed(config)
-  finetune.adopt_architecture(config, workdir)  # config.init_from's network, unless set here
+  finetune.adopt_architecture(config, workdir, overrides)  # init_from's network, unless set
   fit_to_data(config)  # the fields left to the dataset; data the model cannot take
   validate_config(config)
   # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.

@@ -227,12 +227,18 @@ def test_resize_bicubic_matches_pytorch():
     np.testing.assert_allclose(finetune.resize_bicubic(grid, size), expected, atol=1e-5)
 
 
-def test_mismatched_source_is_refused_by_the_cli_before_anything_runs(official, tmp_path):
-  data = str(tmp_path / "latents")
+def tiny_latents(folder, num_classes: int) -> str:
+  """A latent data set of 8 zero 8x8x4 latents in `folder`; returns its path."""
+  data = str(folder)
   with latents.LatentShardWriter(data, 0, 1) as writer:
     for i in range(8):
       writer.write(np.zeros((2, 8, 8, 4), np.float16), np.zeros((2, 8, 8, 4), np.float16), i)
-  latents.write_info(data, num_classes=5)
+  latents.write_info(data, num_classes=num_classes)
+  return data
+
+
+def test_mismatched_source_is_refused_by_the_cli_before_anything_runs(official, tmp_path):
+  data = tiny_latents(tmp_path / "latents", num_classes=5)
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "diffit_jax.main",
          "--config=" + os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"),
@@ -384,7 +390,7 @@ def test_export_of_a_finetuned_latent_run_loads_into_the_official_code(official,
 def test_architecture_comes_from_the_source_unless_set_on_the_command_line(official, tmp_path):
   # The config describes another network (depth 3, width 48); the source's is taken.
   config = latent_config(official.path, depth=3, hidden_size=48)
-  changed = finetune.adopt_architecture(config, str(tmp_path / "run"), command_line=[])
+  changed = finetune.adopt_architecture(config, str(tmp_path / "run"), overrides=[])
   assert sorted(changed) == ["depth=2", "hidden_size=32"]
   state, net = step0(config, tmp_path / "run")
   got = flat(state.params)
@@ -396,10 +402,60 @@ def test_architecture_comes_from_the_source_unless_set_on_the_command_line(offic
   # Set on the command line, the run's value stays, and the source no longer fits.
   config = latent_config(official.path, depth=3, hidden_size=32)
   changed = finetune.adopt_architecture(config, str(tmp_path / "run2"),
-                                        command_line=["config.model.depth"])
+                                        overrides=["config.model.depth"])
   assert changed == [] and config.model.depth == 3
   with pytest.raises(finetune.IncompatibleSourceError, match=r"depth=2 \(this run: 3\)"):
     finetune.load_source(config, str(tmp_path / "run2"))
   # What may change (classes, resolution) stays the run's config's.
   config = latent_config(official.path, num_classes=3, input_size=16)
-  assert finetune.adopt_architecture(config, str(tmp_path / "run3"), command_line=[]) == []
+  assert finetune.adopt_architecture(config, str(tmp_path / "run3"), overrides=[]) == []
+
+
+def test_dry_run_reads_only_the_header_of_a_safetensors_source(official, tmp_path):
+  # The header intact, the tensor data cut short: the architecture is in the header alone.
+  truncated = tmp_path / "truncated.safetensors"
+  data = open(official.path, "rb").read()
+  header_end = 8 + int.from_bytes(data[:8], "little")
+  truncated.write_bytes(data[:header_end + 16])
+  cmd = [sys.executable, "-m", "diffit_jax.main",
+         "--config=" + os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"),
+         f"--config.init_from={truncated}",
+         f"--config.data.name=latents:{tiny_latents(tmp_path / 'latents', num_classes=10)}",
+         "--config.model.input_size=8", "--config.model.num_classes=10"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  dry = subprocess.run([*cmd, "--dry_run", "--nodry_run_memory"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert dry.returncode == 0, dry.stdout + dry.stderr
+  assert "depth=2" in dry.stderr and "hidden_size=32" in dry.stderr, dry.stderr
+  want = sum(v.size for v in official.params.values())
+  assert f"trainable_params: {want}" in dry.stdout, dry.stdout
+  # The real run reads the weights, and refuses the file in one line before writing anything.
+  workdir = tmp_path / "run"
+  run = subprocess.run([*cmd, f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 2, run.stdout + run.stderr
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "cannot read as safetensors" in errors[0], run.stderr
+  assert "Traceback" not in run.stderr and not workdir.exists()
+
+
+def test_train_and_evaluate_ignores_sys_argv(official, tmp_path, monkeypatch):
+  # A program whose own command line holds a config override: the library call takes only
+  # the config (and overrides) it is given.
+  monkeypatch.setattr(sys, "argv", ["some_program", "--config.model.depth=3"])
+
+  class Adopted(Exception):
+    pass
+
+  def stop(config):  # the step after the architecture is adopted; nothing more is needed
+    raise Adopted(config.model.depth)
+
+  monkeypatch.setattr(train, "fit_to_data", stop)
+  with pytest.raises(Adopted) as adopted:
+    train.train_and_evaluate(latent_config(official.path, depth=3), str(tmp_path / "a"))
+  assert adopted.value.args == (2,)  # the source's depth
+  with pytest.raises(Adopted) as adopted:  # set explicitly, the run's value stays
+    train.train_and_evaluate(latent_config(official.path, depth=3), str(tmp_path / "b"),
+                             overrides=["config.model.depth"])
+  assert adopted.value.args == (3,)

@@ -12,8 +12,11 @@ PyTorch `Conv2d.weight` is (out, in, kh, kw) and Flax `Conv.kernel` is (kh, kw, 
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 from safetensors import safe_open
@@ -26,6 +29,18 @@ _MAX_LISTED = 12
 
 class ConversionError(ValueError):
   """A source checkpoint that cannot be converted; the message says what and how to fix it."""
+
+
+def _readable(path: str | os.PathLike) -> str:
+  """`path` as a string, if it is a file that may be read as safetensors."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such file; pass the path of a .safetensors file.")
+  if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+    raise ConversionError(
+        f"{path}: pickled PyTorch checkpoints are not read (they execute code when loaded). "
+        "Re-save it as safetensors, e.g. `safetensors.torch.save_file(state_dict, 'x.safetensors')`.")
+  return path
 
 
 def read_safetensors(path: str | os.PathLike, *,
@@ -43,13 +58,7 @@ def read_safetensors(path: str | os.PathLike, *,
   Raises:
     ConversionError: the file is missing, unreadable, truncated or not safetensors.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise ConversionError(f"{path}: no such file; pass the path of a .safetensors file.")
-  if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-    raise ConversionError(
-        f"{path}: pickled PyTorch checkpoints are not read (they execute code when loaded). "
-        "Re-save it as safetensors, e.g. `safetensors.torch.save_file(state_dict, 'x.safetensors')`.")
+  path = _readable(path)
   out, bf16_keys = {}, []
   try:
     with safe_open(path, framework="np") as f:
@@ -70,6 +79,42 @@ def read_safetensors(path: str | os.PathLike, *,
         f"{path}: cannot read as safetensors ({type(e).__name__}: {e}). The file is probably "
         "truncated (an interrupted download) or not a safetensors file; download it again.") from e
   return out
+
+
+class TensorHeader(NamedTuple):
+  """One tensor's entry in a safetensors header: what `read_safetensors_header` returns."""
+  shape: tuple[int, ...]
+  dtype: str  # the format's name: "F32", "BF16", ...
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
+  """The names, shapes and dtypes a safetensors file holds, reading only its header.
+
+  The format opens with a little-endian u64 N and N bytes of JSON
+  (`{key: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}`); the tensor data
+  after it is not read, so this costs the same for a 4 GB file as for a tiny one.
+
+  Raises:
+    ConversionError: the file is missing, pickled, or its header is not safetensors.
+  """
+  path = _readable(path)
+  try:
+    with open(path, "rb") as f:
+      (size,) = struct.unpack("<Q", f.read(8))
+      if size > os.path.getsize(path) - 8:
+        raise ValueError(f"a header of {size} bytes in a file of {os.path.getsize(path)}")
+      header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {k: TensorHeader(tuple(int(n) for n in v["shape"]), str(v["dtype"]))
+            for k, v in header.items()}
+  except Exception as e:  # struct.error, ValueError (JSON), KeyError, TypeError, OSError
+    raise ConversionError(
+        f"{path}: cannot read as safetensors ({type(e).__name__}: {e}). The file is probably "
+        "not a safetensors file; download it again.") from e
 
 
 def define_io_flags(flag_values, src_help: str, out_help: str) -> None:
