@@ -230,11 +230,13 @@ def mentions_out_of_space(text: str) -> bool:
 
 
 def human_bytes(n: float) -> str:
-  for unit in ("bytes", "KB", "MB", "GB"):
-    if abs(n) < 1000 or unit == "GB":
-      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+  """`n` bytes for a message: "812 bytes", "3.5 MB", "2.2 GB" (decimal units)."""
+  if abs(n) < 1000:
+    return f"{n:.0f} bytes"
+  for unit in ("KB", "MB", "GB"):
     n /= 1000
-  return ""
+    if abs(n) < 1000 or unit == "GB":
+      return f"{n:.1f} {unit}"
 
 
 def free_bytes(path: str) -> int | None:

@@ -29,7 +29,7 @@ import safetensors.numpy
 from absl import flags
 from flax import nnx, traverse_util
 
-from diffit_jax import checkpoint
+from diffit_jax import checkpoint, files
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert.diffit import (POS_EMBED, RPI_SUFFIX, expected_tensors,
                                       official_buffers, param_shapes)
@@ -115,9 +115,10 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str, *,
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
   try:
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                                metadata=metadata)
-    os.replace(tmp, path)
+    with files.writing(path, sum(np.asarray(v).nbytes for v in tensors.values())):
+      safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                                  metadata=metadata)
+      os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
