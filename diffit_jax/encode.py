@@ -56,6 +56,13 @@ def make_encoder(vae_path: str, mesh: Mesh):
   vae = load_vae(vae_path, sharding=sharding.replicated(mesh))
   graphdef, state = nnx.split(vae)
   batch_sharding = sharding.batch_sharding(mesh)
+  encode = vae_encoder(graphdef)
+  return lambda images: encode(state, jax.device_put(images, batch_sharding))
+
+
+def vae_encoder(graphdef: nnx.GraphDef):
+  """The jitted `encode(vae_state, images) -> (mean, logvar)` of an SD VAE's `graphdef`:
+  each image and its mirror image, (B, H, W, 3) in [-1, 1] -> each (B, 2, h, w, 4)."""
 
   @jax.jit
   def encode(state, images):
@@ -64,7 +71,7 @@ def make_encoder(vae_path: str, mesh: Mesh):
     split = lambda a: a.reshape((2, -1) + a.shape[1:]).swapaxes(0, 1)  # (B, 2, h, w, 4)
     return split(mean), split(logvar)
 
-  return lambda images: encode(state, jax.device_put(images, batch_sharding))
+  return encode
 
 
 def encode_dataset(data_config: ml_collections.ConfigDict, vae_path: str, dst: str, *,

@@ -122,11 +122,16 @@ def make_decoder(config: ml_collections.ConfigDict, vae_path: str | None,
                      "DIR with `python -m diffit_jax.convert vae --src=sd-vae-ft-ema --out=DIR`) "
                      "or set config.vae.")
   from diffit_jax.convert.vae import load_vae  # pylint: disable=g-import-not-at-top
-  from diffit_jax.models.vae import from_latent  # pylint: disable=g-import-not-at-top
   graphdef, vae_params = nnx.split(load_vae(vae_path, sharding=sharding))
-  decode = jax.jit(lambda params, z: to_uint8(
-      nnx.merge(graphdef, params).decode(from_latent(z)), rounding=rounding))
+  decode = vae_decoder(graphdef, rounding)
   return (lambda z: decode(vae_params, z)), vae_params
+
+
+def vae_decoder(graphdef: Any, rounding: bool) -> Any:
+  """The jitted `decode(vae_params, z) -> (B, H, W, 3) uint8` of an SD VAE's `graphdef`."""
+  from diffit_jax.models.vae import from_latent  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda params, z: to_uint8(
+      nnx.merge(graphdef, params).decode(from_latent(z)), rounding=rounding))
 
 
 class Pipeline:

@@ -22,6 +22,10 @@ flags.DEFINE_bool("dry_run", False, "Print the model summary and the train step'
                   "per-device memory, and exit.")
 flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: estimate memory for a mesh of this "
                      "many virtual CPU devices (0: the devices present, on their own backend).")
+flags.DEFINE_string("dry_run_tpu", None, "Print the train step's plan per chip on this TPU slice "
+                    "(e.g. v5e-8, v5e-1, v4-8, v5p-8, v6e-8, v5e:2x4) from libtpu's compiler, "
+                    "on a machine with no TPU; implies --dry_run. Needs libtpu "
+                    "(docs/performance.md).")
 flags.DEFINE_bool("dry_run_memory", True, "With --dry_run: compile the train step to estimate "
                   "its memory (about a minute for XL/2 on a CPU).")
 
@@ -59,7 +63,7 @@ def train_step_memory_summary(config, num_devices: int) -> str:
   """Per-device memory of the train step over the config's mesh (see MEMORY_NOTE)."""
   import jax
 
-  from diffit_jax import sharding, train
+  from diffit_jax import plan, sharding
 
   devices = jax.devices()
   if num_devices > len(devices):
@@ -67,14 +71,11 @@ def train_step_memory_summary(config, num_devices: int) -> str:
                          f"{len(devices)} devices; this is a bug.")
   devices = devices[:num_devices] if num_devices else devices
   mesh = sharding.create_mesh(config.mesh, devices)
-  m = train.train_step_memory(config, mesh)
-  gib = lambda x: f"{x / 2 ** 30:.3f} GiB"
+  p = plan.compile_plan(plan.train_step(config, mesh))
   remat = f", remat={config.model.remat}" if config.model.name == "latent" else ""
   kind = "virtual CPU" if FLAGS.dry_run_devices else devices[0].platform.upper()
   return "\n".join([
-      f"train_step_memory_per_device: {gib(m['total'])} = state and batch "
-      f"{gib(m['arguments'])} + XLA temporaries {gib(m['temporaries'])} + outputs not "
-      f"donated {gib(m['outputs'] - m['aliased'])}",
+      plan.memory_line(p, "train_step_memory_per_device"),
       f"  for global batch {config.batch_size} over mesh {dict(mesh.shape)} of {mesh.size} "
       f"{kind} devices ({devices[0].device_kind}){remat}",
       MEMORY_NOTE,
@@ -85,7 +86,10 @@ def main(argv):
   del argv
   config = FLAGS.config
   overrides = config_lib.overridden_paths(sys.argv)  # the fields this command line sets
-  if FLAGS.dry_run and FLAGS.dry_run_devices:
+  if FLAGS.dry_run_tpu:
+    import jax  # the TPU is only compiled for: JAX itself runs on the CPU
+    jax.config.update("jax_platforms", "cpu")
+  elif FLAGS.dry_run and FLAGS.dry_run_devices:
     import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
@@ -98,14 +102,22 @@ def main(argv):
                  checkpoint.CorruptCheckpointError, files.FolderInUseError,
                  files.OutOfSpaceError, files.DamagedFileError)
   try:
-    if FLAGS.dry_run:
+    if FLAGS.dry_run_tpu:  # a misspelt slice or a missing libtpu is said before any work
+      from diffit_jax import tpu  # pylint: disable=g-import-not-at-top
+      tpu.parse_slice(FLAGS.dry_run_tpu)
+      tpu.library_path()
+    if FLAGS.dry_run or FLAGS.dry_run_tpu:
       from diffit_jax import finetune  # pylint: disable=g-import-not-at-top
       finetune.adopt_architecture(config, FLAGS.workdir, overrides)  # config.init_from's net
       if config_lib.left_to_data(config):  # a dry run reads no data unless it must
         train.fit_to_data(config)
       train.validate_config(config)
-      print(model_summary(config))
-      if FLAGS.dry_run_memory:
+      print(model_summary(config), flush=True)
+      if FLAGS.dry_run_tpu:
+        from diffit_jax import plan  # pylint: disable=g-import-not-at-top
+        for line in plan.tpu_train_report(config, FLAGS.dry_run_tpu):
+          print(line, flush=True)
+      elif FLAGS.dry_run_memory:
         print(train_step_memory_summary(config, FLAGS.dry_run_devices))
       return
     if not FLAGS.workdir:

@@ -85,6 +85,10 @@ def define_flags() -> None:
                       "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
                       "num_samples.")
   flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
+  flags.DEFINE_string("dry_run_tpu", None, "Print the sampler's and decoder's plan per chip at "
+                      "--batch_size on this TPU slice (e.g. v5e-1, v5e-8), compiled by libtpu on "
+                      "a machine with no TPU, and exit; --config alone is enough. Needs libtpu "
+                      "(docs/performance.md).")
   flags.DEFINE_integer("grid_scale", 0, "Draw each pixel of grid.png this many times larger; "
                        f"0: the smallest scale that makes a sample >= {GRID_CELL_PX} px wide.")
 
@@ -173,7 +177,7 @@ def check_part(path: str, image_shape: tuple[int, ...], labels: np.ndarray | Non
 
 def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_samples=64,
         batch_size=64, labels="random", seed=0, sampler_overrides=None,
-        grid_scale=0) -> str | None:
+        grid_scale=0, dry_run_tpu=None) -> str | None:
   """Samples `num_samples` images; returns the path of the `.npz` written.
 
   With several processes (`config.distributed` or `JAX_COORDINATOR_ADDRESS`, ...; see
@@ -184,8 +188,13 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   `sampler_overrides` maps `config.sampler` fields ("name", "num_steps", "respacing",
   "guidance.scale", ...) to values (None: keep). Every argument is checked (config,
   sampler, guidance, labels) before any weights load.
+
+  `dry_run_tpu` (a TPU slice, e.g. "v5e-1") prints the plan per chip of the sampler and
+  decoder at `batch_size` on that slice, compiled by libtpu, and returns None: nothing is
+  sampled, no weights are read, and `config` alone is enough.
   """
-  config = inference.resolve_config(config, workdir, checkpoint_path)
+  if not (dry_run_tpu and config is not None):
+    config = inference.resolve_config(config, workdir, checkpoint_path)
   sampler_overrides = dict(sampler_overrides or {})
   if sampler_overrides.get("num_steps") is not None:
     if sampler_overrides.get("respacing") is not None:
@@ -201,6 +210,12 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   if grid_scale < 0:
     raise ValueError(f"--grid_scale={grid_scale}: use a positive scale, or 0 for automatic.")
   all_labels = draw_labels(labels, num_samples, config.model.get("num_classes", 0), seed)
+  if dry_run_tpu:
+    from diffit_jax import plan  # pylint: disable=g-import-not-at-top
+    for line in plan.tpu_sampling_report(config, dry_run_tpu, batch_size,
+                                         num_samples=num_samples):
+      print(line, flush=True)
+    return None
 
   sharding_lib.initialize_distributed(config)  # several hosts: every process runs this same command
   chief = jax.process_index() == 0  # gathers every batch and writes all files
@@ -316,11 +331,13 @@ def main(argv):
   overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps,
                "respacing": FLAGS.respacing, "guidance.scale": FLAGS.guidance_scale,
                "guidance.schedule": FLAGS.guidance_schedule}
+  if FLAGS.dry_run_tpu:
+    jax.config.update("jax_platforms", "cpu")  # the TPU is only compiled for
   try:
     run(config, workdir=FLAGS.workdir, checkpoint_path=FLAGS.checkpoint, vae=FLAGS.vae,
         out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides,
-        grid_scale=FLAGS.grid_scale)
+        grid_scale=FLAGS.grid_scale, dry_run_tpu=FLAGS.dry_run_tpu)
   # A bad flag or file, a missing checkpoint, a full disk, an --out another sampler writes.
   except (ValueError, OSError, files.FolderInUseError) as e:
     sys.exit(cli.report_user_error(e))

@@ -356,26 +356,6 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh: Mesh
                  donate_argnums=0)
 
 
-def train_step_memory(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
-  """XLA's memory plan of one device for the train step of `config` over `mesh`, in bytes.
-
-  The step is lowered and compiled from shapes alone (nothing is allocated), for the
-  backend of `mesh`'s devices: the state (weights, EMA, optimizer moments) as sharded by
-  `config.mesh`, this device's slice of `config.batch_size`, and the temporaries XLA plans.
-  """
-  setup, _ = create_train_state(config, mesh, initialize=False)
-  step = make_train_step(config, setup, mesh)
-  shape = models.input_shape(config.model, int(config.batch_size))  # (B, H, W, C) global
-  batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
-           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
-  m = step.lower(setup.abstract_state, batch).compile().memory_analysis()
-  # The state is donated: its buffers are both arguments and outputs ("aliased").
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes)
-  return dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-              aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes, total=total)
-
-
 # ----------------------------------------------------------------------------------------
 # 8. Loop helpers: samples, FID, NaN guard, SIGTERM.
 

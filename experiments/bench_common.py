@@ -152,18 +152,15 @@ class PeakMemory:
 
 def memory_analysis(compiled: Any) -> dict[str, float] | None:
   """XLA's memory estimate of a compiled function, in GiB (None where unsupported)."""
+  from diffit_jax import plan  # pylint: disable=g-import-not-at-top
   try:
-    m = compiled.memory_analysis()
+    p = plan.plan_of(compiled)
   except Exception:  # pylint: disable=broad-except
     return None
-  if m is None:
-    return None
-  arg, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes,
-                           m.alias_size_in_bytes, m.temp_size_in_bytes)
-  return dict(arguments_gib=round(arg / GIB, 3), outputs_gib=round(out / GIB, 3),
-              aliased_gib=round(alias / GIB, 3), temp_gib=round(temp / GIB, 3),
-              total_gib=round((arg + out - alias + temp) / GIB, 3),
-              temp_bytes=int(temp))  # unrounded, for toy sizes
+  return dict(arguments_gib=round(p.arguments / GIB, 3), outputs_gib=round(p.outputs / GIB, 3),
+              aliased_gib=round(p.aliased / GIB, 3), temp_gib=round(p.temporaries / GIB, 3),
+              total_gib=round(p.total / GIB, 3),
+              temp_bytes=int(p.temporaries))  # unrounded, for toy sizes
 
 
 # ----------------------------------------------------------------------------------------

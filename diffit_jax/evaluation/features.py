@@ -70,7 +70,7 @@ def _rebatch(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "out_sharding"))
-def _forward(state, images, valid, *, graphdef, out_sharding):
+def inception_forward(state, images, valid, *, graphdef, out_sharding):
   """The Inception on one global batch; jitted at module level so every extractor shares it."""
   pool, spatial, logits = nnx.merge(graphdef, state)(images)
   # Replicated outputs (an all-gather of a few KB per image) can be read by every process.
@@ -139,7 +139,7 @@ class FeatureExtractor:
       if n < self._local_batch:  # Pad the last batch; the padding is dropped below.
         batch = np.concatenate([batch, np.zeros((self._local_batch - n, *batch.shape[1:]),
                                                 batch.dtype)])
-      result = _forward(self._state, self._global(batch), self._global(valid),
+      result = inception_forward(self._state, self._global(batch), self._global(valid),
                         graphdef=self._graphdef, out_sharding=self._replicated)
       if pending is not None:  # Fetch the previous batch while this one runs.
         outputs.append(jax.device_get(pending))

@@ -103,12 +103,16 @@ def _cudnn_attention_available() -> bool:
     return False
 
 
-def resolve_attention(implementation: str, dtype=jnp.float32) -> str:
-  """Maps `config.model.attention` to the implementation used on this backend and dtype."""
+def resolve_attention(implementation: str, dtype=jnp.float32, platform: str | None = None) -> str:
+  """Maps `config.model.attention` to the implementation used on a platform and dtype.
+
+  `platform` ("cpu", "gpu", "tpu") is where the program will run: by default JAX's default
+  backend; a TPU plan compiled on a CPU machine (`diffit_jax.plan`) names "tpu".
+  """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention={implementation!r}; use one of "
                      f"{list(ATTENTION_IMPLEMENTATIONS)}.")
-  backend = jax.default_backend()
+  backend = platform or jax.default_backend()
   if implementation == "auto":
     if backend == "cpu":
       return "einsum"
