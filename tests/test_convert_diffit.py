@@ -143,7 +143,7 @@ def test_guided_forward_matches_reference(converted, scale, schedule):
     ref = converted.torch.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
                                            torch.cat([y, null]), scale, schedule=schedule)
   ref = nhwc(ref)  # (2B, H, W, 8): [cond half; uncond half]
-  guidance = Guidance(scale=scale, schedule=schedule, power=4.0, channels=3,
+  guidance = Guidance(scale=scale, schedule=schedule, power=4.0, channels=3, interval=None,
                       null_class=NUM_CLASSES, num_timesteps=1000)
   w = guidance_weight(guidance, t=jnp.asarray(t.numpy()))
   out = np.asarray(cfg_forward(converted.apply, converted.params, jnp.asarray(nhwc(x)),

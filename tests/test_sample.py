@@ -339,13 +339,13 @@ def test_cli_grid_scale_and_progress_lines(conditional_checkpoint, tmp_path):
 
 def test_runlocal_shrinks_only_the_training_grids():
   """A `:runlocal` run's saved config.sampler is what `sample --workdir` should use."""
-  from diffit_jax import inference
+  from diffit_jax.diffusion import SamplerConfig
   for name, steps in (("mnist_demo", 12), ("cifar10", 18), ("ffhq64", 40),
                       ("imagenet256_latent", 250), ("imagenet512_latent", 250)):
     full = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
     local = load_config(os.path.join(ROOT, "configs", f"{name}.py:runlocal"))
     assert local.sampler.to_dict() == full.sampler.to_dict(), name
-    assert inference.sampler_config(local).steps == steps, name
+    assert SamplerConfig.from_config(local).steps == steps, name
     assert 0 < local.sample_grid.num_steps < steps, name
 
 

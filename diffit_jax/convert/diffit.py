@@ -293,8 +293,8 @@ def resolve_config(detected: dict[str, Any], guessed: set[str],
     spec = config if isinstance(config, str) else "the given config"
     config = load_config(config) if isinstance(config, str) else config
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-    if config.model.get("name") != "latent":
-      raise ConversionError(f"{spec} describes a {config.model.get('name')!r} model; official "
+    if config.model.name != "latent":
+      raise ConversionError(f"{spec} describes a {config.model.name!r} model; official "
                             "DiffiT checkpoints are latent models. Pass a latent config or none.")
     have = model_fields(config.model)
     diff = [f"  {k}: file {detected[k]!r}, config {have[k]!r}" for k in detected
@@ -402,7 +402,7 @@ def official_buffers(model_config: Any) -> dict[str, np.ndarray]:
   `relative_position_index` (w^2, w^2) int64 (PyTorch's index dtype)."""
   sizes = models.latent_sizes(model_config)
   grid = model_config.input_size // sizes["patch_size"]
-  window = model_config.get("window_size") or grid
+  window = model_config.window_size or grid
   buffers = {POS_EMBED: sincos_pos_embed_2d(sizes["hidden_size"], grid)[None]}  # (1, N, D)
   index = relative_position_index(window).astype(np.int64)  # (w^2, w^2)
   buffers.update({f"blocks.{i}.{RPI_SUFFIX}": index for i in range(sizes["depth"])})
@@ -465,8 +465,7 @@ def load_diffit(path: str, *, dtype: str | None = None,
   Returns:
     (model, config): the network with the converted weights and the stored experiment config.
   """
-  metadata = checkpoint.load_metadata(path, kind="diffit")
-  config = ml_collections.ConfigDict(metadata["config"])
+  config = checkpoint.converted_config(path)
   if dtype is not None:
     config.model.dtype = dtype
   abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))

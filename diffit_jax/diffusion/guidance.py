@@ -43,13 +43,13 @@ class Guidance(NamedTuple):
     null_class: label of the unconditional class (num_classes; 1000 on ImageNet).
     num_timesteps: T of the original process in the power-cosine formula.
   """
-  scale: float = 1.0
-  schedule: str = "constant"
-  power: float = 4.0
-  channels: int | None = 3
-  interval: tuple[float, float] | None = None
-  null_class: int = 1000
-  num_timesteps: int = 1000
+  scale: float
+  schedule: str
+  power: float
+  channels: int | None
+  interval: tuple[float, float] | None
+  null_class: int
+  num_timesteps: int
 
   @property
   def active(self) -> bool:
