@@ -1,6 +1,8 @@
 """Checkpoints: one small module over Orbax.
 
-Two kinds of checkpoint live here:
+This module is the one door to what training and the converters write: it alone opens
+Orbax checkpoint managers, reads a run's config.json and a checkpoint's metadata, and finds
+the newest intact checkpoint. Two kinds of checkpoint live here:
   * weights-only checkpoints (`save_weights` / `load_weights`): a pytree of arrays
     plus a JSON metadata file (the model config, where the weights came from).
     Converters write these; the sampler and evaluator read them, and
@@ -26,6 +28,10 @@ before the rename, so it is committed with the checkpoint. Restores check it: a
 checkpoint whose files changed on disk (a flipped byte, a truncated or deleted file)
 is skipped for the newest one that is intact, and set aside in
 WORKDIR/rejected_checkpoints/.
+
+The configs saved with weights (`read_run_config`, `recover_run_config`, `converted_config`,
+the config `load_run_params` returns) are read back through the schema
+(`config_lib.from_saved`), so one written before a field existed has the field's default.
 """
 
 from __future__ import annotations
@@ -132,18 +138,20 @@ def load_metadata(path: str, kind: str | None = None) -> dict:
   return metadata
 
 
-def load_weights(path: str, target: Any = None) -> tuple[Any, dict]:
+def load_weights(path: str, target: Any = None, *, kind: str | None = None
+                 ) -> tuple[Any, dict]:
   """Loads a weights checkpoint written by `save_weights`.
 
   Args:
     path: the checkpoint folder.
     target: optional pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings)
       giving the structure, dtypes and placement to restore into.
+    kind: as for `load_metadata`: refuse a checkpoint of another kind before reading it.
 
   Returns:
     (tree, metadata).
   """
-  metadata = load_metadata(path)
+  metadata = load_metadata(path, kind=kind)
   checkpointer = ocp.StandardCheckpointer()
   weights = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
   tree = checkpointer.restore(weights, target) if target is not None else checkpointer.restore(weights)

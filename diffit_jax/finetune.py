@@ -160,7 +160,7 @@ def read_architecture(spec: str, weights: str = "ema") -> Any:
   try:
     header = safetensors_io.strip_prefixes(safetensors_io.read_safetensors_header(path))
     detected, guessed = convert_diffit.detect_model(header, path)
-    return convert_diffit.resolve_config(detected, guessed, None, path).model
+    return convert_diffit.config_for(detected, guessed, None, path).model
   except safetensors_io.ConversionError as e:
     raise IncompatibleSourceError(f"config.init_from={spec}: {e}") from e
 
@@ -194,7 +194,7 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
           f" at step {step}" if step is not None else " (newest checkpoint)")
     elif kind == "converted":
       model = _converted_config(path, spec).model
-      tree, _ = checkpoint_lib.load_weights(path)
+      tree, _ = checkpoint_lib.load_weights(path, kind="diffit")
       what = f"the converted checkpoint {path}"
     else:
       tree, config, _ = convert_diffit.convert_diffit(path)

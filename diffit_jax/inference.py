@@ -205,7 +205,7 @@ def load_params(workdir: str | None, checkpoint_path: str | None) -> tuple[dict,
   """(params, step): a training workdir's newest EMA and its step, or a converted weights
   checkpoint's parameters and None. Host arrays; `place_params` puts them on devices."""
   if not workdir:
-    return checkpoint.load_weights(checkpoint_path)[0], None
+    return checkpoint.load_weights(checkpoint_path, kind="diffit")[0], None
   step = checkpoint.latest_step(workdir)  # None: load_run_params says what is missing
   # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
   return checkpoint.load_run_params(workdir, step)[0], step

@@ -2,11 +2,11 @@
 
 This file owns converting NVIDIA's official latent DiffiT state dicts (`diffit_256.safetensors`,
 `diffit_512.safetensors`; layout and forward math in `docs/official_checkpoint.md`)
-into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT`, the
-official-key <-> parameter-path mapping that the exporter (`export.py`) shares, and loading
-the result (`load_diffit`). The file is read without PyTorch; the model (resolution, depth,
-width, heads, patch, window, classes, learned sigma) is detected from tensor shapes, and the
-matching experiment config (`configs/imagenet256_latent.py` for 32x32 latents,
+into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT` and the
+official-key <-> parameter-path mapping that the exporter (`export.py`) shares;
+`diffit_jax.inference.load(checkpoint=DIR)` loads the result. The file is read without
+PyTorch; the model (resolution, depth, width, heads, patch, window, classes, learned sigma) is
+detected from tensor shapes, and the matching experiment config (`configs/imagenet256_latent.py` for 32x32 latents,
 `configs/imagenet512_latent.py` for 64x64) travels with the weights, so
 `python -m diffit_jax.sample --checkpoint=DIR` needs nothing else.
 
@@ -25,7 +25,6 @@ import os
 import re
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -37,7 +36,7 @@ from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, defi
                                                output_path, read_safetensors, strip_prefixes,
                                                torch_shape_of_flax, torch_to_flax)
 from diffit_jax.models.embeddings import sincos_pos_embed_2d
-from diffit_jax.models.latent import LATENT_SIZES, PATCH_SIZES, LatentDiffiT
+from diffit_jax.models.latent import LATENT_SIZES, PATCH_SIZES
 from diffit_jax.models.tmsa import relative_position_index
 
 # The experiment config of each released resolution, by latent side.
@@ -118,7 +117,7 @@ def convert_diffit(src: str, *, config: str | ml_collections.ConfigDict | None =
   print(f"  {len(state)} tensors ({', '.join(dtypes)}); detected {describe(detected)}")
   if dtypes != ["float32"]:
     print("  NOTE: parameters are stored as float32 (the file's lower precision is upcast).")
-  config = resolve_config(detected, guessed, config, src)
+  config = config_for(detected, guessed, config, src)
   model_config = config.model
 
   expected = expected_tensors(model_config)
@@ -271,7 +270,7 @@ def _default_config_path(input_size: int) -> str:
   return os.path.join(shipped_configs_dir(), BASE_CONFIGS.get(input_size, BASE_CONFIGS[32]))
 
 
-def resolve_config(detected: dict[str, Any], guessed: set[str],
+def config_for(detected: dict[str, Any], guessed: set[str],
                    config: str | ml_collections.ConfigDict | None = None,
                    source: str = "the checkpoint") -> ml_collections.ConfigDict:
   """The experiment config to store with converted weights.
@@ -443,35 +442,3 @@ def _check_buffers(model_config: Any, state: dict[str, np.ndarray], source: str)
   if problems:
     raise ConversionError(f"{source} has buffers that do not match the official model:\n"
                           + "\n".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a converted checkpoint.
-# ----------------------------------------------------------------------------------------------
-
-
-def load_diffit(path: str, *, dtype: str | None = None,
-                sharding: jax.sharding.Sharding | None = None
-                ) -> tuple[LatentDiffiT, ml_collections.ConfigDict]:
-  """Rebuilds the latent DiffiT of a checkpoint written by `python -m diffit_jax.convert diffit`.
-
-  Args:
-    path: the checkpoint folder.
-    dtype: compute dtype ("float32" or "bfloat16"); default: the stored config's.
-      Parameters stay float32.
-    sharding: where to place every parameter (e.g. replicated over a data-parallel mesh:
-      `NamedSharding(mesh, P())`); default: the default device.
-
-  Returns:
-    (model, config): the network with the converted weights and the stored experiment config.
-  """
-  config = checkpoint.converted_config(path)
-  if dtype is not None:
-    config.model.dtype = dtype
-  abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        nnx.to_pure_dict(state))
-  params, _ = checkpoint.load_weights(path, target=target)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), config

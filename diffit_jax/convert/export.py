@@ -137,7 +137,7 @@ def _load_source(src: str, config_spec: str | None, step: int | None
       raise ConversionError(str(e)) from None
     if step is not None:
       raise ConversionError("--step applies to training workdirs, not to a weights checkpoint.")
-    params, _ = checkpoint.load_weights(src)
+    params, _ = checkpoint.load_weights(src, kind="diffit")
   else:
     params, saved = checkpoint.load_run_params(src, step)  # FileNotFoundError if not a run
   config = load_config(config_spec) if config_spec else saved

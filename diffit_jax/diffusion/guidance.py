@@ -167,7 +167,8 @@ def forward_with_cfg(net: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
   scale 4.4, DiffiT-512 "constant" with 1.49.
 
   Args:
-    net: the network, `net(x, t, y)` (e.g. a model from `convert.diffit.load_diffit`).
+    net: the network, `net(x, t, y)` (e.g. `nnx.merge(pipe.graphdef, params)` of what
+      `inference.load` returns).
     x: (2B, H, W, C) inputs; x[B:] is ignored (the release passes a copy of x[:B]).
     t: (2B,) ORIGINAL timestep indices.
     y: (2B,) labels: B class labels, then B null labels.
