@@ -6,8 +6,9 @@ into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT` 
 official-key <-> parameter-path mapping that the exporter (`export.py`) shares;
 `diffit_jax.inference.load(checkpoint=DIR)` loads the result. The file is read without
 PyTorch; the model (resolution, depth, width, heads, patch, window, classes, learned sigma) is
-detected from tensor shapes, and the matching experiment config (`configs/imagenet256_latent.py` for 32x32 latents,
-`configs/imagenet512_latent.py` for 64x64) travels with the weights, so
+detected from tensor shapes, and the matching experiment config
+(`configs/imagenet256_latent.py` for 32x32 latents, `configs/imagenet512_latent.py` for 64x64)
+travels with the weights, so
 `python -m diffit_jax.sample --checkpoint=DIR` needs nothing else.
 
 Everything is read and checked before anything is written: missing, unexpected and wrongly

@@ -6,8 +6,9 @@ with Alg. 2's optional churn], Euler, and DPM-Solver++(2M) [Lu et al. 2022, Alg.
 classifier-free guidance (`guidance.py`). `SamplerConfig.from_config(config)` reads a run
 config's sampler settings (the schema in `config_lib` holds their defaults) and
 `make_sampler(settings, apply_fn, shape)` returns one `jax.jit`-compiled function per
-setting whose whole loop is a `lax.fori_loop` (no host round trips), with the batch sharded over the mesh's batch axes ("data" and, when the mesh has
-it, "fsdp": `diffit_jax.sharding.BATCH_AXES`).
+setting whose whole loop is a `lax.fori_loop` (no host round trips), with the batch sharded
+over the mesh's batch axes ("data" and, when the mesh has it, "fsdp":
+`diffit_jax.sharding.BATCH_AXES`).
 
 Model-function contract. `apply_fn(params, x, t_in, y) -> out` is a pure function:
   * x: (B, H, W, C) float32, NHWC.
