@@ -1,6 +1,8 @@
 """Checkpoints: one small module over Orbax.
 
-Two kinds of checkpoint live here:
+This module is the one door to what training and the converters write: it alone opens
+Orbax checkpoint managers, reads a run's config.json and a checkpoint's metadata, and finds
+the newest intact checkpoint. Two kinds of checkpoint live here:
   * weights-only checkpoints (`save_weights` / `load_weights`): a pytree of arrays
     plus a JSON metadata file (the model config, where the weights came from).
     Converters write these; the sampler and evaluator read them, and
@@ -26,6 +28,10 @@ before the rename, so it is committed with the checkpoint. Restores check it: a
 checkpoint whose files changed on disk (a flipped byte, a truncated or deleted file)
 is skipped for the newest one that is intact, and set aside in
 WORKDIR/rejected_checkpoints/.
+
+The configs saved with weights (`read_run_config`, `recover_run_config`, `converted_config`,
+the config `load_run_params` returns) are read back through the schema
+(`config_lib.from_saved`), so one written before a field existed has the field's default.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffit_jax import files, logging_utils
+from diffit_jax import config_lib, files, logging_utils
 
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
@@ -132,18 +138,20 @@ def load_metadata(path: str, kind: str | None = None) -> dict:
   return metadata
 
 
-def load_weights(path: str, target: Any = None) -> tuple[Any, dict]:
+def load_weights(path: str, target: Any = None, *, kind: str | None = None
+                 ) -> tuple[Any, dict]:
   """Loads a weights checkpoint written by `save_weights`.
 
   Args:
     path: the checkpoint folder.
     target: optional pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings)
       giving the structure, dtypes and placement to restore into.
+    kind: as for `load_metadata`: refuse a checkpoint of another kind before reading it.
 
   Returns:
     (tree, metadata).
   """
-  metadata = load_metadata(path)
+  metadata = load_metadata(path, kind=kind)
   checkpointer = ocp.StandardCheckpointer()
   weights = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
   tree = checkpointer.restore(weights, target) if target is not None else checkpointer.restore(weights)
@@ -596,8 +604,40 @@ def _restore_params(step_dir: str) -> dict:
 RUN_WEIGHTS = ("ema", "params")  # which weights of a training run `load_run_params` reads
 
 
+def is_run(path: str) -> bool:
+  """Whether `path` is a training workdir (it has a checkpoints/ folder)."""
+  return os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_DIR))
+
+
+def is_weights_checkpoint(path: str) -> bool:
+  """Whether `path` is a weights checkpoint written by `save_weights` (a converter's)."""
+  return os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def _newest_intact(directory: str, steps: list[int], items: tuple[str, ...],
+                   read: Callable[[int], Any]) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """The newest of `steps` whose `items` pass its integrity record and that `read` loads.
+
+  Returns:
+    (step, read(step), skipped), or (None, None, skipped) if none does; skipped holds
+    (step, why) of each newer one passed over. A checkpoint without a record (written by
+    an older diffit_jax) is read unchecked.
+  """
+  skipped = []
+  for step in sorted(steps, reverse=True):
+    step_dir = os.path.join(directory, str(step))
+    why = verify_integrity(step_dir, items) if has_integrity_record(step_dir) else None
+    if why is None:
+      try:
+        return step, read(step), skipped
+      except Exception as e:  # pylint: disable=broad-except  (the caller reports it)
+        why = f"it does not load ({_first_line(e)})"
+    skipped.append((step, why))
+  return None, None, skipped
+
+
 def load_run_params(workdir: str, step: int | None = None, *, which: str = "ema"
-                    ) -> tuple[dict, dict]:
+                    ) -> tuple[dict, config_lib.ConfigDict]:
   """The weights of a training run, for samplers, exporters and fine-tuning.
 
   The files read are checked against the checkpoint's integrity record first.
@@ -612,7 +652,8 @@ def load_run_params(workdir: str, step: int | None = None, *, which: str = "ema"
   Returns:
     (params, config): the parameters as a pure nested dict of host numpy arrays (the
     structure of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; put them into a model
-    with `nnx.replace_by_pure_dict`), and the run's resolved config as a dict.
+    with `nnx.replace_by_pure_dict`), and the run's resolved config, read through the
+    schema (`config_lib.from_saved`).
 
   Raises:
     CorruptCheckpointError: checkpoint `step` (or, with step None, every one) is broken.
@@ -620,7 +661,7 @@ def load_run_params(workdir: str, step: int | None = None, *, which: str = "ema"
   if which not in RUN_WEIGHTS:
     raise ValueError(f"which={which!r}; use one of {RUN_WEIGHTS}.")
   directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  if not is_run(workdir):
     raise FileNotFoundError(
         f"{workdir} holds no training checkpoints (no {TRAIN_CHECKPOINT_DIR}/ folder); pass "
         "the --workdir of a `python -m diffit_jax.main` run.")
@@ -657,38 +698,31 @@ def load_run_params(workdir: str, step: int | None = None, *, which: str = "ema"
       raise FileNotFoundError(f"{directory} has no finished checkpoint yet.")
     if step is not None and step not in steps:
       raise FileNotFoundError(f"{directory} has no checkpoint for step {step}; it has {steps}.")
-    broken = []  # (step, why)
-    for candidate in steps if step is None else [step]:
-      step_dir = os.path.join(directory, str(candidate))
-      item = STATE_ITEM if which == "params" else EMA_ITEM
-      why = (verify_integrity(step_dir, (item, CONFIG_ITEM))
-             if has_integrity_record(step_dir) else None)
-      if why is None:
-        try:
-          params, config = restore(candidate)
-          break
-        except Exception as e:  # pylint: disable=broad-except  (reported below)
-          why = f"it does not load ({_first_line(e)})"
-      logging.warning("Skipping checkpoint %s: %s.", step_dir, why)
-      broken.append((candidate, why))
-    else:
-      reasons = "; ".join(f"{s}: {why}" for s, why in broken)
-      raise CorruptCheckpointError(
-          f"No usable {'trained' if which == 'params' else 'EMA'} weights in {directory} "
-          f"({reasons}).")
+    item = STATE_ITEM if which == "params" else EMA_ITEM
+    found, restored, broken = _newest_intact(directory, steps if step is None else [step],
+                                             (item, CONFIG_ITEM), restore)
   finally:
     manager.close()
     logging.getLogger("absl").removeFilter(unread_items_note)
-  return _int_keys(params), dict(config)
+  for skipped, why in broken:
+    logging.warning("Skipping checkpoint %s: %s.", os.path.join(directory, str(skipped)), why)
+  if found is None:
+    reasons = "; ".join(f"{s}: {why}" for s, why in broken)
+    raise CorruptCheckpointError(
+        f"No usable {'trained' if which == 'params' else 'EMA'} weights in {directory} "
+        f"({reasons}).")
+  params, config = restored
+  return _int_keys(params), config_lib.from_saved(
+      dict(config), os.path.join(directory, str(found), CONFIG_ITEM))
 
 
 def latest_step(workdir: str) -> int | None:
   """The newest finished training checkpoint's step in `workdir` (None: there is none)."""
-  directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  if not is_run(workdir):
     return None
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True))
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     return manager.latest_step()
   finally:
@@ -696,43 +730,71 @@ def latest_step(workdir: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------
-# The config a run saved: WORKDIR/config.json, and a copy in each checkpoint.
+# The configs saved with weights: WORKDIR/config.json, a copy in each training checkpoint,
+# and a converted checkpoint's metadata. Each is read back through the schema
+# (`config_lib.from_saved`): a field it lacks takes the schema's default.
 
 
-def read_run_config(workdir: str) -> dict:
+def read_run_config(workdir: str) -> config_lib.ConfigDict:
   """WORKDIR/config.json: the resolved config a training run saved when it started.
 
   Raises:
     FileNotFoundError: there is none (a folder that is not a training run's).
     files.DamagedFileError: it does not parse; the message names it and what to do.
+    config_lib.ConfigError: it holds a field the schema does not declare.
   """
   path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE} (training writes it when it "
                             "starts); pass --config=THE_RUN'S_CONFIG.")
-  return files.read_json(path, advice=(
+  return config_lib.from_saved(files.read_json(path, advice=(
       "Pass --config=THE_RUN'S_CONFIG to use that config instead, or move the file aside and "
       f"resume the training run (python -m diffit_jax.main --workdir={workdir} ...), which "
-      "writes it again."))
+      "writes it again.")), path)
 
 
-def checkpointed_config(workdir: str) -> tuple[int, dict] | None:
-  """(step, config) of the newest checkpoint whose saved config is intact; None if none.
-
-  What a resumed run falls back on when WORKDIR/config.json is damaged or gone: each
-  checkpoint holds its own copy of the run config, covered by its integrity record.
-  """
+def _checkpointed_config(workdir: str) -> tuple[int, config_lib.ConfigDict] | None:
+  """(step, config) of the newest checkpoint whose saved config is intact; None if none."""
   directory = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return None
-  steps = sorted((int(e) for e in os.listdir(directory) if e.isdigit()), reverse=True)
-  for step in steps:
-    step_dir = os.path.join(directory, str(step))
-    if has_integrity_record(step_dir) and verify_integrity(step_dir, (CONFIG_ITEM,)):
-      continue
-    try:
-      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return step, dict(checkpointer.restore(epath.Path(step_dir) / CONFIG_ITEM))
-    except Exception:  # pylint: disable=broad-except  (an older or unreadable one)
-      continue
-  return None
+
+  def read(step: int) -> dict:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      return dict(checkpointer.restore(epath.Path(directory) / str(step) / CONFIG_ITEM))
+
+  steps = [int(e) for e in os.listdir(directory) if e.isdigit()]
+  step, config, _ = _newest_intact(directory, steps, (CONFIG_ITEM,), read)
+  if step is None:
+    return None
+  return step, config_lib.from_saved(config, os.path.join(directory, str(step), CONFIG_ITEM))
+
+
+def recover_run_config(workdir: str) -> tuple[config_lib.ConfigDict, str]:
+  """(config, where it was read) of the run in `workdir`: its config.json or, where that is
+  damaged or gone, the newest checkpoint's own copy (each checkpoint holds one, covered by
+  its integrity record), with a warning. What a resumed run or a fine-tuning source falls
+  back on.
+
+  Raises:
+    FileNotFoundError, files.DamagedFileError: no config.json and no checkpoint's copy.
+  """
+  try:
+    return read_run_config(workdir), os.path.join(workdir, CONFIG_FILE)
+  except (FileNotFoundError, files.DamagedFileError) as e:
+    saved = _checkpointed_config(workdir)
+    if saved is None:
+      raise
+    logging.warning("%s Using the config saved in checkpoint %d.", e, saved[0])
+    return saved[1], f"checkpoint {saved[0]} of {workdir}"
+
+
+def converted_config(path: str) -> config_lib.ConfigDict:
+  """The experiment config saved with a converted DiffiT checkpoint (`python -m
+  diffit_jax.convert diffit`), reading no weights.
+
+  Raises:
+    FileNotFoundError, WrongCheckpointError: see `load_metadata(path, kind="diffit")`.
+  """
+  return config_lib.from_saved(load_metadata(path, kind="diffit")["config"],
+                               os.path.join(path, METADATA_FILE))

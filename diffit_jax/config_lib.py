@@ -30,7 +30,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -182,6 +182,9 @@ def base_config(model: str = "image") -> ConfigDict:
       sigma_max=80.0,              # edm only
       rho=7.0,                     # edm only: time-step spacing exponent
       churn=0.0,                   # edm only: stochasticity (S_churn)
+      churn_tmin=0.0,              # edm only: churn where churn_tmin <= sigma <= churn_tmax
+      churn_tmax=0.0,              # edm only: (S_tmin, S_tmax); 0: no upper bound
+      churn_noise=1.0,             # edm only: the churn's noise scale (S_noise)
       eta=0.0,                     # adm only: DDIM's eta
       clip_denoised=False,         # adm only: clip x0 to [-1, 1]
       guidance=ConfigDict(dict(
@@ -189,6 +192,7 @@ def base_config(model: str = "image") -> ConfigDict:
           schedule="constant",     # "constant" | "power_cosine"
           power=4.0,               # power_cosine only: its exponent
           channels=0,              # guide only the first N channels (0: all)
+          interval=(),             # (lo, hi): guide only where lo < sigma <= hi; (): always
       )),
   ))
   config.log_every_steps = 100
@@ -251,13 +255,8 @@ def unknown_field(path: str, declared: list[str], model: str) -> ConfigError:
   return ConfigError(f"{path} is not a field{where}{hint}")
 
 
-def check_config(config: Any) -> None:
-  """Raises ConfigError unless `config` has exactly the fields of `base_config(model)`.
-
-  An unknown field is named with the closest declared one, e.g. "config.optimizer.learnig_rate
-  is not a field; did you mean config.optimizer.learning_rate?".
-  """
-  model = config.model.name if "model" in config and "name" in config.model else "image"
+def _check_declared(config: Any, model: str) -> None:
+  """Raises ConfigError for a field of `config` that `base_config(model)` does not declare."""
   have, want = field_paths(config), field_paths(base_config(model))
   for path, group in have.items():
     if path in want and want[path] == group:
@@ -268,10 +267,59 @@ def check_config(config: Any) -> None:
     if parent in have and parent not in want:
       continue  # reported for the parent
     raise unknown_field(path, list(want), model)
-  missing = [p for p in want if p not in have]
+
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError unless `config` has exactly the fields of `base_config(model)`.
+
+  An unknown field is named with the closest declared one, e.g. "config.optimizer.learnig_rate
+  is not a field; did you mean config.optimizer.learning_rate?".
+  """
+  model = config.model.name if "model" in config and "name" in config.model else "image"
+  _check_declared(config, model)
+  want = field_paths(base_config(model))
+  missing = [p for p in want if p not in field_paths(config)]
   if missing:
     raise ConfigError(f"{missing[0]} is missing: a config starts from "
                       "diffit_jax.config_lib.base_config(), which declares every field.")
+
+
+def from_saved(saved: Mapping[str, Any], source: str) -> ConfigDict:
+  """A config saved as JSON (a run's config.json, a checkpoint's copy), read back through the
+  schema.
+
+  A field the saved copy lacks (it was written before the field existed) takes the schema's
+  default; one the schema does not declare is refused, as `check_config` refuses it.
+
+  Args:
+    saved: the saved config, as `json.load` returns it.
+    source: where it was read, for messages.
+
+  Returns:
+    An unlocked config with every field of `base_config(model)`.
+
+  Raises:
+    ConfigError: a field the schema does not declare (named with `source`).
+  """
+  saved = ConfigDict(saved)
+  model = saved.model.name if "model" in saved and "name" in saved.model else "image"
+  try:
+    config = base_config(model)
+    _check_declared(saved, model)
+  except ConfigError as e:
+    raise ConfigError(f"{source}: {e}") from None
+
+  def fill(group: ConfigDict, values: ConfigDict, prefix: str) -> None:
+    for key in values.keys():
+      if isinstance(group[key], ConfigDict):
+        fill(group[key], values[key], f"{prefix}.{key}")
+        continue
+      try:
+        group[key] = values[key]  # JSON lists become the schema's tuples
+      except TypeError as e:
+        raise ConfigError(f"{source}: {prefix}.{key}={values[key]!r}: {e}") from None
+  fill(config, saved, "config")
+  return config
 
 
 # ----------------------------------------------------------------------------------------

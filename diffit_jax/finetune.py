@@ -58,7 +58,6 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import files
 from diffit_jax import models
 from diffit_jax.config_lib import ConfigError
 
@@ -93,20 +92,6 @@ class Source:
 # Reading a source.
 
 
-def _resumed_model(workdir: str) -> tuple[dict, str]:
-  """(config.model, where it was read) of the run in a workdir (the one this run resumes, or
-  a fine-tuning source): its config.json, or the newest checkpoint's own copy of the config
-  where that file is damaged or gone."""
-  try:
-    return checkpoint_lib.read_run_config(workdir)["model"], f"{workdir}/config.json"
-  except (FileNotFoundError, files.DamagedFileError) as e:
-    saved = checkpoint_lib.checkpointed_config(workdir)
-    if saved is None:
-      raise
-    logging.warning("%s Using the config saved in checkpoint %d.", e, saved[0])
-    return saved[1]["model"], f"checkpoint {saved[0]} of {workdir}"
-
-
 def _split_step(spec: str) -> tuple[str, int | None]:
   """"runs/a@500" -> ("runs/a", 500); a path without a numeric @suffix -> (path, None)."""
   path, at, step = spec.rpartition("@")
@@ -123,7 +108,7 @@ def _source_kind(spec: str, weights: str) -> tuple[str, int | None, str]:
   """
   path, step = _split_step(spec)
   field = f"config.init_from={spec}"
-  is_run = os.path.isdir(os.path.join(path, checkpoint_lib.TRAIN_CHECKPOINT_DIR))
+  is_run = checkpoint_lib.is_run(path)
   if weights == "params" and not is_run:
     raise IncompatibleSourceError(
         f"config.init_from_params='params' takes the raw weights of a training run, but "
@@ -131,7 +116,7 @@ def _source_kind(spec: str, weights: str) -> tuple[str, int | None, str]:
         "only); set config.init_from_params='ema'.")
   if is_run:
     kind = "run"
-  elif os.path.isfile(os.path.join(path, checkpoint_lib.METADATA_FILE)):
+  elif checkpoint_lib.is_weights_checkpoint(path):
     kind = "converted"
   elif path.endswith(".safetensors") or os.path.isfile(path):
     kind = "official"
@@ -143,10 +128,10 @@ def _source_kind(spec: str, weights: str) -> tuple[str, int | None, str]:
   return path, step, kind
 
 
-def _converted_metadata(path: str, spec: str) -> dict:
-  """The metadata of a converted DiffiT checkpoint (`IncompatibleSourceError`: another kind)."""
+def _converted_config(path: str, spec: str) -> ml_collections.ConfigDict:
+  """The config of a converted DiffiT checkpoint (`IncompatibleSourceError`: another kind)."""
   try:
-    return checkpoint_lib.load_metadata(path, kind="diffit")
+    return checkpoint_lib.converted_config(path)
   except checkpoint_lib.WrongCheckpointError as e:
     raise IncompatibleSourceError(f"config.init_from={spec}: {e}") from None
 
@@ -162,19 +147,20 @@ def read_architecture(spec: str, weights: str = "ema") -> Any:
     IncompatibleSourceError: see `_source_kind`; a file whose header is not an official
       latent DiffiT's.
     FileNotFoundError, files.DamagedFileError: a workdir without a readable config.
+    ConfigError: a saved config with a field the schema does not declare.
   """
   from diffit_jax.convert import diffit as convert_diffit  # pylint: disable=g-import-not-at-top
   from diffit_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
 
   path, _, kind = _source_kind(spec, weights)
   if kind == "run":  # one run, one architecture: its config.json (or a checkpoint's copy)
-    return ml_collections.ConfigDict(_resumed_model(path)[0])
+    return checkpoint_lib.recover_run_config(path)[0].model
   if kind == "converted":
-    return ml_collections.ConfigDict(_converted_metadata(path, spec)["config"]["model"])
+    return _converted_config(path, spec).model
   try:
     header = safetensors_io.strip_prefixes(safetensors_io.read_safetensors_header(path))
     detected, guessed = convert_diffit.detect_model(header, path)
-    return convert_diffit.resolve_config(detected, guessed, None, path).model
+    return convert_diffit.config_for(detected, guessed, None, path).model
   except safetensors_io.ConversionError as e:
     raise IncompatibleSourceError(f"config.init_from={spec}: {e}") from e
 
@@ -203,13 +189,12 @@ def read_source(spec: str, weights: str = "ema") -> tuple[dict[tuple, np.ndarray
   try:
     if kind == "run":
       tree, config = checkpoint_lib.load_run_params(path, step, which=weights)
-      model = ml_collections.ConfigDict(config["model"])
+      model = config.model
       what = f"{'raw' if weights == 'params' else 'EMA'} weights of the run {path}" + (
           f" at step {step}" if step is not None else " (newest checkpoint)")
     elif kind == "converted":
-      metadata = _converted_metadata(path, spec)
-      tree, _ = checkpoint_lib.load_weights(path)
-      model = ml_collections.ConfigDict(metadata["config"]["model"])
+      model = _converted_config(path, spec).model
+      tree, _ = checkpoint_lib.load_weights(path, kind="diffit")
       what = f"the converted checkpoint {path}"
     else:
       tree, config, _ = convert_diffit.convert_diffit(path)
@@ -270,7 +255,7 @@ def _name(path: tuple) -> str:
 def _architecture(model_config: Any) -> dict[str, Any]:
   """The fields of a `config.model` that shape the network, sizes resolved, for messages."""
   fields = dict(model_config)
-  if fields.get("name") == "latent":
+  if fields["name"] == "latent":
     fields.update(models.latent_sizes(model_config))
     fields.pop("variant")
   return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()
@@ -309,9 +294,9 @@ def fit(source: dict[tuple, np.ndarray], source_model: Any, run_model: Any, *,
   Raises:
     IncompatibleSourceError: a tensor that cannot be adapted (all of them named).
   """
-  if source_model.get("name") != run_model.name:
+  if source_model.name != run_model.name:
     raise IncompatibleSourceError(
-        f"config.init_from={spec} is a {source_model.get('name')!r} DiffiT but this run "
+        f"config.init_from={spec} is a {source_model.name!r} DiffiT but this run "
         f"trains a {run_model.name!r} one; use a config of the source's kind.")
   shapes = target_shapes(run_model)
   out, adapted, problems = {}, [], []
@@ -386,7 +371,8 @@ def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
   if not config.init_from:
     return []
   if workdir and checkpoint_lib.latest_step(workdir) is not None:
-    source_model, what = _resumed_model(workdir)
+    saved, what = checkpoint_lib.recover_run_config(workdir)
+    source_model = saved.model
   else:
     source_model = read_architecture(config.init_from, config.init_from_params)
     what = f"config.init_from={config.init_from}"

@@ -4,12 +4,12 @@ The trainer's sample grids and periodic FID, `python -m diffit_jax.sample` and t
 all sample through this module, so the same weights, seed and labels give the same images
 everywhere:
 
-  sampler_config(config)      `config.sampler` (with the model and diffusion) as the
-                              `diffusion.SamplerConfig` the compiled sampler takes
   apply_fn / nnx_apply_fn     a network as the sampler's pure `apply_fn(params, x, t, y)`
   make_decoder                sampler output -> uint8 NHWC images (through the VAE for latent
                               models), with one rounding rule (`uint8_rounding`)
-  Pipeline                    the compiled sampler and the decoder: `images(params, ...)`
+  Pipeline                    the compiled sampler of `config.sampler`
+                              (`diffusion.SamplerConfig.from_config`) and the decoder:
+                              `images(params, ...)`
   resolve_config, load_params, place_params, load
                               a training workdir's or a converted checkpoint's config and
                               weights, checked against the network and placed on the mesh
@@ -31,50 +31,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffit_jax import checkpoint, diffusion, models
+from diffit_jax import checkpoint, models
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.diffusion import samplers
 from diffit_jax.models import apply_fn, nnx_apply_fn  # the samplers' apply_fn(params, x, t, y)
 from diffit_jax.utils import to_uint8
 
 
-
 # ----------------------------------------------------------------------------------------
-# Config -> sampler, network -> apply_fn.
-
-
-def sampler_config(config: ml_collections.ConfigDict, *,
-                   num_steps: int | None = None) -> samplers.SamplerConfig:
-  """The `diffusion.SamplerConfig` that `config.sampler` (with the model and diffusion) means.
-
-  This is the only mapping from the experiment config to the sampler; the configs in
-  `configs/` hold the paper's and the release's settings (e.g. `imagenet256_latent.py`: 250
-  DDPM steps, power-cosine guidance 4.4 on 3 channels).
-
-  Args:
-    config: the experiment config.
-    num_steps: overrides `config.sampler.num_steps` (the trainer's quick grids).
-
-  `config.sampler.guidance.channels = 0` guides every prediction channel;
-  `config.sampler.respacing` (ADM only: "250", "ddim25", "10,15,20") replaces num_steps.
-  """
-  s, dif = config.sampler, config.diffusion
-  g = s.guidance
-  kwargs = dict(name=s.name, num_steps=int(num_steps or s.num_steps),
-                guidance_scale=float(g.scale), guidance_schedule=g.schedule,
-                guidance_power=float(g.power), guidance_channels=int(g.channels) or None,
-                num_classes=int(config.model.num_classes) or None)
-  if dif.name == "edm":
-    kwargs.update(formulation="edm", sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max),
-                  rho=float(s.rho), s_churn=float(s.churn), sigma_data=float(dif.sigma_data),
-                  respacing=s.get("respacing", ""))
-  else:
-    kwargs.update(formulation="adm", beta_schedule=dif.beta_schedule,
-                  diffusion_steps=int(dif.num_timesteps), pred_type=dif.prediction,
-                  var_type=diffusion.from_config(config).var_type,  # as the loss trains it
-                  eta=float(s.eta), clip_denoised=bool(s.clip_denoised),
-                  respacing="" if num_steps else s.get("respacing", ""))
-  return samplers.SamplerConfig(**kwargs)
+# The network from shapes.
 
 
 def abstract_network(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
@@ -154,14 +119,14 @@ class Pipeline:
                graphdef: Any = None, vae: str | None = None, require_vae: bool = True,
                num_steps: int | None = None, decoder: tuple[Any, Any] | None = None):
     self.config = config
-    self.mesh = mesh if mesh is not None else sharding_lib.create_mesh(config.get("mesh"))
+    self.mesh = mesh if mesh is not None else sharding_lib.create_mesh(config.mesh)
     self.graphdef = graphdef if graphdef is not None else abstract_network(config)[0]
     self.sampler = samplers.make_sampler(
-        sampler_config(config, num_steps=num_steps), apply_fn(self.graphdef),
+        samplers.SamplerConfig.from_config(config, num_steps=num_steps), apply_fn(self.graphdef),
         models.input_shape(config.model)[1:], mesh=self.mesh)
     self._require_vae = require_vae
     self.decode, self.vae_params = decoder or make_decoder(
-        config, vae if vae is not None else config.get("vae"),
+        config, vae if vae is not None else config.vae,
         sharding_lib.replicated(self.mesh), require_vae=require_vae)
 
   def with_num_steps(self, num_steps: int | None) -> "Pipeline":
@@ -226,7 +191,8 @@ def flat_dict(tree: Any) -> dict[str, Any]:
 def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None,
                    checkpoint_path: str | None) -> ml_collections.ConfigDict:
   """The experiment config: given, or the one the run saved (WORKDIR/config.json), or the
-  one saved with a converted checkpoint (cheap: no weights are read)."""
+  one saved with a converted checkpoint (cheap: no weights are read); a saved one is read
+  through the schema, so a field it lacks has the schema's default."""
   if bool(workdir) == bool(checkpoint_path):
     raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint "
                      "(a converted weights checkpoint).")
@@ -234,18 +200,17 @@ def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None
     return config
   if workdir:
     try:
-      return ml_collections.ConfigDict(checkpoint.read_run_config(workdir))
+      return checkpoint.read_run_config(workdir)
     except FileNotFoundError as e:
       raise ValueError(str(e)) from None
-  metadata = checkpoint.load_metadata(checkpoint_path, kind="diffit")
-  return ml_collections.ConfigDict(metadata["config"])
+  return checkpoint.converted_config(checkpoint_path)
 
 
 def load_params(workdir: str | None, checkpoint_path: str | None) -> tuple[dict, int | None]:
   """(params, step): a training workdir's newest EMA and its step, or a converted weights
   checkpoint's parameters and None. Host arrays; `place_params` puts them on devices."""
   if not workdir:
-    return checkpoint.load_weights(checkpoint_path)[0], None
+    return checkpoint.load_weights(checkpoint_path, kind="diffit")[0], None
   step = checkpoint.latest_step(workdir)  # None: load_run_params says what is missing
   # The step is pinned so that a checkpoint finishing meanwhile cannot change it.
   return checkpoint.load_run_params(workdir, step)[0], step

@@ -111,7 +111,7 @@ def sampler(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, *,
   """
   config = for_mesh(config, mesh)
   graphdef, state = inference.abstract_network(config)
-  s = samplers.make_sampler(inference.sampler_config(config, num_steps=num_steps),
+  s = samplers.make_sampler(samplers.SamplerConfig.from_config(config, num_steps=num_steps),
                             models.apply_fn(graphdef), models.input_shape(config.model)[1:],
                             mesh=mesh)
   batch = jax.sharding.NamedSharding(mesh, samplers.batch_spec(mesh))

@@ -209,7 +209,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     raise ValueError("--num_samples and --batch_size must be positive.")
   if grid_scale < 0:
     raise ValueError(f"--grid_scale={grid_scale}: use a positive scale, or 0 for automatic.")
-  all_labels = draw_labels(labels, num_samples, config.model.get("num_classes", 0), seed)
+  all_labels = draw_labels(labels, num_samples, config.model.num_classes, seed)
   if dry_run_tpu:
     from diffit_jax import plan  # pylint: disable=g-import-not-at-top
     for line in plan.tpu_sampling_report(config, dry_run_tpu, batch_size,
@@ -225,7 +225,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   # One writer per --out: a second sampler into the same folder is refused here.
   with checkpoint.lock_for_run(out, what="sampler", advice="pass another --out"):
     try:
-      mesh = sharding_lib.create_mesh(config.get("mesh"))
+      mesh = sharding_lib.create_mesh(config.mesh)
     except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
       print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
             "instead.", flush=True)

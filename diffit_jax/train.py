@@ -138,7 +138,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for group, check in (
       ("model", lambda: models.model_kwargs(config.model)),
       ("sampler", lambda: diffusion.samplers.validate(
-          inference.sampler_config(config), models.input_shape(config.model)[1:]))):
+          diffusion.SamplerConfig.from_config(config), models.input_shape(config.model)[1:]))):
     try:
       check()
     except ValueError as e:
@@ -384,7 +384,7 @@ class SampleWriter:
       self.rows = max(1, int(math.sqrt(self.num)))
     self.seed = int(grid.seed)
     self.scale = int(grid.scale)
-    self.pipeline = pipeline.with_num_steps(int(grid.get("num_steps", 0)))
+    self.pipeline = pipeline.with_num_steps(int(grid.num_steps))
     self.folder = os.path.join(workdir, SAMPLES_DIR)
 
   def __call__(self, ema_params: Any, step: int) -> str:
@@ -524,13 +524,16 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
   new = _config_json(config)
   try:
-    old = checkpoint_lib.read_run_config(workdir)
+    old = _config_json(checkpoint_lib.read_run_config(workdir))
   except FileNotFoundError:
     old = None
   except files.DamagedFileError as e:
     old = None
     logging.warning("%s; moved it to %s and wrote this run's config in its place.", e.problem,
                     files.move_aside(path))
+  except config_lib.ConfigError as e:  # written by a diffit_jax with other fields
+    old = None
+    logging.warning("%s; writing this run's config in its place.", e)
   if old is not None:
     flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (
         flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}

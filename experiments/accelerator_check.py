@@ -235,8 +235,7 @@ def run_jax_sample(case: dict, s: dict) -> dict[str, Any]:
   mesh = bench_jax.benchmark_mesh(argparse.Namespace(num_devices=1))
   b = s["sample_batch"] * case.get("batch_mult", 1)
   sampler = samplers.make_sampler(
-      samplers.SamplerConfig.from_config(
-          bench_sampler.official_ddpm(s["sample_steps"], config.num_classes)),
+      bench_sampler.official_ddpm(s["sample_steps"], config.num_classes),
       apply_fn, (s["input_size"], s["input_size"], 4), mesh=mesh)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, config.num_classes, b).astype(np.int32)

@@ -36,10 +36,20 @@ def official_ddpm(num_steps: int, num_classes: int) -> samplers.SamplerConfig:
   """The released ImageNet-256 sampler as the shipped config has it (DDPM, power-cosine
   guidance w = 4.4 with exponent 4 on 3 channels), with `num_steps` steps (250 in the
   release) for a network of `num_classes` classes."""
-  from diffit_jax import inference  # pylint: disable=g-import-not-at-top
   from diffit_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
-  released = inference.sampler_config(load_config("imagenet256_latent"))
+  released = samplers.SamplerConfig.from_config(load_config("imagenet256_latent"))
   return dataclasses.replace(released, num_steps=num_steps, num_classes=num_classes)
+
+
+def edm_heun(num_steps: int, num_classes: int) -> samplers.SamplerConfig:
+  """EDM's Heun sampler [EDM Alg. 1] with the schema's EDM settings (no guidance, no churn)
+  and `num_steps` steps (18 in EDM) for a network of `num_classes` classes."""
+  from diffit_jax.config_lib import base_config  # pylint: disable=g-import-not-at-top
+  config = base_config("latent")
+  config.diffusion.name, config.sampler.name = "edm", "heun"
+  config.sampler.guidance.scale = 1.0
+  config.model.num_classes = num_classes
+  return samplers.SamplerConfig.from_config(config, num_steps=num_steps)
 
 
 def trivial_network(adm: bool) -> samplers.ApplyFn:
@@ -85,15 +95,11 @@ def benchmark_sampler(args: argparse.Namespace, mesh) -> dict:
                           OFFICIAL_DDPM_STEPS),
       # EDM's Heun sampler [EDM Alg. 1]; the latent network takes c_noise as its time input,
       # which costs the same as a timestep index.
-      "edm_heun_18": (
-          dict(name="heun", formulation="edm", num_steps=args.heun_steps,
-               num_classes=config.num_classes),
-          OFFICIAL_HEUN_STEPS),
+      "edm_heun_18": (edm_heun(args.heun_steps, config.num_classes), OFFICIAL_HEUN_STEPS),
   }
   result: dict[str, Any] = dict(variant=args.sampler_variant, batch_size=b,
                                 load_average_start=load_average())
-  for key, (cfg_dict, official_steps) in settings.items():
-    cfg = samplers.SamplerConfig.from_config(cfg_dict)
+  for key, (cfg, official_steps) in settings.items():
     adm = cfg.formulation == "adm"
     # The EDM formulation reads the eps channels only (no learned variance).
     net_fn = apply_fn if adm else (lambda p, x, t, y: apply_fn(p, x, t, y)[..., :c])

@@ -17,6 +17,7 @@ Run from the repository root: .venv/bin/python experiments/sampler_overhead.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -25,26 +26,36 @@ import numpy as np
 from flax import nnx
 
 from diffit_jax import models
+from diffit_jax.config_lib import load_config
 from diffit_jax.diffusion import samplers
 
 from bench_common import (RESULTS_DIR, local_runners, machine_info, time_interleaved,
                           write_json)
-from bench_sampler import network_only_loop, trivial_network
+from bench_sampler import edm_heun, network_only_loop, trivial_network
 
 RESULTS = os.path.join(RESULTS_DIR, "sampler_overhead.json")
 LATENT = (16, 16, 4)   # (H, W, C): a 128 px SD latent
 BATCH = 16
 REPEATS = 7
 
+NUM_CLASSES = 10
+
+
+def adm(name: str, num_steps: int, guided: bool = False) -> samplers.SamplerConfig:
+  """The released ImageNet-256 sampler settings (`configs/imagenet256_latent.py`) with
+  another sampler and step count, for a 10-class network; its guidance only if `guided`."""
+  released = samplers.SamplerConfig.from_config(load_config("imagenet256_latent"))
+  return dataclasses.replace(released, name=name, num_steps=num_steps, num_classes=NUM_CLASSES,
+                             guidance_scale=released.guidance_scale if guided else 1.0)
+
+
 SAMPLERS = {
     # The official ImageNet-256 recipe, 50 instead of 250 steps to keep the run short.
-    "ddpm_50_cfg_power_cosine": dict(name="ddpm", num_steps=50, guidance_scale=4.4,
-                                     guidance_schedule="power_cosine", guidance_channels=3,
-                                     num_classes=10),
-    "ddpm_50": dict(name="ddpm", num_steps=50, num_classes=10),
-    "ddim_50": dict(name="ddim", num_steps=50, num_classes=10),
-    "dpmpp_2m_20_adm": dict(name="dpmpp_2m", num_steps=20, num_classes=10),
-    "edm_heun_18": dict(name="heun", formulation="edm", num_steps=18, num_classes=10),
+    "ddpm_50_cfg_power_cosine": adm("ddpm", 50, guided=True),
+    "ddpm_50": adm("ddpm", 50),
+    "ddim_50": adm("ddim", 50),
+    "dpmpp_2m_20_adm": adm("dpmpp_2m", 20),
+    "edm_heun_18": edm_heun(18, NUM_CLASSES),
 }
 
 
@@ -94,11 +105,10 @@ def timed(*calls) -> list[float]:
 
 def main() -> None:
   load_before = os.getloadavg()
-  labels = np.arange(BATCH) % 10
+  labels = np.arange(BATCH) % NUM_CLASSES
   indices = np.arange(BATCH)
   results = {}
-  for key, cfg in SAMPLERS.items():
-    config = samplers.SamplerConfig.from_config(cfg)
+  for key, config in SAMPLERS.items():
     adm = config.formulation == "adm"
     out_channels = 2 * LATENT[-1] if adm else LATENT[-1]
     apply_fn, state = models.nnx_apply_fn(

@@ -117,6 +117,31 @@ def test_the_public_api_refuses_unknown_fields_and_other_models_fields():
     train.validate_config(config)
 
 
+def test_a_saved_config_reads_back_through_the_schema(tmp_path):
+  """A config.json or converted checkpoint written before a field existed reads back with the
+  schema's default for it; a field the schema does not declare is refused as in a file."""
+  import json
+  from diffit_jax import checkpoint, inference
+  config = config_lib.load_config(MNIST + ":runlocal")
+  old = json.loads(config.to_json())
+  del old["sampler"]["churn_noise"], old["sampler"]["guidance"]["interval"], old["mesh"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  back = checkpoint.read_run_config(str(tmp_path))
+  assert back.sampler.churn_noise == config_lib.base_config().sampler.churn_noise == 1.0
+  assert back.to_dict() == config.to_dict()
+  assert inference.resolve_config(None, str(tmp_path), None).to_dict() == config.to_dict()
+  converted = str(tmp_path / "converted")
+  checkpoint.save_weights(converted, {"w": np.zeros(2)}, metadata={"kind": "diffit",
+                                                                   "config": old})
+  assert checkpoint.converted_config(converted).to_dict() == config.to_dict()
+  old["sampler"]["num_step"] = 10
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      f"{tmp_path}/config.json: config.sampler.num_step is not a field; did you mean "
+      "config.sampler.num_steps?")):
+    checkpoint.read_run_config(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------
 # 2. The `:arg` variant of a config file.
 

@@ -1,4 +1,4 @@
-"""Tests of the official latent DiffiT converter, its export and `load_diffit`.
+"""Tests of the official latent DiffiT converter, its export and loading the result.
 
 The reference is `tests/torch_reference.py`, a PyTorch latent DiffiT written from
 docs/official_checkpoint.md alone (official key names, NCHW). Small models (depth 3, width 64,
@@ -25,10 +25,10 @@ import safetensors.numpy
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffit_jax import checkpoint
+from diffit_jax import checkpoint, inference
 from diffit_jax.convert.__main__ import main as convert_main
-from diffit_jax.convert.diffit import (convert_diffit, detect_model, expected_tensors,
-                                       load_diffit, official_buffers, resolve_config)
+from diffit_jax.convert.diffit import (config_for, convert_diffit, detect_model,
+                                       expected_tensors, official_buffers)
 from diffit_jax.convert.export import export_params
 from diffit_jax.convert.safetensors_io import ConversionError, read_safetensors
 from diffit_jax.diffusion.guidance import (Guidance, cfg_forward, forward_with_cfg,
@@ -94,7 +94,8 @@ class Converted:
     self.src = save(state_np(self.torch, prefix), tmp / "official.safetensors")
     self.dst = str(tmp / "converted")
     convert("diffit", f"--src={self.src}", f"--out={self.dst}")
-    self.model, self.config = load_diffit(self.dst)
+    pipeline, params, _ = inference.load(checkpoint=self.dst, require_vae=False)
+    self.model, self.config = nnx.merge(pipeline.graphdef, params), pipeline.config
     apply_fn, self.params = nnx_apply_fn(self.model)
     self.apply = jax.jit(apply_fn)
 
@@ -143,7 +144,7 @@ def test_guided_forward_matches_reference(converted, scale, schedule):
     ref = converted.torch.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
                                            torch.cat([y, null]), scale, schedule=schedule)
   ref = nhwc(ref)  # (2B, H, W, 8): [cond half; uncond half]
-  guidance = Guidance(scale=scale, schedule=schedule, power=4.0, channels=3,
+  guidance = Guidance(scale=scale, schedule=schedule, power=4.0, channels=3, interval=None,
                       null_class=NUM_CLASSES, num_timesteps=1000)
   w = guidance_weight(guidance, t=jnp.asarray(t.numpy()))
   out = np.asarray(cfg_forward(converted.apply, converted.params, jnp.asarray(nhwc(x)),
@@ -171,11 +172,13 @@ def test_forward_with_cfg_has_the_official_calling_convention(converted, scale, 
   assert rel(out, ref) < TOL
 
 
-def test_load_diffit_sharded_and_config(converted):
+def test_load_sharded_and_config(converted):
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
-  model, config = load_diffit(converted.dst, sharding=replicated)
+  pipeline, params, step = inference.load(checkpoint=converted.dst, mesh=mesh, require_vae=False)
+  model, config = nnx.merge(pipeline.graphdef, params), pipeline.config
+  assert step is None
   kernel = model.blocks.attn.qkv.kernel[...]
   assert kernel.shape == (3, 64, 192) and kernel.sharding == replicated
   assert config.model.variant == "custom" and config.model.depth == 3
@@ -369,7 +372,7 @@ def test_full_size_official_layout(input_size, tokens, table):
   assert state["blocks.27.attn.relative_position_bias_table"].shape == (table, 16)
   detected, guessed = detect_model(state)
   assert not guessed
-  config = resolve_config(detected, guessed)
+  config = config_for(detected, guessed)
   assert config.model.variant == "XL/2" and config.model.input_size == input_size
   expected = expected_tensors(config.model)
   params = {k for k in state if k != "pos_embed" and not k.endswith("relative_position_index")}
@@ -390,7 +393,7 @@ def test_unconditional_fixed_variance_detected():
   assert detected == dict(input_size=8, in_channels=4, num_classes=0, learn_sigma=False,
                           mlp_ratio=2.0, window_size=2, depth=2, hidden_size=32, num_heads=2,
                           patch_size=2)
-  config = resolve_config(detected, guessed)
+  config = config_for(detected, guessed)
   assert config.sampler.guidance.scale == 1.0 and not config.diffusion.learn_sigma
 
 

@@ -386,13 +386,15 @@ def test_power_cosine_weights_formula():
   expected = 1 + 3.4 * 0.5 * (1 - np.cos(np.pi * (1 - t / 1000) ** 4))
   np.testing.assert_allclose(w, expected, rtol=1e-6)
   assert abs(w[0] - 4.4) < 1e-6 and abs(w[-1] - 1) < 1e-6  # w at t = 0, ~1 at t = T - 1
-  g = guidance.Guidance(scale=4.4, schedule="power_cosine")
+  g = guidance.Guidance(scale=4.4, schedule="power_cosine", power=4.0, channels=3, interval=None,
+                        null_class=1000, num_timesteps=1000)
   np.testing.assert_allclose(np.asarray(guidance.guidance_weight(g, t=jnp.asarray(t))),
                              expected, rtol=1e-6)
 
 
 def test_guidance_interval():
-  g = guidance.Guidance(scale=3.0, interval=(0.3, 2.0))
+  g = guidance.Guidance(scale=3.0, schedule="constant", power=4.0, channels=3,
+                        interval=(0.3, 2.0), null_class=1000, num_timesteps=1000)
   w = [float(guidance.guidance_weight(g, sigma=jnp.float32(s))) for s in (0.1, 0.3, 1.0, 2.0, 5)]
   assert w == [1.0, 1.0, 3.0, 3.0, 1.0]
 

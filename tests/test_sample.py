@@ -339,13 +339,13 @@ def test_cli_grid_scale_and_progress_lines(conditional_checkpoint, tmp_path):
 
 def test_runlocal_shrinks_only_the_training_grids():
   """A `:runlocal` run's saved config.sampler is what `sample --workdir` should use."""
-  from diffit_jax import inference
+  from diffit_jax.diffusion import SamplerConfig
   for name, steps in (("mnist_demo", 12), ("cifar10", 18), ("ffhq64", 40),
                       ("imagenet256_latent", 250), ("imagenet512_latent", 250)):
     full = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
     local = load_config(os.path.join(ROOT, "configs", f"{name}.py:runlocal"))
     assert local.sampler.to_dict() == full.sampler.to_dict(), name
-    assert inference.sampler_config(local).steps == steps, name
+    assert SamplerConfig.from_config(local).steps == steps, name
     assert 0 < local.sample_grid.num_steps < steps, name
 
 
@@ -439,8 +439,7 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
   """One metadata check (`checkpoint.load_metadata(path, kind=...)`) behind every reader:
   a VAE where a DiffiT is needed, and a DiffiT where a VAE is, each refused through the
   real CLIs with one line naming the kind found and the command that writes the right one."""
-  from diffit_jax import finetune
-  from diffit_jax.convert.diffit import load_diffit
+  from diffit_jax import finetune, inference
   _, ckpt, vae = tiny_latent(tmp_path)
   convert = lambda *flags: subprocess.run([sys.executable, "-m", "diffit_jax.convert", *flags],
                                           cwd=ROOT, capture_output=True, text=True)
@@ -458,7 +457,7 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
   assert "python -m diffit_jax.convert vae" in line, wrong_vae.stderr
   # The library readers give the same message.
   with pytest.raises(checkpoint.WrongCheckpointError, match="holds a 'vae' checkpoint"):
-    load_diffit(vae)
+    inference.load(checkpoint=vae)
   with pytest.raises(finetune.IncompatibleSourceError,
                      match=f"config.init_from={vae}: .*holds a 'vae' checkpoint"):
     finetune.read_source(vae)

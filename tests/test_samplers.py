@@ -10,6 +10,7 @@ stated discretization error. Then: seeds give identical samples on 1 and 8 devic
 any batch size; guidance equals DiT's hand-written `forward_with_cfg`; bad configs fail clearly.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -25,6 +26,20 @@ MU, S = 0.3, 0.8
 SHAPE = (2, 2, 2)
 AB = np.cumprod(1 - gaussian.get_named_beta_schedule("linear", 1000))  # float64 alpha_bar
 PARAMS = {"mu": jnp.float32(MU), "s": jnp.float32(S), "v": jnp.float32(0.3)}
+
+
+def run_config(formulation: str = "adm"):
+  """The schema's config of a latent network trained as ADM (learned variance, the release's
+  process) or as EDM."""
+  config = config_lib.base_config("latent")
+  config.diffusion.update(name=formulation, learn_sigma=formulation == "adm")
+  return config
+
+
+def settings(formulation: str = "adm", **fields) -> samplers.SamplerConfig:
+  """`run_config(formulation)`'s sampler settings with `fields` replaced."""
+  return dataclasses.replace(samplers.SamplerConfig.from_config(run_config(formulation)),
+                             **fields)
 
 
 def gaussian_denoiser(x, sigma, mu=MU, s=S):
@@ -125,7 +140,7 @@ VE_CASES = {
 @pytest.mark.parametrize("case", list(VE_CASES))
 def test_ode_samplers_match_numpy_algorithms_and_recover_the_data(case):
   formulation, name, steps, extra, sigmas, check_data = VE_CASES[case]
-  cfg = dict(formulation=formulation, name=name, num_steps=steps, num_classes=None, **extra)
+  cfg = settings(formulation, name=name, num_steps=steps, num_classes=None, **extra)
   apply_fn = adm_apply if formulation == "adm" else edm_apply
   sampler = samplers.make_sampler(cfg, apply_fn, SHAPE)
   batch, seed = 4096, 11
@@ -169,7 +184,7 @@ def test_ode_samplers_match_numpy_algorithms_and_recover_the_data(case):
 
 
 def test_ddpm_learned_variance_matches_exact_chain_and_recovers_the_data():
-  sampler = samplers.make_sampler(dict(name="ddpm", num_steps=100, num_classes=None),
+  sampler = samplers.make_sampler(settings(name="ddpm", num_steps=100, num_classes=None),
                                   adm_apply, SHAPE)
   x = np.asarray(sampler(PARAMS, None, np.arange(4096), 3), np.float64)
 
@@ -200,8 +215,8 @@ def test_ddpm_learned_variance_matches_exact_chain_and_recovers_the_data():
 
 def test_ddim_eta0_is_euler_on_the_adm_grid():
   kwargs = dict(num_steps=20, num_classes=None)
-  ddim = samplers.make_sampler(dict(name="ddim", **kwargs), adm_apply, SHAPE)
-  euler = samplers.make_sampler(dict(name="euler", **kwargs), adm_apply, SHAPE)
+  ddim = samplers.make_sampler(settings(name="ddim", **kwargs), adm_apply, SHAPE)
+  euler = samplers.make_sampler(settings(name="euler", **kwargs), adm_apply, SHAPE)
   idx = np.arange(64)
   np.testing.assert_allclose(np.asarray(ddim(PARAMS, None, idx, 5)),
                              np.asarray(euler(PARAMS, None, idx, 5)), rtol=1e-4, atol=1e-4)
@@ -247,15 +262,15 @@ def dit_forward_with_cfg(params, x, t, y, scale=4.0, power=4.0):
   return jnp.concatenate([half_eps, rest[:batch]], -1)
 
 
-GUIDED = dict(name="ddpm", num_steps=20, guidance_scale=4.0, guidance_schedule="power_cosine",
-              guidance_power=4.0, guidance_channels=3, num_classes=NUM_CLASSES)
+GUIDED = settings(name="ddpm", num_steps=20, guidance_scale=4.0, guidance_schedule="power_cosine",
+                  guidance_power=4.0, guidance_channels=3, num_classes=NUM_CLASSES)
 SHAPE4 = (2, 2, 4)
 
 
 def test_guided_sampler_equals_dit_forward_with_cfg():
   guided = samplers.make_sampler(GUIDED, conditional_apply, SHAPE4)
-  manual = samplers.make_sampler(dict(GUIDED, guidance_scale=1.0), dit_forward_with_cfg,
-                                 SHAPE4)
+  manual = samplers.make_sampler(dataclasses.replace(GUIDED, guidance_scale=1.0),
+                                 dit_forward_with_cfg, SHAPE4)
   labels, idx = np.arange(16) % NUM_CLASSES, np.arange(16)
   ours = np.asarray(guided(PARAMS, labels, idx, 0))
   np.testing.assert_allclose(ours, np.asarray(manual(PARAMS, labels, idx, 0)), rtol=1e-4,
@@ -291,7 +306,7 @@ def test_same_seed_same_samples_on_1_and_8_devices_and_any_batch():
 
 
 def test_params_are_arguments_and_compile_once():
-  sampler = samplers.make_sampler(dict(name="ddim", num_steps=10, num_classes=None),
+  sampler = samplers.make_sampler(settings(name="ddim", num_steps=10, num_classes=None),
                                   adm_apply, SHAPE)
   idx = np.arange(8)
   a = np.asarray(sampler(PARAMS, None, idx, 0))
@@ -312,8 +327,8 @@ def test_nnx_model_through_nnx_apply_fn():
       return jnp.tanh(self.proj(jnp.concatenate([x, t_map], -1)))        # (B, H, W, 2C)
 
   apply_fn, state = inference.nnx_apply_fn(TinyEps(2, rngs=nnx.Rngs(0)))
-  sampler = samplers.make_sampler(dict(name="ddpm", num_steps=5, num_classes=None), apply_fn,
-                                  SHAPE)
+  sampler = samplers.make_sampler(settings(name="ddpm", num_steps=5, num_classes=None),
+                                  apply_fn, SHAPE)
   x = np.asarray(sampler(state, None, np.arange(8), 0))
   assert x.shape == (8,) + SHAPE and np.all(np.isfinite(x))
 
@@ -321,59 +336,113 @@ def test_nnx_model_through_nnx_apply_fn():
 @pytest.mark.parametrize("cfg, match", [
     (dict(name="plms"), "Unknown sampler 'plms'"),
     (dict(name="ddpm", formulation="edm"), "discrete ADM formulation"),
-    (dict(formulation="vp"), "Unknown formulation"),
     (dict(respacing="ddim300"), "no integer stride"),
     (dict(respacing="fast"), "Bad respacing"),
     (dict(name="heun", s_churn=10.0), "s_churn > 0"),
     (dict(guidance_scale=2.0, num_classes=None), "needs a class-conditional model"),
     (dict(guidance_scale=2.0, guidance_schedule="cosine"), "Unknown guidance_schedule"),
-    (dict(name="heun", formulation="edm", guidance_scale=2.0, guidance_schedule="power_cosine"),
-     "power-cosine"),
+    (dict(name="heun", formulation="edm", guidance_scale=2.0, guidance_schedule="power_cosine",
+          num_classes=1000), "power-cosine"),
     (dict(guidance_scale=2.0, guidance_channels=5), "guidance_channels=5"),
     (dict(guidance_scale=2.0, guidance_channels=1, guidance_interval=(3.0, 1.0)), "lo < hi"),
-    (dict(num_step=10), "Unknown sampler config keys"),
 ])
 def test_bad_configs_fail_with_a_clear_message(cfg, match):
+  cfg = dict(cfg)
   with pytest.raises(ValueError, match=match):
-    samplers.make_sampler(cfg, adm_apply, SHAPE)
+    samplers.make_sampler(settings(cfg.pop("formulation", "adm"), **cfg), adm_apply, SHAPE)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("diffusion.name", "vp", r"config.diffusion.name='vp'; use one of \('edm', 'adm'\)"),
+    ("sampler.num_step", 10, "config.sampler.num_step is not a field; did you mean "
+                             "config.sampler.num_steps"),
+])
+def test_a_bad_process_or_a_misspelt_sampler_field_fails_with_a_clear_message(field, value,
+                                                                             match):
+  """The config is the sampler's one source: its process and its schema's fields."""
+  config = run_config()
+  group, key = field.split(".")
+  config[group][key] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.check_config(config)
+    samplers.SamplerConfig.from_config(config)
 
 
 def test_guidance_without_labels_fails_clearly():
-  sampler = samplers.make_sampler(dict(guidance_scale=2.0, num_steps=2, guidance_channels=None),
-                                  adm_apply, SHAPE)
+  sampler = samplers.make_sampler(
+      settings(name="ddpm", guidance_scale=2.0, num_steps=2, guidance_channels=None),
+      adm_apply, SHAPE)
   with pytest.raises(ValueError, match="needs class labels"):
     sampler(PARAMS, None, np.arange(8), 0)
 
 
 def test_official_settings_come_from_the_configs():
   """The released sampling settings live in configs/ and reach the sampler through the one
-  config -> SamplerConfig mapping (`inference.sampler_config`)."""
+  config -> SamplerConfig mapping (`SamplerConfig.from_config`)."""
   configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-  in256 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
-                                                                       "imagenet256_latent.py")))
+  from_file = lambda name: samplers.SamplerConfig.from_config(
+      config_lib.load_config(os.path.join(configs, name)))
+  in256 = from_file("imagenet256_latent.py")
   assert in256.guidance == guidance.Guidance(
-      scale=4.4, schedule="power_cosine", power=4.0, channels=3, null_class=1000)
-  assert (in256.name, in256.nfe, in256.clip_denoised, in256.var_type) == (
+      scale=4.4, schedule="power_cosine", power=4.0, channels=3, interval=None, null_class=1000,
+      num_timesteps=1000)
+  assert (in256.name, in256.nfe, in256.clip_denoised, in256.process.var_type) == (
       "ddpm", 250, False, "learned_range")
-  in512 = inference.sampler_config(config_lib.load_config(os.path.join(configs,
-                                                                       "imagenet512_latent.py")))
+  in512 = from_file("imagenet512_latent.py")
   assert (in512.guidance_scale, in512.guidance_schedule) == (1.49, "constant")
-  cifar = inference.sampler_config(config_lib.load_config(os.path.join(configs, "cifar10.py")))
+  cifar = from_file("cifar10.py")
   assert (cifar.formulation, cifar.name, cifar.nfe, cifar.num_classes) == ("edm", "heun", 35, None)
-  assert samplers.SamplerConfig(name="ddim", respacing="ddim25").nfe == 25
-  assert samplers.SamplerConfig(respacing="10,15,20").steps == 45
-  from ml_collections import ConfigDict
-  cfg = samplers.SamplerConfig.from_config(ConfigDict(dict(name="euler", num_steps=7)))
+  assert settings(name="ddim", respacing="ddim25").nfe == 25
+  assert settings(respacing="10,15,20").steps == 45
+  config = run_config()
+  config.sampler.update(name="euler", num_steps=7)
+  cfg = samplers.SamplerConfig.from_config(config)
   assert cfg.name == "euler" and cfg.num_steps == 7
 
 
-@pytest.mark.parametrize("cfg", [GUIDED, dict(name="heun", formulation="edm", num_steps=4,
-                                              num_classes=NUM_CLASSES)],
+def test_every_sampler_default_is_the_schemas():
+  """The schema (`config_lib.base_config`) is the one home of the sampler's defaults: the
+  settings of a bare config are its values, and the process decides the rest."""
+  for formulation in ("edm", "adm"):
+    config = run_config(formulation)
+    sampler, g = config.sampler, config.sampler.guidance
+    cfg = samplers.SamplerConfig.from_config(config)
+    assert (cfg.name, cfg.num_steps, cfg.respacing, cfg.eta, cfg.clip_denoised) == (
+        sampler.name, sampler.num_steps, sampler.respacing, sampler.eta, sampler.clip_denoised)
+    assert (cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.s_churn, cfg.s_tmin, cfg.s_noise) == (
+        sampler.sigma_min, sampler.sigma_max, sampler.rho, sampler.churn, sampler.churn_tmin,
+        sampler.churn_noise)
+    assert cfg.s_tmax == (sampler.churn_tmax or float("inf"))
+    assert (cfg.guidance_scale, cfg.guidance_schedule, cfg.guidance_power) == (
+        g.scale, g.schedule, g.power)
+    assert cfg.guidance_channels == (g.channels or None)
+    assert cfg.guidance_interval == (tuple(g.interval) or None)
+    assert cfg.num_classes == (config.model.num_classes or None)
+    assert cfg.formulation == formulation
+  assert (cfg.name, cfg.num_steps, cfg.guidance_channels) == ("heun", 18, None)
+  adm = cfg.process
+  assert (adm.beta_schedule, adm.num_timesteps, adm.pred_type, adm.var_type) == (
+      config.diffusion.beta_schedule, config.diffusion.num_timesteps,
+      config.diffusion.prediction, "learned_range")
+  edm_process = samplers.SamplerConfig.from_config(run_config("edm")).process
+  assert edm_process.sigma_data == config.diffusion.sigma_data
+  # A setting of the config reaches the sampler; the trainer's grids may shorten the chain.
+  config.sampler.guidance.update(scale=2.0, interval=(0.5, 3.0))
+  config.sampler.respacing = "ddim25"
+  cfg = samplers.SamplerConfig.from_config(config)
+  assert (cfg.guidance_scale, cfg.guidance_interval, cfg.steps) == (2.0, (0.5, 3.0), 25)
+  assert samplers.SamplerConfig.from_config(config, num_steps=4).steps == 4
+  with pytest.raises(TypeError, match="takes a SamplerConfig"):
+    samplers.make_sampler(dict(name="ddpm"), adm_apply, SHAPE)
+
+
+@pytest.mark.parametrize("cfg", [GUIDED, settings("edm", name="heun", num_steps=4,
+                                                  num_classes=NUM_CLASSES)],
                          ids=["adm_ddpm", "edm_heun"])
 def test_given_x_T_equals_the_seeded_draw(cfg):
   """Passing `initial_noise(seed, ...)` as x_T is the seeded run; the same x_T under another
   seed changes only the stochastic steps (none for Heun)."""
-  apply = conditional_apply if cfg["name"] == "ddpm" else edm_apply
+  apply = conditional_apply if cfg.name == "ddpm" else edm_apply
   sampler = samplers.make_sampler(cfg, apply, SHAPE4)
   labels, idx = np.arange(8) % NUM_CLASSES, np.arange(3, 11)
   seeded = np.asarray(sampler(PARAMS, labels, idx, 5))
@@ -384,7 +453,7 @@ def test_given_x_T_equals_the_seeded_draw(cfg):
                              rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(x_T, contract_noise(5, idx, 0, SHAPE4).astype(np.float32))
   other_seed = np.asarray(sampler(PARAMS, labels, idx, 6, x_T=np.asarray(x_T)))
-  if cfg["name"] == "heun":  # deterministic: the noise is all there is
+  if cfg.name == "heun":  # deterministic: the noise is all there is
     np.testing.assert_array_equal(other_seed, np.asarray(sampler(PARAMS, labels, idx, 5,
                                                                  x_T=x_T)))
   # Another x_T, another result (the ancestral DDPM chain forgets most of its start).
@@ -403,7 +472,7 @@ def test_ddim_respacing_evaluates_adms_ddim_timesteps():
     jax.debug.callback(lambda t: seen.append(int(np.asarray(t)[0])), t)
     return adm_apply(params, x_t, t, y)
 
-  cfg = samplers.SamplerConfig(name="ddim", respacing="ddim25", num_classes=None)
+  cfg = settings(name="ddim", respacing="ddim25", num_classes=None)
   assert cfg.steps == cfg.nfe == 25
   np.asarray(samplers.make_sampler(cfg, recording_apply, SHAPE)(PARAMS, None, np.arange(8), 0))
   jax.effects_barrier()  # every callback has run

@@ -2,12 +2,13 @@
 
 This file owns converting NVIDIA's official latent DiffiT state dicts (`diffit_256.safetensors`,
 `diffit_512.safetensors`; layout and forward math in `docs/official_checkpoint.md`)
-into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT`, the
-official-key <-> parameter-path mapping that the exporter (`export.py`) shares, and loading
-the result (`load_diffit`). The file is read without PyTorch; the model (resolution, depth,
-width, heads, patch, window, classes, learned sigma) is detected from tensor shapes, and the
-matching experiment config (`configs/imagenet256_latent.py` for 32x32 latents,
-`configs/imagenet512_latent.py` for 64x64) travels with the weights, so
+into a diffit_jax weights checkpoint of `diffit_jax.models.latent.LatentDiffiT` and the
+official-key <-> parameter-path mapping that the exporter (`export.py`) shares;
+`diffit_jax.inference.load(checkpoint=DIR)` loads the result. The file is read without
+PyTorch; the model (resolution, depth, width, heads, patch, window, classes, learned sigma) is
+detected from tensor shapes, and the matching experiment config
+(`configs/imagenet256_latent.py` for 32x32 latents, `configs/imagenet512_latent.py` for 64x64)
+travels with the weights, so
 `python -m diffit_jax.sample --checkpoint=DIR` needs nothing else.
 
 Everything is read and checked before anything is written: missing, unexpected and wrongly
@@ -25,7 +26,6 @@ import os
 import re
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -37,7 +37,7 @@ from diffit_jax.convert.safetensors_io import (ConversionError, check_keys, defi
                                                output_path, read_safetensors, strip_prefixes,
                                                torch_shape_of_flax, torch_to_flax)
 from diffit_jax.models.embeddings import sincos_pos_embed_2d
-from diffit_jax.models.latent import LATENT_SIZES, PATCH_SIZES, LatentDiffiT
+from diffit_jax.models.latent import LATENT_SIZES, PATCH_SIZES
 from diffit_jax.models.tmsa import relative_position_index
 
 # The experiment config of each released resolution, by latent side.
@@ -118,7 +118,7 @@ def convert_diffit(src: str, *, config: str | ml_collections.ConfigDict | None =
   print(f"  {len(state)} tensors ({', '.join(dtypes)}); detected {describe(detected)}")
   if dtypes != ["float32"]:
     print("  NOTE: parameters are stored as float32 (the file's lower precision is upcast).")
-  config = resolve_config(detected, guessed, config, src)
+  config = config_for(detected, guessed, config, src)
   model_config = config.model
 
   expected = expected_tensors(model_config)
@@ -271,7 +271,7 @@ def _default_config_path(input_size: int) -> str:
   return os.path.join(shipped_configs_dir(), BASE_CONFIGS.get(input_size, BASE_CONFIGS[32]))
 
 
-def resolve_config(detected: dict[str, Any], guessed: set[str],
+def config_for(detected: dict[str, Any], guessed: set[str],
                    config: str | ml_collections.ConfigDict | None = None,
                    source: str = "the checkpoint") -> ml_collections.ConfigDict:
   """The experiment config to store with converted weights.
@@ -293,8 +293,8 @@ def resolve_config(detected: dict[str, Any], guessed: set[str],
     spec = config if isinstance(config, str) else "the given config"
     config = load_config(config) if isinstance(config, str) else config
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-    if config.model.get("name") != "latent":
-      raise ConversionError(f"{spec} describes a {config.model.get('name')!r} model; official "
+    if config.model.name != "latent":
+      raise ConversionError(f"{spec} describes a {config.model.name!r} model; official "
                             "DiffiT checkpoints are latent models. Pass a latent config or none.")
     have = model_fields(config.model)
     diff = [f"  {k}: file {detected[k]!r}, config {have[k]!r}" for k in detected
@@ -402,7 +402,7 @@ def official_buffers(model_config: Any) -> dict[str, np.ndarray]:
   `relative_position_index` (w^2, w^2) int64 (PyTorch's index dtype)."""
   sizes = models.latent_sizes(model_config)
   grid = model_config.input_size // sizes["patch_size"]
-  window = model_config.get("window_size") or grid
+  window = model_config.window_size or grid
   buffers = {POS_EMBED: sincos_pos_embed_2d(sizes["hidden_size"], grid)[None]}  # (1, N, D)
   index = relative_position_index(window).astype(np.int64)  # (w^2, w^2)
   buffers.update({f"blocks.{i}.{RPI_SUFFIX}": index for i in range(sizes["depth"])})
@@ -443,36 +443,3 @@ def _check_buffers(model_config: Any, state: dict[str, np.ndarray], source: str)
   if problems:
     raise ConversionError(f"{source} has buffers that do not match the official model:\n"
                           + "\n".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a converted checkpoint.
-# ----------------------------------------------------------------------------------------------
-
-
-def load_diffit(path: str, *, dtype: str | None = None,
-                sharding: jax.sharding.Sharding | None = None
-                ) -> tuple[LatentDiffiT, ml_collections.ConfigDict]:
-  """Rebuilds the latent DiffiT of a checkpoint written by `python -m diffit_jax.convert diffit`.
-
-  Args:
-    path: the checkpoint folder.
-    dtype: compute dtype ("float32" or "bfloat16"); default: the stored config's.
-      Parameters stay float32.
-    sharding: where to place every parameter (e.g. replicated over a data-parallel mesh:
-      `NamedSharding(mesh, P())`); default: the default device.
-
-  Returns:
-    (model, config): the network with the converted weights and the stored experiment config.
-  """
-  metadata = checkpoint.load_metadata(path, kind="diffit")
-  config = ml_collections.ConfigDict(metadata["config"])
-  if dtype is not None:
-    config.model.dtype = dtype
-  abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        nnx.to_pure_dict(state))
-  params, _ = checkpoint.load_weights(path, target=target)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), config

@@ -130,25 +130,19 @@ def _load_source(src: str, config_spec: str | None, step: int | None
   if not os.path.exists(src):
     raise ConversionError(f"--src {src} does not exist; pass a converted checkpoint folder or a "
                           "training workdir.")
-  if os.path.isfile(os.path.join(src, checkpoint.METADATA_FILE)):
+  if checkpoint.is_weights_checkpoint(src):
     try:
-      metadata = checkpoint.load_metadata(src, kind="diffit")
+      saved = checkpoint.converted_config(src)
     except checkpoint.WrongCheckpointError as e:
       raise ConversionError(str(e)) from None
     if step is not None:
       raise ConversionError("--step applies to training workdirs, not to a weights checkpoint.")
-    params, _ = checkpoint.load_weights(src)
-    saved = metadata["config"]
+    params, _ = checkpoint.load_weights(src, kind="diffit")
   else:
     params, saved = checkpoint.load_run_params(src, step)  # FileNotFoundError if not a run
-  if config_spec:
-    config = load_config(config_spec)
-  elif saved:
-    config = ml_collections.ConfigDict(saved)
-  else:
-    raise ConversionError(f"{src} carries no config; pass the --config it was trained with.")
-  if config.model.get("name") != "latent":
-    raise ConversionError(f"the model of {src} is {config.model.get('name')!r}; only the latent "
+  config = load_config(config_spec) if config_spec else saved
+  if config.model.name != "latent":
+    raise ConversionError(f"the model of {src} is {config.model.name!r}; only the latent "
                           "DiffiT has an official layout to export to.")
   return params, config
 

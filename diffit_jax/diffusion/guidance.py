@@ -43,13 +43,13 @@ class Guidance(NamedTuple):
     null_class: label of the unconditional class (num_classes; 1000 on ImageNet).
     num_timesteps: T of the original process in the power-cosine formula.
   """
-  scale: float = 1.0
-  schedule: str = "constant"
-  power: float = 4.0
-  channels: int | None = 3
-  interval: tuple[float, float] | None = None
-  null_class: int = 1000
-  num_timesteps: int = 1000
+  scale: float
+  schedule: str
+  power: float
+  channels: int | None
+  interval: tuple[float, float] | None
+  null_class: int
+  num_timesteps: int
 
   @property
   def active(self) -> bool:
@@ -167,7 +167,8 @@ def forward_with_cfg(net: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
   scale 4.4, DiffiT-512 "constant" with 1.49.
 
   Args:
-    net: the network, `net(x, t, y)` (e.g. a model from `convert.diffit.load_diffit`).
+    net: the network, `net(x, t, y)` (e.g. `nnx.merge(pipe.graphdef, params)` of what
+      `inference.load` returns).
     x: (2B, H, W, C) inputs; x[B:] is ignored (the release passes a copy of x[:B]).
     t: (2B,) ORIGINAL timestep indices.
     y: (2B,) labels: B class labels, then B null labels.

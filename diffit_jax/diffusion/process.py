@@ -38,6 +38,7 @@ from typing import Any, Union
 
 import jax
 import ml_collections
+import numpy as np
 
 from diffit_jax.diffusion import edm, gaussian
 from diffit_jax.diffusion.respace import create_schedule
@@ -48,9 +49,9 @@ NAMES = ("edm", "adm")
 @dataclasses.dataclass(frozen=True, eq=False)
 class EDM:
   """EDM's process with the config's log-normal training sigmas and data std."""
-  sigma_data: float = edm.SIGMA_DATA
-  p_mean: float = edm.P_MEAN
-  p_std: float = edm.P_STD
+  sigma_data: float
+  p_mean: float
+  p_std: float
   name: str = dataclasses.field(default="edm", init=False)
 
   def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
@@ -71,10 +72,11 @@ class EDM:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ADM:
   """ADM's Gaussian process: the training schedule and what the network predicts."""
-  beta_schedule: str = "linear"
-  num_timesteps: int = 1000
-  pred_type: str = "eps"               # "eps" | "x0" | "v"
-  var_type: str = "fixed_large"        # "learned_range" with a learn_sigma network
+  beta_schedule: str                   # "linear" | "cosine"
+  num_timesteps: int                   # T, the training steps
+  pred_type: str                       # "eps" | "x0" | "v"
+  var_type: str                        # "learned_range" with a learn_sigma network, else
+                                       # "fixed_large"
   name: str = dataclasses.field(default="adm", init=False)
 
   @functools.cached_property
@@ -87,6 +89,18 @@ class ADM:
     """
     with jax.ensure_compile_time_eval():
       return create_schedule(self.beta_schedule, self.num_timesteps)
+
+  def respaced(self, respacing: str) -> gaussian.GaussianSchedule:
+    """The sampling chain on the steps `respacing` keeps (`respace.space_timesteps`: "250",
+    "ddim25", "10,15,20"), as concrete arrays; its `timestep_map` holds the original steps."""
+    return create_schedule(self.beta_schedule, self.num_timesteps, respacing)
+
+  def sigmas(self, timesteps: Any) -> np.ndarray:
+    """The noise levels sqrt(1 / alpha_bar_t - 1) of original steps t, in float64: x_t /
+    sqrt(alpha_bar_t) is x_0 + sigma_t n, EDM's "VE" coordinates."""
+    alpha_bar = np.cumprod(1.0 - gaussian.get_named_beta_schedule(self.beta_schedule,
+                                                                  self.num_timesteps))
+    return np.sqrt(1.0 / alpha_bar[np.asarray(timesteps)] - 1.0)
 
   def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
     """(B,) int32 steps, t ~ U{0, ..., T-1} [DDPM Alg. 1]."""

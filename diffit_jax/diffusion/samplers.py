@@ -3,10 +3,12 @@
 This module owns sampling: ADM's ancestral DDPM sampler on a respaced chain with learned
 variance [DDPM Alg. 2, IDDPM Sec. 4], DDIM [DDIM Eq. 12], EDM's Heun sampler [EDM Alg. 1,
 with Alg. 2's optional churn], Euler, and DPM-Solver++(2M) [Lu et al. 2022, Alg. 2], each with
-classifier-free guidance (`guidance.py`). `make_sampler(config, apply_fn, shape)` returns one
-`jax.jit`-compiled function per configuration whose whole loop is a `lax.fori_loop` (no host
-round trips), with the batch sharded over the mesh's batch axes ("data" and, when the mesh has
-it, "fsdp": `diffit_jax.sharding.BATCH_AXES`).
+classifier-free guidance (`guidance.py`). `SamplerConfig.from_config(config)` reads a run
+config's sampler settings (the schema in `config_lib` holds their defaults) and
+`make_sampler(settings, apply_fn, shape)` returns one `jax.jit`-compiled function per
+setting whose whole loop is a `lax.fori_loop` (no host round trips), with the batch sharded
+over the mesh's batch axes ("data" and, when the mesh has it, "fsdp":
+`diffit_jax.sharding.BATCH_AXES`).
 
 Model-function contract. `apply_fn(params, x, t_in, y) -> out` is a pure function:
   * x: (B, H, W, C) float32, NHWC.
@@ -38,7 +40,7 @@ timesteps it was trained on; on that grid Euler is exactly DDIM with eta = 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,35 +49,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.diffusion import edm as edm_lib
-from diffit_jax.diffusion.gaussian import (GaussianSchedule, extract, get_named_beta_schedule,
-                                           p_mean_variance, per_example, predict_eps_from_x0)
+from diffit_jax.diffusion import process as diffusion_process
+from diffit_jax.diffusion.gaussian import (GaussianSchedule, extract, p_mean_variance,
+                                           per_example, predict_eps_from_x0)
 from diffit_jax.diffusion.guidance import Guidance, cfg_forward, guidance_weight
-from diffit_jax.diffusion.respace import create_schedule, space_timesteps
+from diffit_jax.diffusion.process import Diffusion
+from diffit_jax.diffusion.respace import space_timesteps
 
 # apply_fn(params, x (B,H,W,C), t_in (B,), y (B,) or None) -> (B,H,W,K); see the module docstring.
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 
 ADM_SAMPLERS = ("ddpm", "ddim", "heun", "euler", "dpmpp_2m")
 EDM_SAMPLERS = ("heun", "euler", "dpmpp_2m")
-FORMULATIONS = ("adm", "edm")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Everything that fixes a compiled sampler. Defaults: no guidance, 250-step ADM DDPM.
+  """Everything that fixes a compiled sampler: `config.sampler` for the run's process.
+
+  Build it with `SamplerConfig.from_config(config)`: the schema (`config_lib.base_config`)
+  holds every default, and the diffusion process (`diffusion.from_config(config)`) the
+  formulation, schedule, prediction and variance type. `dataclasses.replace` changes a field.
 
   Attributes:
+    process: the diffusion process the network was trained with, `EDM` (image DiffiT) or
+      `ADM` (discrete ADM/IDDPM; latent DiffiT).
     name: "ddpm", "ddim", "heun", "euler" or "dpmpp_2m" (EDM: the last three).
     num_steps: sampling steps N (ADM: respaced chain length unless `respacing` is set).
     respacing: ADM `space_timesteps` string ("250", "ddim50", "10,15,20"); "" = str(num_steps).
-    formulation: "adm" (discrete ADM/IDDPM model; latent DiffiT) or "edm" (image DiffiT).
-    beta_schedule, diffusion_steps: the ADM training process ("linear", 1000).
-    pred_type: ADM model prediction, "eps", "x0" or "v".
-    var_type: ADM variance, "learned_range" (2C outputs), "fixed_small" or "fixed_large".
     clip_denoised: clip ADM's x_0 prediction to [-1, 1] (False for latents, as DiffiT).
     eta: DDIM noise scale (0 = deterministic).
     sigma_min, sigma_max, rho: EDM discretization [EDM Eq. 5].
-    sigma_data: EDM preconditioning data std.
     s_churn, s_tmin, s_tmax, s_noise: EDM Alg. 2 stochasticity (EDM heun/euler only).
     guidance_scale: classifier-free guidance w (1 = off).
     guidance_schedule: "constant" or "power_cosine" (ADM only).
@@ -85,48 +89,60 @@ class SamplerConfig:
     guidance_interval: (lo, hi): guide only where lo < sigma <= hi; None = always.
     num_classes: number of classes (the null label); None for an unconditional model.
   """
-  name: str = "ddpm"
-  num_steps: int = 250
-  respacing: str = ""
-  formulation: str = "adm"
-  beta_schedule: str = "linear"
-  diffusion_steps: int = 1000
-  pred_type: str = "eps"
-  var_type: str = "learned_range"
-  clip_denoised: bool = False
-  eta: float = 0.0
-  sigma_min: float = edm_lib.SIGMA_MIN
-  sigma_max: float = edm_lib.SIGMA_MAX
-  rho: float = edm_lib.RHO
-  sigma_data: float = edm_lib.SIGMA_DATA
-  s_churn: float = 0.0
-  s_tmin: float = 0.0
-  s_tmax: float = float("inf")
-  s_noise: float = 1.0
-  guidance_scale: float = 1.0
-  guidance_schedule: str = "constant"
-  guidance_power: float = 4.0
-  guidance_channels: int | None = 3
-  guidance_interval: tuple[float, float] | None = None
-  num_classes: int | None = 1000
+  process: Diffusion
+  name: str
+  num_steps: int
+  respacing: str
+  clip_denoised: bool
+  eta: float
+  sigma_min: float
+  sigma_max: float
+  rho: float
+  s_churn: float
+  s_tmin: float
+  s_tmax: float
+  s_noise: float
+  guidance_scale: float
+  guidance_schedule: str
+  guidance_power: float
+  guidance_channels: int | None
+  guidance_interval: tuple[float, float] | None
+  num_classes: int | None
 
   @classmethod
-  def from_config(cls, config: Any) -> "SamplerConfig":
-    """Accepts a SamplerConfig, a mapping, or an `ml_collections.ConfigDict`."""
-    if isinstance(config, cls):
-      return config
-    if hasattr(config, "to_dict"):
-      config = config.to_dict()
-    if not isinstance(config, Mapping):
-      raise TypeError(f"Expected a SamplerConfig, mapping or ConfigDict, got {type(config)}.")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-      raise ValueError(f"Unknown sampler config keys {unknown}; valid keys: {sorted(fields)}.")
-    config = dict(config)
-    if config.get("guidance_interval") is not None:
-      config["guidance_interval"] = tuple(config["guidance_interval"])
-    return cls(**config)
+  def from_config(cls, config: Any, *, num_steps: int | None = None) -> "SamplerConfig":
+    """The sampler `config.sampler` describes for the config's process and network.
+
+    The configs in `configs/` hold the paper's and the release's settings (e.g.
+    `imagenet256_latent.py`: 250 DDPM steps, power-cosine guidance 4.4 on 3 channels).
+
+    Args:
+      config: a run config (`config_lib.base_config` declares every field read here).
+      num_steps: overrides `config.sampler.num_steps` and, for ADM, its `respacing` (the
+        trainer's quick grids).
+
+    `config.sampler.guidance.channels = 0` guides every prediction channel;
+    `config.sampler.respacing` (ADM only: "250", "ddim25", "10,15,20") replaces num_steps.
+    """
+    s, g = config.sampler, config.sampler.guidance
+    process = diffusion_process.from_config(config)
+    adm = process.name == "adm"
+    return cls(
+        process=process, name=s.name, num_steps=int(num_steps or s.num_steps),
+        respacing="" if num_steps and adm else s.respacing,
+        clip_denoised=bool(s.clip_denoised), eta=float(s.eta), sigma_min=float(s.sigma_min),
+        sigma_max=float(s.sigma_max), rho=float(s.rho), s_churn=float(s.churn),
+        s_tmin=float(s.churn_tmin), s_tmax=float(s.churn_tmax) or float("inf"),
+        s_noise=float(s.churn_noise), guidance_scale=float(g.scale),
+        guidance_schedule=g.schedule, guidance_power=float(g.power),
+        guidance_channels=int(g.channels) or None,
+        guidance_interval=tuple(float(v) for v in g.interval) or None,
+        num_classes=int(config.model.num_classes) or None)
+
+  @property
+  def formulation(self) -> str:
+    """"adm" or "edm", the process's."""
+    return self.process.name
 
   @property
   def guidance(self) -> Guidance:
@@ -135,13 +151,13 @@ class SamplerConfig:
         power=float(self.guidance_power), channels=self.guidance_channels,
         interval=self.guidance_interval,
         null_class=self.num_classes if self.num_classes is not None else -1,
-        num_timesteps=self.diffusion_steps)
+        num_timesteps=self.process.num_timesteps if self.formulation == "adm" else 0)
 
   @property
   def steps(self) -> int:
     """Sampling steps actually taken (an ADM `respacing` string fixes its own count)."""
     if self.formulation == "adm" and self.respacing:
-      return len(space_timesteps(self.diffusion_steps, self.respacing))
+      return len(space_timesteps(self.process.num_timesteps, self.respacing))
     return self.num_steps
 
   @property
@@ -152,8 +168,6 @@ class SamplerConfig:
 
 def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
   """Raises a ValueError naming the bad setting and the fix."""
-  if cfg.formulation not in FORMULATIONS:
-    raise ValueError(f"Unknown formulation {cfg.formulation!r}; use one of {FORMULATIONS}.")
   allowed = ADM_SAMPLERS if cfg.formulation == "adm" else EDM_SAMPLERS
   if cfg.name not in allowed:
     hint = (" ('ddpm' and 'ddim' need the discrete ADM formulation)"
@@ -166,7 +180,7 @@ def validate(cfg: SamplerConfig, shape: tuple[int, ...]) -> None:
     if cfg.formulation != "adm":
       raise ValueError(f"respacing={cfg.respacing!r} picks timesteps of a discrete ADM chain; "
                        "an EDM model samples on its own sigma grid: set num_steps instead.")
-    space_timesteps(cfg.diffusion_steps, cfg.respacing)  # a bad string says what is wrong
+    space_timesteps(cfg.process.num_timesteps, cfg.respacing)  # a bad string says what is wrong
   if cfg.eta < 0:
     raise ValueError(f"eta must be >= 0, got {cfg.eta}.")
   if cfg.s_churn < 0:
@@ -309,16 +323,12 @@ def _network(apply_fn: ApplyFn, guidance: Guidance, prediction_channels: int):
 
 def _adm_loops(cfg: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, ...]):
   """The ADM model as (schedule, model_out(params, x_t, t, y), denoise, sigmas, init scale)."""
-  schedule = create_schedule(cfg.beta_schedule, cfg.diffusion_steps,
-                             cfg.respacing or str(cfg.num_steps))
+  process = cfg.process
+  schedule = process.respaced(cfg.respacing or str(cfg.num_steps))
   steps = schedule.num_timesteps
   guidance = cfg.guidance
   net = _network(apply_fn, guidance, shape[-1])
-  # Noise levels of the kept steps, from the float64 schedule (VE coordinates).
-  alpha_bar64 = np.cumprod(1.0 - get_named_beta_schedule(cfg.beta_schedule,
-                                                          cfg.diffusion_steps))
-  alpha_bar64 = alpha_bar64[np.asarray(schedule.timestep_map)]
-  sigmas_kept = np.sqrt(1.0 / alpha_bar64 - 1.0)                          # (N,) increasing
+  sigmas_kept = process.sigmas(schedule.timestep_map)                     # (N,) increasing
 
   def model_out(params, x_t, t, y):
     """Model output at respaced step t (a traced scalar), guided."""
@@ -334,8 +344,8 @@ def _adm_loops(cfg: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, ...]):
     t = steps - 1 - i
     x_t = x_ve * schedule.sqrt_alphas_cumprod[t]
     out = model_out(params, x_t, t, y)
-    return p_mean_variance(schedule, out, x_t, t, pred_type=cfg.pred_type,
-                           var_type=cfg.var_type, clip_denoised=cfg.clip_denoised).pred_x0
+    return p_mean_variance(schedule, out, x_t, t, pred_type=process.pred_type,
+                           var_type=process.var_type, clip_denoised=cfg.clip_denoised).pred_x0
 
   sigmas = np.append(sigmas_kept[::-1], 0.0)                              # (N+1,) decreasing
   init_scale = float(np.sqrt(1.0 + sigmas[0] ** 2))  # x_T ~ N(0, I) is x_ve ~ N(0, 1+sigma^2)
@@ -351,7 +361,7 @@ def _edm_loops(cfg: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, ...]):
     del i
     w = guidance_weight(guidance, sigma=sigma) if guidance.active else None
     net_fn = lambda x_in, c_noise, yy: net(params, x_in, c_noise, yy, w)
-    return edm_lib.edm_denoise(net_fn, x, sigma, y, sigma_data=cfg.sigma_data)
+    return edm_lib.edm_denoise(net_fn, x, sigma, y, sigma_data=cfg.process.sigma_data)
 
   sigmas = edm_lib.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
   return denoise, sigmas, float(sigmas[0])
@@ -424,7 +434,8 @@ def _ve_sampler(cfg: SamplerConfig, denoise, sigmas: np.ndarray, init_scale: flo
 def _adm_chain_sampler(cfg: SamplerConfig, schedule: GaussianSchedule, model_out):
   """Ancestral DDPM or DDIM over the respaced chain t = N-1, ..., 0."""
   steps = schedule.num_timesteps
-  kwargs = dict(pred_type=cfg.pred_type, var_type=cfg.var_type, clip_denoised=cfg.clip_denoised)
+  kwargs = dict(pred_type=cfg.process.pred_type, var_type=cfg.process.var_type,
+                clip_denoised=cfg.clip_denoised)
 
   def run(params, y, x_T, normal):
     def body(i, x):
@@ -524,12 +535,12 @@ class Sampler:
     return samples
 
 
-def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
+def make_sampler(config: SamplerConfig, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
                  mesh: Mesh | None = None) -> Sampler:
   """Builds the compiled sampler a config describes.
 
   Args:
-    config: `SamplerConfig`, a mapping or a ConfigDict with `SamplerConfig` fields.
+    config: the settings, `SamplerConfig.from_config(run_config)`.
     apply_fn: `apply_fn(params, x, t_in, y)`; see the module docstring for the contract.
     shape: (H, W, C) of one sample (C = prediction channels; 4 for SD latents).
     mesh: a mesh with a "data" axis (and optionally "fsdp"), e.g.
@@ -539,7 +550,10 @@ def make_sampler(config: Any, apply_fn: ApplyFn, shape: tuple[int, int, int], *,
   Returns:
     A `Sampler`; call it as `sampler(params, labels, sample_indices, seed, x_T=None)`.
   """
-  cfg = SamplerConfig.from_config(config)
+  if not isinstance(config, SamplerConfig):
+    raise TypeError(f"make_sampler takes a SamplerConfig (SamplerConfig.from_config(config) of a "
+                    f"run config), got {type(config).__name__}.")
+  cfg = config
   shape = tuple(int(s) for s in shape)
   validate(cfg, shape)
   if mesh is None:
