@@ -44,10 +44,37 @@ class Plan(NamedTuple):
     return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
+class DoesNotFitError(Exception):
+  """The compiler refused a program: it needs more memory than the device has.
+
+  Attributes:
+    reason: the compiler's own sentence (e.g. "the total memory required for HLO
+      temporaries (16.62G) exceeds available HBM (15.75G)").
+    compile_seconds: how long the compiler took to find out.
+  """
+
+  def __init__(self, reason: str, compile_seconds: float):
+    super().__init__(reason)
+    self.reason, self.compile_seconds = reason, compile_seconds
+
+
 def compile_plan(lowered: Any) -> Plan:
-  """Compiles a `jax.jit(...).lower(...)` result and reads the compiler's plan."""
+  """Compiles a `jax.jit(...).lower(...)` result and reads the compiler's plan.
+
+  Raises:
+    DoesNotFitError: the compiler (a TPU's refuses programs larger than its HBM) ran out
+      of device memory.
+  """
   start = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if not message.startswith("RESOURCE_EXHAUSTED") or "memory" not in message:
+      raise
+    reason = message.split(":", 1)[1].strip().removeprefix("Ran out of memory on HBM, ")
+    raise DoesNotFitError(reason.splitlines()[0].rstrip("."),
+                          time.perf_counter() - start) from None
   return plan_of(compiled, compile_seconds=time.perf_counter() - start)
 
 
@@ -59,7 +86,8 @@ def plan_of(compiled: Any, *, compile_seconds: float = 0.0) -> Plan:
   return Plan(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
               aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
               flops=float(cost.get("flops", 0.0)),
-              bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_seconds=compile_seconds,
+              bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+              compile_seconds=compile_seconds,
               code=m.generated_code_size_in_bytes)
 
 
@@ -215,10 +243,31 @@ def fits(plan: Plan, tpu_slice: tpu.Slice) -> bool:
   return plan.total + plan.code <= tpu_slice.chip.hbm_gib * GIB
 
 
-def _slice_line(what: str, tpu_slice: tpu.Slice, devices: list[Any], plan: Plan) -> str:
+def _slice_line(what: str, tpu_slice: tpu.Slice, devices: list[Any],
+                plan: Plan | DoesNotFitError) -> str:
   return (f"{what} on {tpu_slice.name} ({tpu_slice.topology}: {tpu_slice.num_chips} chips of "
           f"{tpu_slice.chip.name}, {tpu.num_hosts(devices)} host process(es)), compiled by "
           f"libtpu in {plan.compile_seconds:.0f} s")
+
+
+def _plan_lines(plan: Plan | DoesNotFitError, tpu_slice: tpu.Slice, items: int,
+                item: str = "img") -> list[str]:
+  if isinstance(plan, DoesNotFitError):
+    return [f"  per chip: DOES NOT FIT {tpu_slice.chip.hbm_gib:g} GiB HBM: the TPU compiler "
+            f"refused it ({plan.reason})"]
+  return tpu_lines(plan, tpu_slice, items=items, item=item)
+
+
+def _fits(plan: Plan | DoesNotFitError, tpu_slice: tpu.Slice) -> bool:
+  return not isinstance(plan, DoesNotFitError) and fits(plan, tpu_slice)
+
+
+def compile_plan_or_refusal(lowered: Any) -> Plan | DoesNotFitError:
+  """`compile_plan`, or the compiler's refusal when the program does not fit."""
+  try:
+    return compile_plan(lowered)
+  except DoesNotFitError as e:
+    return e
 
 
 def with_fields(config: ml_collections.ConfigDict, fields: dict[str, Any]
@@ -262,24 +311,24 @@ def tpu_train_report(config: ml_collections.ConfigDict, slice_name: str):
 
   def compiled(config):
     mesh = sharding_lib.create_mesh(config.mesh, devices)
-    return mesh, compile_plan(train_step(config, mesh))
+    return mesh, compile_plan_or_refusal(train_step(config, mesh))
 
   mesh, p = compiled(config)
   m = config.model
   yield (_slice_line("tpu_train_step_plan", tpu_slice, devices, p) + f"; global batch "
          f"{config.batch_size} over mesh {dict(mesh.shape)}, dtype={m.dtype}"
          + (f", remat={m.remat}, scan_blocks={m.scan_blocks}" if m.name == "latent" else ""))
-  yield from tpu_lines(p, tpu_slice, items=int(config.batch_size))
-  if fits(p, tpu_slice):
+  yield from _plan_lines(p, tpu_slice, int(config.batch_size))
+  if _fits(p, tpu_slice):
     return
   for fields in _fitting_candidates(config, tpu_slice.num_chips):
     flags = " ".join(f"--config.{k}={v}" for k, v in fields.items())
     _, q = compiled(with_fields(config, fields))
-    need = (q.total + q.code) / GIB
-    yield (f"  with {flags}: {need:.2f} GiB per chip, "
-           + ("fits" if fits(q, tpu_slice) else "does not fit either")
+    need = ("refused by the compiler" if isinstance(q, DoesNotFitError)
+            else f"{(q.total + q.code) / GIB:.2f} GiB per chip")
+    yield (f"  with {flags}: {need}, " + ("fits" if _fits(q, tpu_slice) else "does not fit")
            + f" (compiled in {q.compile_seconds:.0f} s)")
-    if fits(q, tpu_slice):
+    if _fits(q, tpu_slice):
       yield f"  to fit {tpu_slice.name}: {flags}"
       return
   yield f"  nothing tried fits {tpu_slice.name}: use a slice with more chips or HBM per chip"
@@ -295,26 +344,30 @@ def tpu_sampling_report(config: ml_collections.ConfigDict, slice_name: str, batc
   tpu_slice = tpu.parse_slice(slice_name)
   devices = tpu.compile_only_devices(tpu_slice)
   mesh = sharding_lib.create_mesh(config.get("mesh"), devices)
-  p = compile_plan(sampler(config, mesh, batch_size))
+  p = compile_plan_or_refusal(sampler(config, mesh, batch_size))
   s = config.sampler
   yield (_slice_line("tpu_sampler_plan", tpu_slice, devices, p) + f"; {s.name}, "
          f"{s.num_steps} steps, guidance scale {s.guidance.scale}, global batch {batch_size} "
          f"over mesh {dict(mesh.shape)}")
-  yield from tpu_lines(p, tpu_slice, items=batch_size, item="samples")
-  seconds = roofline_seconds(p, tpu_slice.chip.peak_tflops, tpu_slice.chip.hbm_gbps)
-  held = p
+  yield from _plan_lines(p, tpu_slice, batch_size, item="samples")
+  d = None
   if config.model.name == "latent":
-    d = compile_plan(vae_decode(config, mesh, batch_size))
+    d = compile_plan_or_refusal(vae_decode(config, mesh, batch_size))
     yield _slice_line("tpu_vae_decode_plan", tpu_slice, devices, d)
-    yield from tpu_lines(d, tpu_slice, items=batch_size)
-    seconds += roofline_seconds(d, tpu_slice.chip.peak_tflops, tpu_slice.chip.hbm_gbps)
+    yield from _plan_lines(d, tpu_slice, batch_size)
+  if not all(_fits(x, tpu_slice) for x in (p, d) if x is not None):
+    yield f"  does not fit {tpu_slice.name}: pass a smaller --batch_size"
+    return
+  seconds = sum(roofline_seconds(x, tpu_slice.chip.peak_tflops, tpu_slice.chip.hbm_gbps)
+                for x in (p, d) if x is not None)
+  if d is not None:
     # Both programs' weights stay on the chip; their scratch memory is not needed at once.
     held = p._replace(arguments=p.arguments + d.arguments, code=p.code + d.code,
                       temporaries=max(p.temporaries + p.outputs, d.temporaries + d.outputs),
                       outputs=0.0, aliased=0.0)
     yield (f"  sampler and decoder together: {(held.total + held.code) / GIB:.2f} of "
            f"{tpu_slice.chip.hbm_gib:g} GiB per chip: "
-           + ("fits" if fits(held, tpu_slice) else "DOES NOT FIT"))
+           + ("fits" if fits(held, tpu_slice) else "DOES NOT FIT: pass a smaller --batch_size"))
   if num_samples:
     calls = -(-num_samples // batch_size)
     yield (f"  {num_samples:,} samples: {calls} calls, at least {calls * seconds / 60:.1f} "

@@ -87,10 +87,11 @@ def _torus(num_chips: int, dims: int) -> tuple[int, ...] | None:
   if num_chips < 4 or num_chips & (num_chips - 1):
     return None
   shape = [2, 2] + [1] * (dims - 2)
-  order = [1, 0] if dims == 2 else [2, 1, 0]  # double y, then x (2D); z, y, x (3D)
+  # 2D: 2x2, 2x4, 4x4, 4x8, ...; 3D: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...
+  order = [1, 0] if dims == 2 else [2] + [2, 1, 0] * 8
   i = 0
   while shape[0] * shape[1] * (shape[2] if dims == 3 else 1) < num_chips:
-    shape[order[i % dims]] *= 2
+    shape[order[i % len(order)] if dims == 2 else order[i]] *= 2
     i += 1
   return tuple(shape)
 

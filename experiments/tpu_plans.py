@@ -78,25 +78,30 @@ def measure(row: dict, devices_of) -> dict:
   out = dict(row, chips=tpu_slice.num_chips, hosts=tpu.num_hosts(devices), chip=chip.name,
              hbm_gib=chip.hbm_gib, mesh=dict(mesh.shape))
   if row["kind"] == "train":
-    p = plan.compile_plan(plan.train_step(config, mesh))
+    p = plan.compile_plan_or_refusal(plan.train_step(config, mesh))
     items = int(config.batch_size)
     out["batch"] = items
   else:
-    p = plan.compile_plan(plan.sampler(config, mesh, row["batch"]))
-    d = plan.compile_plan(plan.vae_decode(config, mesh, row["batch"]))
+    p = plan.compile_plan_or_refusal(plan.sampler(config, mesh, row["batch"]))
+    d = plan.compile_plan_or_refusal(plan.vae_decode(config, mesh, row["batch"]))
     items = row["batch"]
     out["decode"] = plan_dict(d, chip)
     out["sampler"] = dict(name=config.sampler.name, num_steps=int(config.sampler.num_steps),
                           guidance=float(config.sampler.guidance.scale))
   out.update(plan_dict(p, chip))
-  seconds = out["bound_s"] + out.get("decode", {}).get("bound_s", 0.0)
-  out["bound_items_per_s"] = items / seconds if seconds else None
-  if row["kind"] == "sampling":
-    out["fid_50k_bound_minutes"] = -(-FID_SAMPLES // items) * seconds / 60
+  if out["bound_s"] is not None:
+    seconds = out["bound_s"] + (out.get("decode", {}).get("bound_s") or 0.0)
+    out["bound_items_per_s"] = items / seconds if seconds else None
+    if row["kind"] == "sampling":
+      out["fid_50k_bound_minutes"] = -(-FID_SAMPLES // items) * seconds / 60
   return out
 
 
-def plan_dict(p: plan.Plan, chip: tpu.Chip) -> dict:
+def plan_dict(p: plan.Plan | plan.DoesNotFitError, chip: tpu.Chip) -> dict:
+  if isinstance(p, plan.DoesNotFitError):  # the TPU compiler refuses what exceeds the HBM
+    return dict(fits=False, refused=p.reason, compile_s=round(p.compile_seconds, 1),
+                state_gib=None, temp_gib=None, program_gib=None, total_gib=None, bound_s=None,
+                bound_items_per_s=None)
   gib = lambda b: round(b / plan.GIB, 3)
   return dict(state_gib=gib(p.arguments), temp_gib=gib(p.temporaries),
               program_gib=gib(p.code), total_gib=gib(p.total + p.code),
@@ -118,10 +123,14 @@ def markdown(rows: list[dict], machine: dict) -> str:
   for r in rows:
     if r["kind"] != "train":
       continue
+    if r.get("refused"):
+      figures = f"refused by the compiler: {r['refused']} | | | no | |"
+    else:
+      figures = (f"{r['state_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} / "
+                 f"{r['hbm_gib']:g} | {'yes' if r['fits'] else 'no'} | "
+                 f"{r['bound_items_per_s']:,.0f} |")
     lines.append(f"| {r['config']} | {r['dtype']} | {r['slice']} | {r['chips']} ({r['hosts']}) "
-                 f"| {r['strategy']} | {r['state_gib']:.2f} | {r['temp_gib']:.2f} | "
-                 f"{r['total_gib']:.2f} / {r['hbm_gib']:g} | {'yes' if r['fits'] else 'no'} | "
-                 f"{r['bound_items_per_s']:,.0f} | {r['compile_s']:.0f} |")
+                 f"| {r['strategy']} | {figures} {r['compile_s']:.0f} |")
   lines += ["", "## Sampling (the FID protocol: 50,000 samples, guided DDPM with the VAE decode)",
             "", "| slice | batch | sampler | sampler GiB | decode GiB | fits | bound samples/s "
             "| 50,000 samples at least | compile s |", "|" + "---|" * 9]
@@ -129,6 +138,11 @@ def markdown(rows: list[dict], machine: dict) -> str:
     if r["kind"] != "sampling":
       continue
     s, d = r["sampler"], r["decode"]
+    if r.get("refused") or d.get("refused"):
+      lines.append(f"| {r['slice']} | {r['batch']} | {s['name']} {s['num_steps']} steps | "
+                   f"refused by the compiler: {r.get('refused') or d.get('refused')} | | no | | "
+                   f"| {r['compile_s'] + d['compile_s']:.0f} |")
+      continue
     lines.append(f"| {r['slice']} | {r['batch']} | {s['name']} {s['num_steps']} steps, guidance "
                  f"{s['guidance']:g} | {r['total_gib']:.2f} | {d['total_gib']:.2f} | "
                  f"{'yes' if r['fits'] and d['fits'] else 'no'} | {r['bound_items_per_s']:.1f} | "

@@ -18,8 +18,8 @@ from diffit_jax.models.vae import VAEConfig  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_IMAGE = dict(channels=(16,), num_blocks=(1,), time_dim=32, frequency_size=16, head_dim=16,
                   num_groups=4)
-TINY_LATENT = dict(variant="custom", input_size=8, depth=2, hidden_size=32, num_heads=2, patch_size=2,
-                   num_classes=10)
+TINY_LATENT = dict(variant="custom", input_size=8, depth=2, hidden_size=32, num_heads=2,
+                   patch_size=2, num_classes=10)
 TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
 
 
@@ -55,8 +55,8 @@ def programs(group: str, mesh):
     c = latent(**{"mesh.fsdp": n, "mesh.data": 1, "mesh.fsdp_min_size": 64})
     yield f"train step, FSDP over {n} chips", plan.train_step(c, fsdp(c))
     yield "train step, latent, unrolled blocks", plan.train_step(latent(), dp)
-    c = latent(**{"model.scan_blocks": True, "model.remat": True})
-    yield "train step, latent, scanned blocks + remat", plan.train_step(c, dp)
+    c = latent(**{"model.scan_blocks": True, "model.remat": True, "model.dtype": "bfloat16"})
+    yield "train step, latent, scanned blocks + remat, bf16", plan.train_step(c, dp)
   else:  # on one chip: what sampling, FID and fine-tuning run
     for name, c in (("ddpm, official guidance", latent(**{"sampler.name": "ddpm"})),
                     ("ddim", latent(**{"sampler.name": "ddim"})),
