@@ -43,9 +43,9 @@ def test_help_lists_commands_then_one_commands_flags(capsys):
   assert "--[no]precision_recall" in capsys.readouterr().out
 
 
-def test_old_and_misspelt_flags_get_one_line_with_the_fix(tmp_path, capsys):
+def test_unknown_and_misspelt_flags_get_one_line_with_the_fix(tmp_path, capsys):
   _usage_error(convert_cli.main, ["vae", "--src=x", f"--dst={tmp_path}"])
-  _one_error_line(capsys, "--dst is now --out", "convert vae --help")
+  _one_error_line(capsys, "Unknown command line flag 'dst'", "convert vae --help")
   _usage_error(data_cli.main, ["build", "--src=x", "--out=y", "--no_strict"])
   _one_error_line(capsys, "--nostrict")
   _usage_error(evaluate.main, ["--ref=a", "--samples=b", "--inception=c", "--precison_recall"])
