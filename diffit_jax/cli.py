@@ -125,7 +125,8 @@ def is_user_error(error: BaseException) -> bool:
 
 
 class UsageError(ValueError):
-  """A command line that does not parse; its message is the `error:` line."""
+  """A command line that does not parse, or whose flags do not go together; its message is
+  the `error:` line."""
 
 
 def _unknown_flag_message(e: Any, flag_values: Any) -> str:

@@ -1,6 +1,6 @@
 """`python -m diffit_jax.encode`: pre-encode an image dataset into SD-VAE posterior records.
 
-    python -m diffit_jax.encode --vae=ckpt/sd_vae_ema --data=tfds:imagenet2012 \
+    python -m diffit_jax.encode --vae=ckpt/sd_vae_ema --data=tfds:imagenet2012 \\
         --resolution=256 --out=data/in256_latents [--manual_dir=...] [--batch_size=64]
 
 Latent DiffiT trains on VAE latents. Encoding once, up front, stores for every image and

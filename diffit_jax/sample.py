@@ -1,10 +1,10 @@
 """`python -m diffit_jax.sample`: draw samples into an ADM-evaluator `.npz` and a PNG grid.
 
     # EMA weights of the newest training checkpoint in a workdir (with the run's config):
-    python -m diffit_jax.sample --workdir=runs/mnist_demo --num_samples=100 \
+    python -m diffit_jax.sample --workdir=runs/mnist_demo --num_samples=100 \\
         --out=runs/mnist_demo/eval
     # A converted official checkpoint (its config travels with it), decoded by a converted VAE:
-    python -m diffit_jax.sample --checkpoint=ckpt/diffit_256 --vae=ckpt/sd_vae_ema \
+    python -m diffit_jax.sample --checkpoint=ckpt/diffit_256 --vae=ckpt/sd_vae_ema \\
         --num_samples=50000 --batch_size=256 --out=samples/in256
 
 Writes `OUT/samples_{N}x{H}x{W}x{C}.npz` with `arr_0` (N, H, W, C) uint8 and `arr_1` (N,)
