@@ -140,6 +140,10 @@ def _unknown_flag_message(e: Any, flag_values: Any) -> str:
 def parse_flags(argv: Sequence[str], flag_values: Any) -> list[str]:
   """Parses absl flags; raises `UsageError` with a one-line message instead of absl's usage.
 
+  A `--config` that its parser refuses (see `config_lib.DEFINE_config_file`: no such config,
+  a variant or field it does not have) raises that error itself, `ConfigError` or
+  `FileNotFoundError`: it is the config's, reported as a run reports a config it refuses.
+
   Args:
     argv: the command line, program name first.
     flag_values: the `flags.FlagValues` to parse into.
@@ -156,15 +160,34 @@ def parse_flags(argv: Sequence[str], flag_values: Any) -> list[str]:
   except flags.UnrecognizedFlagError as e:
     raise UsageError(_unknown_flag_message(e, flag_values)) from None
   except (flags.Error, ValueError, FileNotFoundError) as e:
-    cause = e.__context__  # absl wraps a parser's error in "flag --config=...: "
     missing = re.search(r"Flag --(\w+) must have a value other than None", str(e))
     if missing:
       raise UsageError(f"--{missing.group(1)} is required") from None
-    raise UsageError(cause if isinstance(cause, ConfigError) else e) from None
+    # absl wraps a parser's ValueError in "flag --config=...: "; an OSError it lets through.
+    error = e.__context__ if isinstance(e.__context__, ConfigError) else e
+    if isinstance(error, (ConfigError, FileNotFoundError)):
+      raise error from None
+    raise UsageError(e) from None
 
 
 def _usage_error(prog: str, message: Any) -> NoReturn:
   sys.exit(report_user_error(f"{prog}: {message} (see `{prog} --help`)"))
+
+
+def _parse_command_line(argv: Sequence[str], prog: str, flag_values: Any) -> None:
+  """`parse_flags`; a command line that does not parse ends the command (`SystemExit(2)`)
+  with one `error:` line that names the command and points to its `--help`."""
+  try:
+    rest = parse_flags([prog, *argv], flag_values)
+  except UsageError as e:
+    words = [a for a in argv if not a.startswith("-")]
+    missing = re.fullmatch(r"--(\w+) is required", str(e))
+    if missing and words:  # e.g. the positional argument of an earlier version
+      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
+    _usage_error(prog, e)
+  if rest[1:]:
+    _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
+                       "--out=...)")
 
 
 def _summary(doc: str) -> str:
@@ -196,8 +219,8 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
 
   Returns:
     `run`'s exit status. A command line that does not parse ends the command with
-    `SystemExit(2)`, an error of the user's (`is_user_error`) with status 2, each with one
-    `error:` line; `--help` prints the help and returns 0.
+    `SystemExit(2)`, an error of the user's (`is_user_error`, a refused `--config` too) with
+    status 2, each with one `error:` line; `--help` prints the help and returns 0.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -210,20 +233,10 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
                        .splitlines() if line.startswith(" "))  # not the modules' names
     print(f"{_summary(doc)}\n\nflags of `{prog}`:\n{listed}")
     return 0
-  try:
-    rest = parse_flags([prog, *argv], flag_values)
-  except UsageError as e:
-    words = [a for a in argv if not a.startswith("-")]
-    missing = re.fullmatch(r"--(\w+) is required", str(e))
-    if missing and words:  # e.g. the positional argument of an earlier version
-      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
-    _usage_error(prog, e)
-  if rest[1:]:
-    _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
-                       "--out=...)")
   from diffit_jax import files  # pylint: disable=g-import-not-at-top
 
   try:
+    _parse_command_line(argv, prog, flag_values)
     return run(flag_values) or 0
   except Exception as e:  # pylint: disable=broad-except
     if files.is_out_of_space(e) and not isinstance(e, files.OutOfSpaceError):
