@@ -1,14 +1,15 @@
 """What the command lines share: absl flags, and a user's mistake is one `error: ...` line, exit 2.
 
-Every command takes absl flags (`--x=v`, booleans `--x` / `--nox`); `convert` and `data`
-take a sub-command as their first word (`python -m diffit_jax.convert diffit --src=...`).
-Errors a user can cause (a missing or malformed file, a refused pickle global, a bad or
-unknown flag) are reported by their message, which says what was wrong and how to fix it,
-without a traceback; anything else is a bug and keeps its traceback.
+Every command's `main(argv)` is `run_command` (or `run_subcommand`: `convert` and `data` take
+a sub-command as their first word, `python -m diffit_jax.convert diffit --src=...`): absl
+flags (`--x=v`, booleans `--x` / `--nox`) defined when the command runs, in a `FlagValues` of
+its own, absl's log lines, and one definition of the errors a user can cause
+(`is_user_error`: a bad flag, config or file, a missing one, a full disk, ...), each reported
+by its message, which says what was wrong and how to fix it, without a traceback; anything
+else is a bug and keeps its traceback.
 
 The flags share one vocabulary: what a command reads is `--src`, what it writes `--out`, a
 pixel size `--resolution`, a number of sampler steps `--num_steps`, a config `--config`.
-A flag of the old vocabulary gets a pointer to its new name (`RENAMED_FLAGS`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,28 @@ from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 USER_ERROR_STATUS = 2  # The status for bad arguments (argparse's too), used for every user error.
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
-# Flags of earlier versions -> their name in the shared vocabulary.
-RENAMED_FLAGS = {"dst": "out", "image_size": "resolution", "steps": "num_steps"}
+
+def start_logging() -> None:
+  """Logs as an absl app does (`I0101 12:00:00.000000 123 train.py:609] message` lines on
+  stderr, INFO and up) and silences library messages a user cannot act on (see
+  `quiet_library_noise`); every command calls it before its work."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  absl_logging.use_absl_handler()
+  if not flags.FLAGS.is_parsed():  # absl's own flags, at their defaults: log to stderr
+    flags.FLAGS.mark_as_parsed()
+  absl_logging.set_verbosity(absl_logging.INFO)  # as `app.run` does: the root logger at INFO
+  quiet_library_noise()
 
 
 def quiet_library_noise() -> None:
-  """Silences library messages a user cannot act on; every command calls it before its work.
+  """Silences library messages a user cannot act on (`start_logging` calls it).
 
   Each at its source, and only the message named (a warning about the user's own input or
   a real failure still shows):
+    * The INFO lines libraries log through absl's logger (Orbax names every file it reads
+      or writes): that logger is set to WARNING; diffit_jax's own INFO lines still show.
     * JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open libtpu.so" on a
       machine without a TPU (libtpu installed, e.g. Colab): the logger of
       `jax._src.xla_bridge` is set to WARNING (its real warnings, such as a GPU it cannot
@@ -50,19 +64,20 @@ def quiet_library_noise() -> None:
       Orbax closed after the failure (raised by asyncio's `call_soon_threadsafe` when a C
       callback reaches a closed loop, and printed as unraisable: never an error of the
       user's or of diffit_jax's).
-  tfds's download banner, its note that OpenCV is not installed, and Orbax's notes about
-  checkpoint items a sampler does not read are silenced where those libraries are called
-  (`data.folder`, `data.pipeline`, `checkpoint`), so grain's worker processes and library
+    * tfds's note, once per process that decodes images, that OpenCV is not installed (it
+      decodes with PIL, as diffit_jax intends); grain's worker processes drop it too
+      (`data.pipeline.PrepareImage`).
+  tfds's download banner and Orbax's notes about checkpoint items a sampler does not read
+  are silenced where those libraries are called (`data.folder`, `checkpoint`), so library
   users are covered too.
   """
   from diffit_jax import logging_utils  # pylint: disable=g-import-not-at-top
 
   os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, logging_utils.DropMessages)
-             and f.prefixes == logging_utils.ORBAX_READ_ONLY_NOTES for f in absl_logger.filters):
-    absl_logger.addFilter(logging_utils.DropMessages(*logging_utils.ORBAX_READ_ONLY_NOTES))
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging_utils.drop_messages(*logging_utils.ORBAX_READ_ONLY_NOTES)
+  logging_utils.drop_messages(logging_utils.TFDS_OPENCV_NOTE)
   for name in ("absl", "asyncio"):
     logger = logging.getLogger(name)
     if not any(isinstance(f, logging_utils.DropOutOfSpaceReports) for f in logger.filters):
@@ -91,26 +106,47 @@ def report_user_error(error: BaseException | str) -> int:
   return USER_ERROR_STATUS
 
 
+def is_user_error(error: BaseException) -> bool:
+  """Whether `error` is one a user can fix from its message, so a command reports it as one
+  `error:` line (exit status 2) instead of a traceback.
+
+  Those are: a value refused (`ValueError`: a bad flag or config, `config_lib.ConfigError`;
+  a damaged file, `files.DamagedFileError`; a workdir whose checkpoints are all damaged,
+  `checkpoint.CorruptCheckpointError`; weights that do not convert, `ConversionError`), a
+  file missing, in the way or unreadable, or a full disk (`OSError`, `files.OutOfSpaceError`),
+  an output folder another process writes (`files.FolderInUseError`), and a run that
+  diverged (`train.NonFiniteLossError`, which names the newest good checkpoint).
+  """
+  from diffit_jax import files  # pylint: disable=g-import-not-at-top
+
+  train = sys.modules.get("diffit_jax.train")  # only a command that imported it can diverge
+  diverged = (train.NonFiniteLossError,) if train else ()
+  return isinstance(error, (ValueError, OSError, files.FolderInUseError, *diverged))
+
+
 class UsageError(ValueError):
-  """A command line that does not parse; its message is the `error:` line."""
+  """A command line that does not parse, or whose flags do not go together; its message is
+  the `error:` line."""
 
 
 def _unknown_flag_message(e: Any, flag_values: Any) -> str:
-  """absl's message with the new name of a renamed flag, or `--noX` for a `--no_X` boolean."""
+  """absl's message, or `--noX` for a `--no_X` boolean."""
   name = e.flagname
-  if name in RENAMED_FLAGS and RENAMED_FLAGS[name] in flag_values:
-    return f"--{name} is now --{RENAMED_FLAGS[name]}; use --{RENAMED_FLAGS[name]}=..."
   if name.startswith("no_") and name[3:] in flag_values and flag_values[name[3:]].boolean:
     return f"unknown flag --{name}; booleans are negated as --no{name[3:]}"
   return str(e)
 
 
-def parse_flags(argv: Sequence[str], flag_values: Any = None) -> list[str]:
+def parse_flags(argv: Sequence[str], flag_values: Any) -> list[str]:
   """Parses absl flags; raises `UsageError` with a one-line message instead of absl's usage.
+
+  A `--config` that its parser refuses (see `config_lib.DEFINE_config_file`: no such config,
+  a variant or field it does not have) raises that error itself, `ConfigError` or
+  `FileNotFoundError`: it is the config's, reported as a run reports a config it refuses.
 
   Args:
     argv: the command line, program name first.
-    flag_values: the `flags.FlagValues` to parse into (default: `flags.FLAGS`).
+    flag_values: the `flags.FlagValues` to parse into.
 
   Returns:
     The arguments that are not flags, program name first.
@@ -119,35 +155,39 @@ def parse_flags(argv: Sequence[str], flag_values: Any = None) -> list[str]:
 
   from diffit_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
 
-  flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
     return flag_values(list(argv))
   except flags.UnrecognizedFlagError as e:
     raise UsageError(_unknown_flag_message(e, flag_values)) from None
   except (flags.Error, ValueError, FileNotFoundError) as e:
-    cause = e.__context__  # absl wraps a parser's error in "flag --config=...: "
     missing = re.search(r"Flag --(\w+) must have a value other than None", str(e))
     if missing:
       raise UsageError(f"--{missing.group(1)} is required") from None
-    raise UsageError(cause if isinstance(cause, ConfigError) else e) from None
-
-
-def parse_absl_flags(argv: Sequence[str]) -> list[str]:
-  """`app.run(main, flags_parser=cli.parse_absl_flags)`: absl flags whose errors are one line.
-
-  An unknown or malformed flag, a missing required one, or a `--config` that its parser
-  refuses (see `config_lib.DEFINE_config_file`) ends the command with `error: ...` and
-  exit status 2, where absl would print its usage text and exit with 1.
-  """
-  quiet_library_noise()
-  try:
-    return parse_flags(argv)
-  except UsageError as e:
-    sys.exit(report_user_error(e))
+    # absl wraps a parser's ValueError in "flag --config=...: "; an OSError it lets through.
+    error = e.__context__ if isinstance(e.__context__, ConfigError) else e
+    if isinstance(error, (ConfigError, FileNotFoundError)):
+      raise error from None
+    raise UsageError(e) from None
 
 
 def _usage_error(prog: str, message: Any) -> NoReturn:
   sys.exit(report_user_error(f"{prog}: {message} (see `{prog} --help`)"))
+
+
+def _parse_command_line(argv: Sequence[str], prog: str, flag_values: Any) -> None:
+  """`parse_flags`; a command line that does not parse ends the command (`SystemExit(2)`)
+  with one `error:` line that names the command and points to its `--help`."""
+  try:
+    rest = parse_flags([prog, *argv], flag_values)
+  except UsageError as e:
+    words = [a for a in argv if not a.startswith("-")]
+    missing = re.fullmatch(r"--(\w+) is required", str(e))
+    if missing and words:  # e.g. the positional argument of an earlier version
+      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
+    _usage_error(prog, e)
+  if rest[1:]:
+    _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
+                       "--out=...)")
 
 
 def _summary(doc: str) -> str:
@@ -178,13 +218,13 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
       exit status (None: 0).
 
   Returns:
-    `run`'s exit status. A command line that does not parse, a full disk, an output folder
-    another process writes and a damaged metadata file end with status 2 and one `error:`
-    line; `--help` prints the help and returns 0.
+    `run`'s exit status. A command line that does not parse ends the command with
+    `SystemExit(2)`, an error of the user's (`is_user_error`, a refused `--config` too) with
+    status 2, each with one `error:` line; `--help` prints the help and returns 0.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  quiet_library_noise()
+  start_logging()
   flag_values = flags.FlagValues()
   define_flags(flag_values)
   if any(a in HELP_FLAGS for a in argv):
@@ -193,27 +233,17 @@ def run_command(argv: Sequence[str], *, prog: str, doc: str,
                        .splitlines() if line.startswith(" "))  # not the modules' names
     print(f"{_summary(doc)}\n\nflags of `{prog}`:\n{listed}")
     return 0
-  try:
-    rest = parse_flags([prog, *argv], flag_values)
-  except UsageError as e:
-    words = [a for a in argv if not a.startswith("-")]
-    missing = re.fullmatch(r"--(\w+) is required", str(e))
-    if missing and words:  # e.g. the positional argument of an earlier version
-      e = f"{e}: every input is a flag now, e.g. --{missing.group(1)}={words[0]}"
-    _usage_error(prog, e)
-  if rest[1:]:
-    _usage_error(prog, f"unexpected argument {rest[1]!r}; every input is a flag (--src=..., "
-                       "--out=...)")
   from diffit_jax import files  # pylint: disable=g-import-not-at-top
 
   try:
+    _parse_command_line(argv, prog, flag_values)
     return run(flag_values) or 0
-  except (files.OutOfSpaceError, files.FolderInUseError, files.DamagedFileError) as e:
-    return report_user_error(e)
-  except Exception as e:  # pylint: disable=broad-except  (a full disk below any write)
-    if not files.is_out_of_space(e):
+  except Exception as e:  # pylint: disable=broad-except
+    if files.is_out_of_space(e) and not isinstance(e, files.OutOfSpaceError):
+      e = files.OutOfSpaceError(getattr(e, "filename", None) or "--out")  # below any write
+    if not is_user_error(e):
       raise
-    return report_user_error(files.OutOfSpaceError(getattr(e, "filename", None) or "--out"))
+    return report_user_error(e)
 
 
 class Command(NamedTuple):

@@ -29,7 +29,6 @@ import difflib
 import importlib.util
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -489,12 +488,14 @@ def overridden_paths(argv: Sequence[str], name: str = "config") -> list[str]:
 class _ConfigFileParser(ConfigFileFlagParser):
   """`load_config` for `--config=path[:arg]`; also checks the overrides' field names."""
 
+  def __init__(self, name: str, argv: Sequence[str]):
+    super().__init__(name, lock_config=True)
+    self._argv = argv  # absl gives a flag parser only the flag's value, not the overrides
+
   def parse(self, path):
     config = load_config(path)
     fields = field_paths(config)
-    # ml_collections' flag reads its overrides from sys.argv too (absl gives a flag parser
-    # only the flag's value): this is the CLI layer, which main() passes on.
-    for field in overridden_paths(sys.argv, self.name):
+    for field in overridden_paths(self._argv, self.name):
       if field not in fields:
         raise unknown_field(field, list(fields), config.model.name)
     if self._lock_config:
@@ -502,12 +503,15 @@ class _ConfigFileParser(ConfigFileFlagParser):
     return config
 
 
-def DEFINE_config_file(name: str, help_string: str, *, required: bool = True
+def DEFINE_config_file(name: str, help_string: str, *, flag_values: flags.FlagValues,
+                       argv: Sequence[str], required: bool = True
                        ) -> flags.FlagHolder:  # pylint: disable=invalid-name
   """A `--NAME=X[:arg]` flag (a shipped config's name or a file) read by `load_config`, with
-  `--NAME.a.b=v` overrides."""
-  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
-  flags.FLAGS[name].parser = _ConfigFileParser(name, lock_config=True)
+  `--NAME.a.b=v` overrides, defined in a command's `flag_values`; `argv` is the command line
+  it parses (the overrides are read from it)."""
+  holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
+                                           lock_config=True, sys_argv=list(argv))
+  flag_values[name].parser = _ConfigFileParser(name, argv)
   if required:
-    flags.mark_flag_as_required(name)
+    flags.mark_flag_as_required(name, flag_values=flag_values)
   return holder

@@ -1,6 +1,6 @@
 """`python -m diffit_jax.encode`: pre-encode an image dataset into SD-VAE posterior records.
 
-    python -m diffit_jax.encode --vae=ckpt/sd_vae_ema --data=tfds:imagenet2012 \
+    python -m diffit_jax.encode --vae=ckpt/sd_vae_ema --data=tfds:imagenet2012 \\
         --resolution=256 --out=data/in256_latents [--manual_dir=...] [--batch_size=64]
 
 Latent DiffiT trains on VAE latents. Encoding once, up front, stores for every image and
@@ -17,14 +17,16 @@ writer finishes; an interrupted encode is rerun from the start.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -32,22 +34,24 @@ from diffit_jax import cli, sharding
 from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import pipeline, transforms
 
-FLAGS = flags.FLAGS
 
-
-def define_flags() -> None:
-  """Defines the CLI flags (only when run as a program, so importing this module is free)."""
-  flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae).")
-  flags.DEFINE_string("data", None, "Image data: tfds:NAME, folder:DIR or mnist_demo.")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the command's flags in `flag_values`."""
+  fv = flag_values
+  flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae).",
+                      flag_values=fv)
+  flags.DEFINE_string("data", None, "Image data: tfds:NAME, folder:DIR or mnist_demo.",
+                      flag_values=fv)
   flags.DEFINE_integer("resolution", 256, "Center-crop size of the images (latents are /8).",
-                       lower_bound=8)
-  flags.DEFINE_string("out", None, "Output folder for the latent shards.")
-  flags.DEFINE_string("split", "train", "tfds split.")
-  flags.DEFINE_string("data_dir", None, "tfds data_dir.")
-  flags.DEFINE_string("manual_dir", None, "tfds manual_dir (imagenet2012).")
-  flags.DEFINE_integer("batch_size", 64, "Images per VAE call on this process.")
-  flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage dtype of the posteriors.")
-  flags.DEFINE_integer("limit", 0, "Encode only the first N records (0: all).")
+                       lower_bound=8, flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder for the latent shards.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "tfds split.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tfds data_dir.", flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "tfds manual_dir (imagenet2012).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Images per VAE call on this process.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage dtype of the "
+                    "posteriors.", flag_values=fv)
+  flags.DEFINE_integer("limit", 0, "Encode only the first N records (0: all).", flag_values=fv)
 
 
 def make_encoder(vae_path: str, mesh: Mesh):
@@ -101,8 +105,8 @@ def encode_dataset(data_config: ml_collections.ConfigDict, vae_path: str, dst: s
         writer.write(m, lv, int(r["label"]))
       done = start + len(chunk)
       rate = done / (time.time() - t0)
-      print(f"[encode] process {process}: {done}/{len(indices)} images, {rate:.1f} img/s, "
-            f"ETA {(len(indices) - done) / rate:.0f} s", flush=True)
+      logging.info("Process %d: %d/%d images, %.1f img/s, ETA %.0f s", process, done,
+                   len(indices), rate, (len(indices) - done) / rate)
   except BaseException:
     writer.abort()  # never leave a shard that looks complete
     raise
@@ -114,24 +118,24 @@ def encode_dataset(data_config: ml_collections.ConfigDict, vae_path: str, dst: s
   return len(indices)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  missing = [name for name in ("vae", "data", "out") if not getattr(FLAGS, name)]
+def run(args: flags.FlagValues) -> None:
+  """The command: encodes the data the parsed flags `args` name."""
+  missing = [name for name in ("vae", "data", "out") if not args[name].value]
   if missing:
-    sys.exit(cli.report_user_error(f"--{', --'.join(missing)} required."))
+    raise cli.UsageError(f"--{', --'.join(missing)} required.")
   data_config = pipeline.get_default_data_config()
-  data_config.update(name=FLAGS.data, image_size=FLAGS.resolution, channels=3, split=FLAGS.split,
-                     data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
-  try:
-    n = encode_dataset(data_config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
-                       dtype=FLAGS.dtype, limit=FLAGS.limit)
-  except (ValueError, OSError) as e:  # OSError: a missing file, an existing --out, a full disk
-    sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback
-  print(f"[encode] wrote {n} records to {FLAGS.out}; train with "
-        f"--config.data.name=latents:{FLAGS.out}")
+  data_config.update(name=args.data, image_size=args.resolution, channels=3, split=args.split,
+                     data_dir=args.data_dir, manual_dir=args.manual_dir)
+  n = encode_dataset(data_config, args.vae, args.out, batch_size=args.batch_size,
+                     dtype=args.dtype, limit=args.limit)
+  print(f"wrote {n} records to {args.out}; train with --config.data.name=latents:{args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  return cli.run_command(argv, prog="python -m diffit_jax.encode", doc=__doc__,
+                         define_flags=define_flags, run=run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_absl_flags)
+  sys.exit(main())

@@ -85,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: flags.FlagValues) -> int:
-  """Evaluates, prints the scores and writes `--out`; a user's mistake is one `error:` line."""
-  try:
-    result = evaluate(args)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    return cli.report_user_error(e)
+  """Evaluates, prints the scores and writes `--out`."""
+  result = evaluate(args)
   def show(value):
     return "n/a" if value is None else value
   print("Inception Score:", result["inception_score"])

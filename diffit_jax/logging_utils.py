@@ -255,6 +255,13 @@ class DropMessages(logging.Filter):
     return not str(record.msg).startswith(self.prefixes)
 
 
+def drop_messages(*prefixes: str, logger: str = "absl") -> None:
+  """Adds `DropMessages(*prefixes)` to `logger`, unless it has that filter already."""
+  target = logging.getLogger(logger)
+  if not any(isinstance(f, DropMessages) and f.prefixes == prefixes for f in target.filters):
+    target.addFilter(DropMessages(*prefixes))
+
+
 class DropOutOfSpaceReports(logging.Filter):
   """Drops library log records about a full disk: Orbax logs each failed write of a
   checkpoint with its traceback, asyncio each failed task nobody awaited. The command

@@ -8,26 +8,32 @@ devices present or, with `--dry_run_devices=N`, for N virtual CPU devices. Then 
 """
 
 import sys
-
-from absl import app, flags
+from collections.abc import Sequence
 
 from diffit_jax import cli, config_lib
 
-FLAGS = flags.FLAGS
-config_lib.DEFINE_config_file("config", "A shipped config's name or a config file, with its "
-                              ":arg variant if any (e.g. cifar10:runlocal, configs/cifar10.py, "
-                              "my_config.py).")
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
-flags.DEFINE_bool("dry_run", False, "Print the model summary and the train step's "
-                  "per-device memory, and exit.")
-flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: estimate memory for a mesh of this "
-                     "many virtual CPU devices (0: the devices present, on their own backend).")
-flags.DEFINE_string("dry_run_tpu", None, "Print the train step's plan per chip on this TPU slice "
-                    "(e.g. v5e-8, v5e-1, v4-8, v5p-8, v6e-8, v5e:2x4) from libtpu's compiler, "
-                    "on a machine with no TPU; implies --dry_run. Needs libtpu "
-                    "(docs/performance.md).")
-flags.DEFINE_bool("dry_run_memory", True, "With --dry_run: compile the train step to estimate "
-                  "its memory (about a minute for XL/2 on a CPU).")
+
+def define_flags(flag_values, argv: Sequence[str]) -> None:
+  """Defines the command's flags in `flag_values`; `argv` is the command line (the config's
+  `--config.a.b=v` overrides are read from it)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  fv = flag_values
+  config_lib.DEFINE_config_file("config", "A shipped config's name or a config file, with its "
+                                ":arg variant if any (e.g. cifar10:runlocal, configs/cifar10.py, "
+                                "my_config.py).", flag_values=fv, argv=argv)
+  flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the model summary and the train step's "
+                    "per-device memory, and exit.", flag_values=fv)
+  flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: estimate memory for a mesh of "
+                       "this many virtual CPU devices (0: the devices present, on their own "
+                       "backend).", flag_values=fv)
+  flags.DEFINE_string("dry_run_tpu", None, "Print the train step's plan per chip on this TPU "
+                      "slice (e.g. v5e-8, v5e-1, v4-8, v5p-8, v6e-8, v5e:2x4) from libtpu's "
+                      "compiler, on a machine with no TPU; implies --dry_run. Needs libtpu "
+                      "(docs/performance.md).", flag_values=fv)
+  flags.DEFINE_bool("dry_run_memory", True, "With --dry_run: compile the train step to "
+                    "estimate its memory (about a minute for XL/2 on a CPU).", flag_values=fv)
 
 
 def model_summary(config) -> str:
@@ -73,7 +79,7 @@ def train_step_memory_summary(config, num_devices: int) -> str:
   mesh = sharding.create_mesh(config.mesh, devices)
   p = plan.compile_plan(plan.train_step(config, mesh))
   remat = f", remat={config.model.remat}" if config.model.name == "latent" else ""
-  kind = "virtual CPU" if FLAGS.dry_run_devices else devices[0].platform.upper()
+  kind = "virtual CPU" if num_devices else devices[0].platform.upper()
   return "\n".join([
       plan.memory_line(p, "train_step_memory_per_device"),
       f"  for global batch {config.batch_size} over mesh {dict(mesh.shape)} of {mesh.size} "
@@ -82,50 +88,57 @@ def train_step_memory_summary(config, num_devices: int) -> str:
   ])
 
 
-def main(argv):
-  del argv
-  config = FLAGS.config
-  overrides = config_lib.overridden_paths(sys.argv)  # the fields this command line sets
-  if FLAGS.dry_run_tpu:
-    import jax  # the TPU is only compiled for: JAX itself runs on the CPU
-    jax.config.update("jax_platforms", "cpu")
-  elif FLAGS.dry_run and FLAGS.dry_run_devices:
-    import jax  # nothing has used JAX yet: its CPU backend can still be given N devices
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", FLAGS.dry_run_devices)
-  from diffit_jax import checkpoint, files, train
-  # What a user can act on ends with one `error:` line; anything else keeps its traceback:
-  # the config (all checked before anything is written), missing files, a run that
-  # diverged (the message names the newest good checkpoint), a workdir whose checkpoints
-  # are all damaged, a workdir another run is using, a full disk, a damaged metadata file.
-  user_errors = (config_lib.ConfigError, FileNotFoundError, train.NonFiniteLossError,
-                 checkpoint.CorruptCheckpointError, files.FolderInUseError,
-                 files.OutOfSpaceError, files.DamagedFileError)
-  try:
-    if FLAGS.dry_run_tpu:  # a misspelt slice or a missing libtpu is said before any work
-      from diffit_jax import tpu  # pylint: disable=g-import-not-at-top
-      tpu.parse_slice(FLAGS.dry_run_tpu)
-      tpu.library_path()
-    if FLAGS.dry_run or FLAGS.dry_run_tpu:
-      from diffit_jax import finetune  # pylint: disable=g-import-not-at-top
-      finetune.adopt_architecture(config, FLAGS.workdir, overrides)  # config.init_from's net
-      if config_lib.left_to_data(config):  # a dry run reads no data unless it must
-        train.fit_to_data(config)
-      train.validate_config(config)
-      print(model_summary(config), flush=True)
-      if FLAGS.dry_run_tpu:
-        from diffit_jax import plan  # pylint: disable=g-import-not-at-top
-        for line in plan.tpu_train_report(config, FLAGS.dry_run_tpu):
-          print(line, flush=True)
-      elif FLAGS.dry_run_memory:
-        print(train_step_memory_summary(config, FLAGS.dry_run_devices))
-      return
-    if not FLAGS.workdir:
-      sys.exit(cli.report_user_error("--workdir is required for training (or pass --dry_run)."))
-    train.train_and_evaluate(config, FLAGS.workdir, overrides=overrides)  # checks all first
-  except user_errors as e:
-    sys.exit(cli.report_user_error(e))
+def dry_run(config, workdir: str | None, overrides: Sequence[str], *, num_devices: int = 0,
+            memory: bool = True, tpu_slice: str | None = None) -> None:
+  """`--dry_run`: prints the model summary and, with `memory`, the train step's per-device
+  memory over `num_devices` virtual CPU devices (0: the devices present), or its plan per
+  chip on the TPU slice `tpu_slice` (compiled by libtpu, no TPU needed); trains nothing."""
+  from diffit_jax import finetune, train  # pylint: disable=g-import-not-at-top
+
+  if tpu_slice:  # a misspelt slice or a missing libtpu is said before any work
+    from diffit_jax import tpu  # pylint: disable=g-import-not-at-top
+    tpu.parse_slice(tpu_slice)
+    tpu.library_path()
+  finetune.adopt_architecture(config, workdir, overrides)  # config.init_from's network
+  if config_lib.left_to_data(config):  # a dry run reads no data unless it must
+    train.fit_to_data(config)
+  train.validate_config(config)
+  print(model_summary(config), flush=True)
+  if tpu_slice:
+    from diffit_jax import plan  # pylint: disable=g-import-not-at-top
+    for line in plan.tpu_train_report(config, tpu_slice):  # a line as each compile ends
+      print(line, flush=True)
+  elif memory:
+    print(train_step_memory_summary(config, num_devices))
+
+
+def run(args, overrides: Sequence[str]) -> None:
+  """Trains the run the parsed flags `args` describe (or, with --dry_run, describes it);
+  `overrides` are the config fields the command line sets."""
+  if args.dry_run or args.dry_run_tpu:
+    import jax  # pylint: disable=g-import-not-at-top
+    if args.dry_run_tpu:  # the TPU is only compiled for: JAX itself runs on the CPU
+      jax.config.update("jax_platforms", "cpu")
+    elif args.dry_run_devices:
+      # Nothing has used JAX yet: its CPU backend can still be given N devices.
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", args.dry_run_devices)
+    dry_run(args.config, args.workdir, overrides, num_devices=args.dry_run_devices,
+            memory=args.dry_run_memory, tpu_slice=args.dry_run_tpu)
+    return
+  if not args.workdir:
+    raise cli.UsageError("--workdir is required for training (or pass --dry_run).")
+  from diffit_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(args.config, args.workdir, overrides=overrides)  # checks all first
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  overrides = config_lib.overridden_paths(argv)  # the fields this command line sets
+  return cli.run_command(argv, prog="python -m diffit_jax.main", doc=__doc__,
+                         define_flags=lambda fv: define_flags(fv, argv),
+                         run=lambda args: run(args, overrides))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_absl_flags)
+  sys.exit(main())

@@ -1,10 +1,10 @@
 """`python -m diffit_jax.sample`: draw samples into an ADM-evaluator `.npz` and a PNG grid.
 
     # EMA weights of the newest training checkpoint in a workdir (with the run's config):
-    python -m diffit_jax.sample --workdir=runs/mnist_demo --num_samples=100 \
+    python -m diffit_jax.sample --workdir=runs/mnist_demo --num_samples=100 \\
         --out=runs/mnist_demo/eval
     # A converted official checkpoint (its config travels with it), decoded by a converted VAE:
-    python -m diffit_jax.sample --checkpoint=ckpt/diffit_256 --vae=ckpt/sd_vae_ema \
+    python -m diffit_jax.sample --checkpoint=ckpt/diffit_256 --vae=ckpt/sd_vae_ema \\
         --num_samples=50000 --batch_size=256 --out=samples/in256
 
 Writes `OUT/samples_{N}x{H}x{W}x{C}.npz` with `arr_0` (N, H, W, C) uint8 and `arr_1` (N,)
@@ -37,15 +37,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import zipfile
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -53,44 +55,54 @@ from diffit_jax import checkpoint, cli, config_lib, files, inference, logging_ut
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.inference import draw_labels
 
-FLAGS = flags.FLAGS
 GRID_CELL_PX = 64  # --grid_scale=0 draws each sample at least this many pixels wide
 GRID_MAX_IMAGES = 100
 
 
-def define_flags() -> None:
-  """Defines the CLI flags (only when run as a program, so importing this module is free)."""
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Defines the command's flags in `flag_values`; `argv` is the command line (the config's
+  `--config.a.b=v` overrides are read from it)."""
+  fv = flag_values
   config_lib.DEFINE_config_file("config", "Config file (configs/*.py[:arg]). Optional: by "
                                 "default the config saved with the run (WORKDIR/config.json) "
-                                "or with the --checkpoint.", required=False)
-  flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.")
+                                "or with the --checkpoint.", flag_values=fv, argv=argv,
+                                required=False)
+  flags.DEFINE_string("workdir", None, "Training workdir: sample with its newest EMA weights.",
+                      flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint "
-                      "(python -m diffit_jax.convert diffit).")
+                      "(python -m diffit_jax.convert diffit).", flag_values=fv)
   flags.DEFINE_string("vae", None, "A converted VAE (python -m diffit_jax.convert vae) to decode "
-                      "latents; overrides config.vae. Required for latent models.")
-  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples_eval or ./samples).")
-  flags.DEFINE_integer("num_samples", 64, "Number of samples to write (any number).")
-  flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).")
+                      "latents; overrides config.vae. Required for latent models.",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples_eval or ./samples).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_samples", 64, "Number of samples to write (any number).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Samples per sampler call (global, over all devices).",
+                       flag_values=fv)
   flags.DEFINE_string("sampler", None, "Override config.sampler.name (ddpm, ddim, heun, euler, "
-                      "dpmpp_2m).")
+                      "dpmpp_2m).", flag_values=fv)
   flags.DEFINE_integer("num_steps", None, "Override config.sampler.num_steps (ADM: the chain "
-                       "respaced to this many evenly spread steps).")
+                       "respaced to this many evenly spread steps).", flag_values=fv)
   flags.DEFINE_string("respacing", None, "ADM models: which steps to keep, as ADM's "
                       "timestep_respacing: 'ddim25' (DDIM's fixed stride) or '10,15,20' (per "
-                      "equal section); replaces --num_steps. Sets config.sampler.respacing.")
-  flags.DEFINE_float("guidance_scale", None, "Override the guidance scale (1 = no guidance).")
+                      "equal section); replaces --num_steps. Sets config.sampler.respacing.",
+                      flag_values=fv)
+  flags.DEFINE_float("guidance_scale", None, "Override the guidance scale (1 = no guidance).",
+                     flag_values=fv)
   flags.DEFINE_string("guidance_schedule", None, "Override the guidance schedule "
-                      "(constant, power_cosine).")
+                      "(constant, power_cosine).", flag_values=fv)
   flags.DEFINE_string("labels", "random", "'random' (uniform, as the paper's evaluation), "
                       "'cycle' (0, 1, ..., K-1, 0, ...), or a comma-separated list repeated to "
-                      "num_samples.")
-  flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.")
+                      "num_samples.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels.", flag_values=fv)
   flags.DEFINE_string("dry_run_tpu", None, "Print the sampler's and decoder's plan per chip at "
                       "--batch_size on this TPU slice (e.g. v5e-1, v5e-8), compiled by libtpu on "
                       "a machine with no TPU, and exit; --config alone is enough. Needs libtpu "
-                      "(docs/performance.md).")
+                      "(docs/performance.md).", flag_values=fv)
   flags.DEFINE_integer("grid_scale", 0, "Draw each pixel of grid.png this many times larger; "
-                       f"0: the smallest scale that makes a sample >= {GRID_CELL_PX} px wide.")
+                       f"0: the smallest scale that makes a sample >= {GRID_CELL_PX} px wide.",
+                       flag_values=fv)
 
 
 def weights_digest(tree) -> str:
@@ -138,8 +150,8 @@ def prepare_parts(parts_dir: str, key: dict) -> None:
     # Nothing says what drew these batches: they are kept aside, not deleted or reused.
     aside = files.move_aside(parts_dir, "unverified")
     os.makedirs(parts_dir)
-    print(f"[sample] {damaged}; moved the {len(parts)} batches beside it to {aside} (delete "
-          "that folder once you no longer need them) and starting over", flush=True)
+    logging.warning("%s; moved the %d batches beside it to %s (delete that folder once you no "
+                    "longer need them) and starting over", damaged, len(parts), aside)
   elif parts:
     if isinstance(old, dict):
       was, now = inference.flat_dict(old), inference.flat_dict(key)
@@ -148,8 +160,8 @@ def prepare_parts(parts_dir: str, key: dict) -> None:
       why = "; ".join(why[:4]) + (f"; {len(why) - 4} more" if len(why) > 4 else "")
     else:
       why = f"{MANIFEST} is missing"
-    print(f"[sample] {parts_dir} holds {len(parts)} batches drawn otherwise ({why}): "
-          "starting over (pass another --out to keep them)", flush=True)
+    logging.warning("%s holds %d batches drawn otherwise (%s): starting over (pass another "
+                    "--out to keep them)", parts_dir, len(parts), why)
     for name in parts:
       os.remove(os.path.join(parts_dir, name))
   files.write_json(path, key)
@@ -227,8 +239,8 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     try:
       mesh = sharding_lib.create_mesh(config.mesh)
     except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
-      print(f"[sample] {e} Sampling data parallel over the {jax.device_count()} devices "
-            "instead.", flush=True)
+      logging.warning("%s Sampling data parallel over the %d devices instead.", e,
+                      jax.device_count())
       mesh = sharding_lib.create_mesh()
     graphdef, state = inference.abstract_network(config)
     pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
@@ -257,8 +269,8 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
                          None if all_labels is None else all_labels[start:stop_of(start)])
         todo[i] = why is not None
         if why:
-          print(f"[sample] part {part_path(start)} is unreadable or incomplete ({why}): "
-                "recomputing it", flush=True)
+          logging.warning("Part %s is unreadable or incomplete (%s): recomputing it",
+                          part_path(start), why)
     del params  # the host copy; the network holds its own
     if jax.process_count() > 1:
       todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
@@ -285,7 +297,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
         os.replace(tmp, part)
       line = logging_utils.format_progress(done, progress.total_steps, {}, progress.update(done),
                                            unit=("batch", "batches"))
-      print(f"[sample] {line} | {stop}/{num_samples} images", flush=True)
+      logging.info("%s | %d/%d images", line, stop, num_samples)
 
     path = None
     if chief:
@@ -318,31 +330,31 @@ def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: 
   scale = grid_scale or max(1, math.ceil(GRID_CELL_PX / w))
   logging_utils.save_image_grid(os.path.join(out, "grid.png"), grid,
                                 rows=math.ceil(math.sqrt(len(grid))), scale=scale)
-  print(f"[sample] wrote {path} and {os.path.join(out, 'grid.png')}")
+  logging.info("Wrote %s", path)
   return path
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-file INFO lines out of the progress
-  config = FLAGS.config
+def from_flags(args: flags.FlagValues) -> None:
+  """The command: `run` with the parsed flags `args`."""
+  config = args.config
   if config is not None:
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-  overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps,
-               "respacing": FLAGS.respacing, "guidance.scale": FLAGS.guidance_scale,
-               "guidance.schedule": FLAGS.guidance_schedule}
-  if FLAGS.dry_run_tpu:
+  overrides = {"name": args.sampler, "num_steps": args.num_steps,
+               "respacing": args.respacing, "guidance.scale": args.guidance_scale,
+               "guidance.schedule": args.guidance_schedule}
+  if args.dry_run_tpu:
     jax.config.update("jax_platforms", "cpu")  # the TPU is only compiled for
-  try:
-    run(config, workdir=FLAGS.workdir, checkpoint_path=FLAGS.checkpoint, vae=FLAGS.vae,
-        out=FLAGS.out, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-        labels=FLAGS.labels, seed=FLAGS.seed, sampler_overrides=overrides,
-        grid_scale=FLAGS.grid_scale, dry_run_tpu=FLAGS.dry_run_tpu)
-  # A bad flag or file, a missing checkpoint, a full disk, an --out another sampler writes.
-  except (ValueError, OSError, files.FolderInUseError) as e:
-    sys.exit(cli.report_user_error(e))
+  run(config, workdir=args.workdir, checkpoint_path=args.checkpoint, vae=args.vae,
+      out=args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+      labels=args.labels, seed=args.seed, sampler_overrides=overrides,
+      grid_scale=args.grid_scale, dry_run_tpu=args.dry_run_tpu)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return cli.run_command(argv, prog="python -m diffit_jax.sample", doc=__doc__,
+                         define_flags=lambda fv: define_flags(fv, argv), run=from_flags)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_absl_flags)
+  sys.exit(main())

@@ -573,8 +573,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finetune.adopt_architecture(config, workdir, overrides)  # init_from's network, unless set
   fit_to_data(config)  # the fields left to the dataset; data the model cannot take
   validate_config(config)
-  # Libraries log through absl at INFO (Orbax names every file it writes); keep warnings.
-  logging.getLogger("absl").setLevel(logging.WARNING)
   # Imported here: the train step itself needs no input pipeline (grain, tfds), so tools
   # that only build and time it (experiments/accelerator_check.py) run without them.
   from diffit_jax import data as data_lib  # pylint: disable=g-import-not-at-top

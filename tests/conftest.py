@@ -59,6 +59,24 @@ def run_on_small_disk(mount_namespace):
 
 
 @pytest.fixture
+def reported_error(monkeypatch):
+  """`reported_error(main, argv) -> exception`: runs a command's `main(argv)` in-process,
+  checks that it ended with the user-error status, and returns the one exception it
+  reported as its `error:` line (to check its type and message)."""
+  from diffit_jax import cli
+
+  def run(main, argv):
+    reported = []
+    monkeypatch.setattr(cli, "report_user_error",
+                        lambda error: reported.append(error) or cli.USER_ERROR_STATUS)
+    assert main(list(argv)) == cli.USER_ERROR_STATUS
+    (error,) = reported
+    return error
+
+  return run
+
+
+@pytest.fixture
 def free_port() -> int:
   """A TCP port on 127.0.0.1 that nothing listens on, for a local JAX coordinator."""
   with socket.socket() as s:

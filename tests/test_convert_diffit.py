@@ -14,6 +14,7 @@ building 561 M random parameters is too slow for a unit test.
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -224,7 +225,7 @@ def test_export_then_import_is_identity(converted, tmp_path):
     assert rel(reloaded(x, t, y), converted.torch(x, t, y)) < 1e-6
 
 
-def test_export_from_training_workdir(converted, tmp_path):
+def test_export_from_training_workdir(converted, tmp_path, reported_error):
   # A training run's checkpoint (as the trainer writes it) exports its EMA params.
   params, _ = checkpoint.load_weights(converted.dst)
   workdir = str(tmp_path / "run")
@@ -238,8 +239,9 @@ def test_export_from_training_workdir(converted, tmp_path):
   for key, value in converted.state.items():
     if key != "pos_embed":
       np.testing.assert_array_equal(tensors[key], value, err_msg=key)
-  with pytest.raises(FileNotFoundError, match="step 8"):
-    convert("export", f"--src={workdir}", f"--out={tmp_path}/ema8.safetensors", "--step=8")
+  error = reported_error(convert_main, ["export", f"--src={workdir}",
+                                        f"--out={tmp_path}/ema8.safetensors", "--step=8"])
+  assert isinstance(error, FileNotFoundError) and "step 8" in str(error), error
 
 
 def test_export_params_checks_the_config(converted):
@@ -271,28 +273,28 @@ def assert_nothing_written(tmp_path, dst):
   assert not [f for f in os.listdir(tmp_path) if "partial" in f]
 
 
-def test_truncated_file_fails_cleanly(small_state, tmp_path):
+def test_truncated_file_fails_cleanly(small_state, tmp_path, reported_error):
   src = save(small_state, tmp_path / "full.safetensors")
   with open(src, "rb") as f:
     data = f.read()
   with open(src, "wb") as f:
     f.write(data[: len(data) // 2])
   dst = str(tmp_path / "out")
-  with pytest.raises(ConversionError, match="truncated"):
-    convert("diffit", f"--src={src}", f"--out={dst}")
+  error = reported_error(convert_main, ["diffit", f"--src={src}", f"--out={dst}"])
+  assert isinstance(error, ConversionError) and "truncated" in str(error), error
   assert_nothing_written(tmp_path, dst)
 
 
-def test_mismatched_file_lists_every_problem(small_state, tmp_path):
+def test_mismatched_file_lists_every_problem(small_state, tmp_path, reported_error):
   state = dict(small_state)
   del state["blocks.1.attn.proj.bias"]
   state["blocks.0.attn.extra.weight"] = np.zeros((3,), np.float32)
   state["blocks.2.mlp.fc1.weight"] = np.zeros((128, 64), np.float32)
   src = save(state, tmp_path / "bad.safetensors")
   dst = str(tmp_path / "out")
-  with pytest.raises(ConversionError) as e:
-    convert("diffit", f"--src={src}", f"--out={dst}")
-  message = str(e.value)
+  error = reported_error(convert_main, ["diffit", f"--src={src}", f"--out={dst}"])
+  assert isinstance(error, ConversionError), error
+  message = str(error)
   assert "missing (1):\n    blocks.1.attn.proj.bias" in message
   assert "unexpected (1):\n    blocks.0.attn.extra.weight" in message
   assert ("wrong shape (1):\n    blocks.2.mlp.fc1.weight: file (128, 64), expected (256, 64)"
@@ -301,7 +303,7 @@ def test_mismatched_file_lists_every_problem(small_state, tmp_path):
   assert_nothing_written(tmp_path, dst)
 
 
-def test_bad_buffers_are_reported(small_state, tmp_path):
+def test_bad_buffers_are_reported(small_state, tmp_path, reported_error):
   state = dict(small_state)
   index = state["blocks.1.attn.relative_position_index"].copy()
   state["blocks.1.attn.relative_position_index"] = index.T.copy()  # a different bias ordering
@@ -309,10 +311,10 @@ def test_bad_buffers_are_reported(small_state, tmp_path):
   state["pos_embed"] = pos.reshape(8, 8, -1).transpose(1, 0, 2).reshape(pos.shape).copy()
   src = save(state, tmp_path / "bad.safetensors")
   dst = str(tmp_path / "out")
-  with pytest.raises(ConversionError) as e:
-    convert("diffit", f"--src={src}", f"--out={dst}")
-  assert "blocks.1.attn.relative_position_index" in str(e.value)
-  assert "row-first" in str(e.value)
+  error = reported_error(convert_main, ["diffit", f"--src={src}", f"--out={dst}"])
+  assert isinstance(error, ConversionError), error
+  assert "blocks.1.attn.relative_position_index" in str(error)
+  assert "row-first" in str(error)
   assert_nothing_written(tmp_path, dst)
 
 
@@ -324,16 +326,17 @@ def test_buffers_are_optional(small_state, tmp_path):
   assert params["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 64, 192)
 
 
-def test_config_that_does_not_fit_is_refused(small_state, tmp_path):
+def test_config_that_does_not_fit_is_refused(small_state, tmp_path, reported_error):
   src = save(small_state, tmp_path / "small.safetensors")
   dst = str(tmp_path / "out")
-  with pytest.raises(ConversionError, match=r"(?s)input_size: file 16, config 64.*Drop --config"):
-    convert("diffit", f"--src={src}", f"--out={dst}",
-            f"--config={REPO}/configs/imagenet512_latent.py")
+  error = reported_error(convert_main, ["diffit", f"--src={src}", f"--out={dst}",
+                                        f"--config={REPO}/configs/imagenet512_latent.py"])
+  assert isinstance(error, ConversionError), error
+  assert re.search(r"(?s)input_size: file 16, config 64.*Drop --config", str(error)), error
   assert_nothing_written(tmp_path, dst)
   os.makedirs(dst)
-  with pytest.raises(ConversionError, match="already exists"):
-    convert("diffit", f"--src={src}", f"--out={dst}")
+  error = reported_error(convert_main, ["diffit", f"--src={src}", f"--out={dst}"])
+  assert isinstance(error, ConversionError) and "already exists" in str(error), error
 
 
 # ----------------------------------------------------------------------------------------------

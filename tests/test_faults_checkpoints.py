@@ -242,11 +242,10 @@ cp -r "$MNT/run" "$OUT/run"
 # that the disk fills while Orbax writes the checkpoint.
 MAIN_WITHOUT_SPACE_CHECK = r"""
 import os, sys
-from absl import app
-from diffit_jax import cli, files, main
+from diffit_jax import files, main
 if os.environ.get("NO_SPACE_CHECK"):
   files.check_space = lambda *args, **kwargs: None
-app.run(main.main, flags_parser=cli.parse_absl_flags)
+sys.exit(main.main())
 """
 
 

@@ -160,7 +160,7 @@ def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
         p.kill()
   for p, text in zip(procs, outs):
     assert p.returncode == 0, text
-  assert "[sample] wrote" in outs[0] and "[sample] wrote" not in outs[1]
+  assert "] Wrote " in outs[0] and "] Wrote " not in outs[1]
   images, labels = load(out / "samples_7x16x16x1.npz")
   single = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "one"),
                       num_samples=7, batch_size=6, labels="cycle", seed=1)
@@ -213,8 +213,8 @@ def test_parts_of_older_weights_are_not_reused(tmp_path):
   want = sample.run(cfg, workdir=str(workdir), out=str(tmp_path / "fresh"), num_samples=3,
                     batch_size=2, labels="cycle")
   np.testing.assert_array_equal(step30, load(want)[0])
-  assert "starting over" in second.stdout, second.stdout
-  assert "checkpoint_step: 20 there, 30 now" in second.stdout and "weights_sha256" in second.stdout
+  assert "starting over" in second.stderr, second.stderr
+  assert "checkpoint_step: 20 there, 30 now" in second.stderr and "weights_sha256" in second.stderr
 
 
 def test_workdir_config_is_the_one_the_run_saved(tmp_path):
@@ -253,8 +253,8 @@ def test_damaged_parts_are_recomputed(conditional_checkpoint, tmp_path):
   assert resumed.returncode == 0, resumed.stderr
   assert "Traceback" not in resumed.stderr
   for bad in parts[1:]:
-    assert f"{bad} is unreadable or incomplete" in resumed.stdout, resumed.stdout
-  assert resumed.stdout.count("recomputing") == 3
+    assert f"{bad} is unreadable or incomplete" in resumed.stderr, resumed.stderr
+  assert resumed.stderr.count("recomputing") == 3
   assert os.path.getmtime(out / "parts" / parts[0]) == mtime  # the good part is kept
   for got, want in zip(load(out / "samples_7x16x16x1.npz"), load(clean)):
     np.testing.assert_array_equal(got, want)
@@ -328,8 +328,9 @@ def test_cli_grid_scale_and_progress_lines(conditional_checkpoint, tmp_path):
   assert result.returncode == 0, result.stderr
   # 16 px samples, 3x3 cells with 2 px gaps = 56 px, drawn 4x so a sample is 64 px wide.
   assert Image.open(tmp_path / "auto" / "grid.png").size == (224, 224)
-  lines = [l for l in result.stdout.splitlines() if l.startswith("[sample] batch")]
-  assert len(lines) == 3 and lines[-1].startswith("[sample] batch 3/3 | "), result.stdout
+  # Log lines: `I0101 12:00:00.000000 123 sample.py:260] batch 3/3 | ...`.
+  lines = [l.split("] ", 1)[1] for l in result.stderr.splitlines() if "] batch " in l]
+  assert len(lines) == 3 and lines[-1].startswith("batch 3/3 | "), result.stderr
   assert "img/s" in lines[-1] and "ETA" in lines[-1] and "7/7 images" in lines[-1]
   path = sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path / "one"),
                     num_samples=7, batch_size=3, grid_scale=1,
@@ -392,7 +393,7 @@ def test_a_damaged_manifest_sets_its_parts_aside(conditional_checkpoint, tmp_pat
   (out / "parts" / sample.MANIFEST).write_text('{"checkpoint_step": nul')
   again = run_cli(*flags)
   assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
-  (line,) = [line for line in again.stdout.splitlines() if "manifest.json is damaged" in line]
+  (line,) = [line for line in again.stderr.splitlines() if "manifest.json is damaged" in line]
   assert "parts.unverified" in line and "3 batches" in line, line
   assert sorted(os.listdir(out / "parts.unverified")) == parts  # kept as they were
   for got, want in zip(load(out / "samples_5x16x16x1.npz"), first):

@@ -200,26 +200,28 @@ def test_ldm_names_give_the_same_weights(tiny, tmp_path):
 
 # --- Bad sources fail before anything is written ---------------------------------------------
 
-def test_truncated_file_fails_cleanly(tiny, tmp_path):
+def test_truncated_file_fails_cleanly(tiny, tmp_path, reported_error):
   _, folder, _ = tiny
   data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
   bad = tmp_path / "vae.safetensors"
   bad.write_bytes(data[: len(data) // 2])
-  with pytest.raises(ConversionError, match=r"vae\.safetensors.*truncated"):
-    convert(bad, tmp_path / "out")
+  error = reported_error(convert_main, ["vae", f"--src={bad}", f"--out={tmp_path / 'out'}"])
+  assert isinstance(error, ConversionError), error
+  assert re.search(r"vae\.safetensors.*truncated", str(error)), error
   assert os.listdir(tmp_path) == ["vae.safetensors"]  # no dst, no partial folder
 
 
-def test_mismatched_file_lists_every_problem(tiny, tmp_path):
+def test_mismatched_file_lists_every_problem(tiny, tmp_path, reported_error):
   model, _, _ = tiny
   state = state_np(model)
   del state["decoder.conv_out.bias"]
   state["encoder.extra.weight"] = np.zeros((1,), np.float32)
   state["quant_conv.weight"] = state["quant_conv.weight"][:, :4]
   safetensors.numpy.save_file(state, tmp_path / "vae.safetensors")
-  with pytest.raises(ConversionError) as e:
-    convert(tmp_path / "vae.safetensors", tmp_path / "out", "--norm_num_groups=8")
-  msg = str(e.value)
+  error = reported_error(convert_main, ["vae", f"--src={tmp_path / 'vae.safetensors'}",
+                                        f"--out={tmp_path / 'out'}", "--norm_num_groups=8"])
+  assert isinstance(error, ConversionError), error
+  msg = str(error)
   print(msg)
   assert "missing (1):\n    decoder.conv_out.bias" in msg
   assert "unexpected (1):\n    encoder.extra.weight" in msg
@@ -227,11 +229,11 @@ def test_mismatched_file_lists_every_problem(tiny, tmp_path):
   assert os.listdir(tmp_path) == ["vae.safetensors"]
 
 
-def test_existing_destination_is_refused(tiny, tmp_path):
+def test_existing_destination_is_refused(tiny, tmp_path, reported_error):
   _, folder, _ = tiny
   (tmp_path / "out").mkdir()
-  with pytest.raises(ConversionError, match="already exists"):
-    convert(folder, tmp_path / "out")
+  error = reported_error(convert_main, ["vae", f"--src={folder}", f"--out={tmp_path / 'out'}"])
+  assert isinstance(error, ConversionError) and "already exists" in str(error), error
 
 
 def test_load_vae_rejects_other_checkpoints(tmp_path):

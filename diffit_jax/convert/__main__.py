@@ -34,8 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from diffit_jax.convert.safetensors_io import ConversionError
-  try:
-    sys.exit(main())
-  except (ConversionError, FileExistsError, FileNotFoundError, PermissionError) as e:
-    sys.exit(cli.report_user_error(e))  # a user error: the message, not a traceback
+  sys.exit(main())

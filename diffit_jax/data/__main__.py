@@ -65,45 +65,37 @@ def build(args: flags.FlagValues) -> int:
   """`data build`: a folder of images or the CIFAR-10 tarball -> a dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from diffit_jax.convert.safetensors_io import ConversionError  # pylint: disable=g-import-not-at-top
   from diffit_jax.data import cifar10, folder  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()  # ProgressLines print the build's progress
-  try:
-    tarball = cifar10.is_cifar10_tarball(args.src)
-  except folder.FolderDatasetError as e:  # a damaged tar file
-    return cli.report_user_error(e)
+  tarball = cifar10.is_cifar10_tarball(args.src)  # a damaged tar file: FolderDatasetError
   if tarball:
     ignored = [f"--{name}" for name in ("resolution", "unconditional", "allow_upscale",
                                          "strict") if args[name].present]
     if ignored or args.channels != 3:
-      return cli.report_user_error(
+      raise cli.UsageError(
           f"{', '.join(ignored) or '--channels'} does not apply to the CIFAR-10 tarball "
           "(32x32 RGB images, labelled); drop it.")
   elif os.path.isfile(args.src):
-    return cli.report_user_error(
+    raise cli.UsageError(
         f"--src={args.src} is a file but not the official cifar-10-python.tar.gz (it holds no "
         f"{cifar10.ROOT}/{cifar10.META}); pass a folder of images or that tarball.")
   elif args["split"].present:
-    return cli.report_user_error(
+    raise cli.UsageError(
         "--split applies only to cifar-10-python.tar.gz; a folder build writes every image.")
   # One writer per --out (its lock sits beside it: the dataset folder appears only when
   # complete); a full disk is one line, and the build removes its partial folder.
   out = os.path.abspath(args.out)
   lock = files.FolderLock(f"{out}.lock", what="dataset build", advice="pass another --out")
-  try:
-    with lock, files.writing(out, files.tree_bytes(args.src)):
-      if tarball:
-        report = cifar10.build_cifar10_dataset(args.src, args.out, split=args.split,
-                                               name=args.name, overwrite=args.overwrite)
-      else:
-        report = folder.build_folder_dataset(
-            args.src, args.out, resolution=args.resolution, strict=args.strict, name=args.name,
-            channels=args.channels, unconditional=args.unconditional,
-            allow_upscale=args.allow_upscale, overwrite=args.overwrite)
-  except (folder.FolderDatasetError, ConversionError, FileNotFoundError, FileExistsError,
-          PermissionError, ValueError, files.FolderInUseError, files.OutOfSpaceError) as e:
-    return cli.report_user_error(e)
+  with lock, files.writing(out, files.tree_bytes(args.src)):
+    if tarball:
+      report = cifar10.build_cifar10_dataset(args.src, args.out, split=args.split,
+                                             name=args.name, overwrite=args.overwrite)
+    else:
+      report = folder.build_folder_dataset(
+          args.src, args.out, resolution=args.resolution, strict=args.strict, name=args.name,
+          channels=args.channels, unconditional=args.unconditional,
+          allow_upscale=args.allow_upscale, overwrite=args.overwrite)
   print(report.summary())
   print(f"Train on it with --config.data.name=folder:{report.dataset_dir}")
   return 0
@@ -137,8 +129,8 @@ def info(args: flags.FlagValues) -> int:
   try:
     paths = latents.shard_paths(path)
   except (FileNotFoundError, ValueError) as e:
-    return cli.report_user_error(
-        f"{path} is neither a built dataset (dataset_info.json) nor a complete latent dataset: {e}")
+    raise ValueError(f"{path} is neither a built dataset (dataset_info.json) nor a complete "
+                     f"latent dataset: {e}") from None
   import grain  # pylint: disable=g-import-not-at-top
 
   source = grain.sources.ArrayRecordDataSource(paths)

@@ -65,11 +65,6 @@ from diffit_jax.data import latents as latents_lib
 from diffit_jax.data import mnist, transforms
 
 MNIST_DEMO = "mnist_demo"
-
-# tfds decodes a built dataset's images with PIL where OpenCV is not installed, as diffit_jax
-# intends, and warns about it once in every process that reads records (each grain worker
-# imports this module): that one message is dropped.
-logging.getLogger("absl").addFilter(logging_utils.DropMessages(logging_utils.TFDS_OPENCV_NOTE))
 _PREFIXES = ("tfds:", "folder:", "latents:")
 
 
@@ -98,6 +93,17 @@ class PrepareImage(grain.transforms.Map):
   """Record -> {"image": uint8 (S, S, C), "label": int32}; other fields are dropped."""
   image_size: int
   channels: int
+
+  # tfds decodes a built dataset's images with PIL where OpenCV is not installed, as
+  # diffit_jax intends, and warns about it once in every process that decodes records: the
+  # process that makes this transform and each grain worker, which unpickles it before
+  # reading any record, drop that one message.
+  def __post_init__(self):
+    logging_utils.drop_messages(logging_utils.TFDS_OPENCV_NOTE)
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    logging_utils.drop_messages(logging_utils.TFDS_OPENCV_NOTE)
 
   def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     image = transforms.fit_image(record["image"], self.image_size, self.channels)
