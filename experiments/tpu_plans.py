@@ -81,8 +81,12 @@ def measure(row: dict, devices_of) -> dict:
     p = plan.compile_plan_or_refusal(plan.train_step(config, mesh))
     items = int(config.batch_size)
     out["batch"] = items
+    if isinstance(p, plan.Plan):
+      p = plan.with_unrolled_work(p, plan.train_step_flops(config, items // mesh.size))
   else:
     p = plan.compile_plan_or_refusal(plan.sampler(config, mesh, row["batch"]))
+    if isinstance(p, plan.Plan):
+      p = plan.with_unrolled_work(p, *plan.sampler_work(config, row["batch"] // mesh.size))
     d = plan.compile_plan_or_refusal(plan.vae_decode(config, mesh, row["batch"]))
     items = row["batch"]
     out["decode"] = plan_dict(d, chip)
@@ -171,8 +175,9 @@ def main() -> None:
     start = time.perf_counter()
     print(f"[tpu_plans] {i + 1}/{len(todo)} {key} ...", flush=True)
     done.append({"key": key, **measure(row, devices_of)})
-    print(f"[tpu_plans]   {done[-1]['total_gib']:.2f} GiB per chip, "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    r = done[-1]
+    figure = f"{r['total_gib']:.2f} GiB per chip" if r["total_gib"] is not None else r["refused"]
+    print(f"[tpu_plans]   {figure}, {time.perf_counter() - start:.0f} s", flush=True)
     write_results(RESULTS_DIR, NAME, {"machine": machine, "rows": done}, markdown(done, machine))
 
 
