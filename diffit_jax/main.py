@@ -99,11 +99,10 @@ def main(argv):
                  files.OutOfSpaceError, files.DamagedFileError)
   try:
     if FLAGS.dry_run:
-      from diffit_jax import finetune  # pylint: disable=g-import-not-at-top
-      finetune.adopt_architecture(config, FLAGS.workdir, overrides)  # config.init_from's net
-      if config_lib.left_to_data(config):  # a dry run reads no data unless it must
-        train.fit_to_data(config)
-      train.validate_config(config)
+      from diffit_jax import run  # pylint: disable=g-import-not-at-top
+      # The run training would resolve, but no data read unless the config leaves fields
+      # to it, and of config.init_from only its architecture.
+      config = run.resolve_run(config, FLAGS.workdir, overrides, dry_run=True).config
       print(model_summary(config))
       if FLAGS.dry_run_memory:
         print(train_step_memory_summary(config, FLAGS.dry_run_devices))
