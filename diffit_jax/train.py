@@ -237,6 +237,12 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str
               aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes, total=total)
 
 
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """The average of each metric over the steps in `pending`."""
+  host = jax.device_get([m for _, m in pending])
+  return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
 # ----------------------------------------------------------------------------------------
 # The trainer.
 
@@ -293,6 +299,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train(run, workdir, mesh, data_iter)
 
 
+def _restore_or_init(run: run_lib.Run, mesh: Mesh, ckpt: checkpoint_lib.TrainCheckpointer,
+                     data_iter: Any) -> tuple[Setup, TrainState, int | None, Callable]:
+  """(setup, state, restored step, `is_finite`): the workdir's newest intact checkpoint
+  (the data iterator restored with it), or a fresh state (from the fine-tuning source's
+  weights if there is one; the restored step is then None)."""
+  setup, state = create_train_state(run.config, mesh, initialize=ckpt.latest_step() is None)
+  if state is not None and run.source is not None:
+    state = finetune.start_from(run.source, state, setup.shardings)
+  is_finite = guards.make_state_check(setup.shardings, mesh)
+  latest = None
+  if state is None:
+    latest, restored = ckpt.restore_latest(
+        setup.abstract_state._asdict(), data_iterator=data_iter,
+        check=lambda s: None if is_finite(TrainState(**s)) else
+        "its weights, EMA or optimizer state hold NaN/Inf")
+    state = TrainState(**restored)
+    logging.info("Resuming from %s/%d.", ckpt.directory, latest)
+  return setup, state, latest, is_finite
+
+
 def _train(run: run_lib.Run, workdir: str, mesh: Mesh, data_iter: Any) -> TrainState:
   """`train_and_evaluate` once the run is checked and its workdir is locked: steps 4-8."""
   config = run.config
@@ -318,18 +344,7 @@ def _train(run: run_lib.Run, workdir: str, mesh: Mesh, data_iter: Any) -> TrainS
 
   # 4-6. Model + optimizer, shardings, then restore or initialise. -----------------------
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
-  setup, state = create_train_state(config, mesh, initialize=ckpt.latest_step() is None)
-  if state is not None and run.source is not None:
-    state = finetune.start_from(run.source, state, setup.shardings)
-  is_finite = guards.make_state_check(setup.shardings, mesh)
-  latest = None
-  if state is None:
-    latest, restored = ckpt.restore_latest(
-        setup.abstract_state._asdict(), data_iterator=data_iter,
-        check=lambda s: None if is_finite(TrainState(**s)) else
-        "its weights, EMA or optimizer state hold NaN/Inf")
-    state = TrainState(**restored)
-    logging.info("Resuming from %s/%d.", ckpt.directory, latest)
+  setup, state, latest, is_finite = _restore_or_init(run, mesh, ckpt, data_iter)
   # Rows after the restored step (all rows, on a fresh start) were logged by a run that
   # stopped before a checkpoint kept them; this run logs those steps again.
   writer.rewind(latest or 0)
@@ -418,9 +433,3 @@ def _train(run: run_lib.Run, workdir: str, mesh: Mesh, data_iter: Any) -> TrainS
     ckpt.close()
     writer.close()
   return state
-
-
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
-  """The average of each metric over the steps in `pending`."""
-  host = jax.device_get([m for _, m in pending])
-  return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
