@@ -14,7 +14,7 @@ switching, say, the sampler on the command line then needs no other config file.
 
 A few fields may be left to the dataset (`FROM_DATA`: `config.data.image_size=0`,
 `config.model.num_classes=-1`, ...): training fills them when it starts
-(`fill_from_data`, through `train.fit_to_data`) and saves the filled config with the run.
+(`fill_from_data`, through `run.fit_to_data`) and saves the filled config with the run.
 
 `load_config("configs/ffhq64.py:runlocal")` imports the file and calls
 `get_config("runlocal")`, the same thing `--config=configs/ffhq64.py:runlocal` does through

@@ -1,8 +1,9 @@
 """Fine-tuning: a run's first weights from NVIDIA's release or an earlier run (`config.init_from`).
 
 This file owns reading a fine-tuning source, fitting its weights to the run's network and
-putting them into the fresh train state (`train.train_and_evaluate` calls `load_source`
-before it writes or compiles anything, and `start_from` once the state is initialised).
+putting them into the fresh train state: the run set-up (`run.resolve_run`) calls
+`adopt_architecture` and `load_source` before anything is written or compiled, and the
+trainer calls `start_from` once the state is initialised.
 `config.init_from` names the source:
 
   * an official `.safetensors` file (NVIDIA's `diffit_256.safetensors`, ...), read and
@@ -344,7 +345,7 @@ def fit(source: dict[tuple, np.ndarray], source_model: Any, run_model: Any, *,
 
 
 # ----------------------------------------------------------------------------------------
-# The trainer's two calls.
+# The run set-up's two calls (`run.resolve_run`), and the trainer's one.
 
 
 def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
@@ -393,8 +394,8 @@ def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | None,
 def load_source(config: ml_collections.ConfigDict, workdir: str) -> Source | None:
   """Reads and fits `config.init_from` for a run about to start in `workdir`.
 
-  Called before anything is written or compiled, so a source that does not fit costs
-  nothing. Returns None when there is nothing to load: no `config.init_from`, or a
+  Called by `run.resolve_run` before anything is written or compiled, so a source that
+  does not fit costs nothing. Returns None when there is nothing to load: no `config.init_from`, or a
   `workdir` that already holds checkpoints (the run resumes from its own).
 
   Raises:

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffit_jax import checkpoint, models
+from diffit_jax import run as run_lib
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.diffusion import samplers
 from diffit_jax.models import apply_fn, nnx_apply_fn  # the samplers' apply_fn(params, x, t, y)
@@ -190,9 +191,10 @@ def flat_dict(tree: Any) -> dict[str, Any]:
 
 def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None,
                    checkpoint_path: str | None) -> ml_collections.ConfigDict:
-  """The experiment config: given, or the one the run saved (WORKDIR/config.json), or the
-  one saved with a converted checkpoint (cheap: no weights are read); a saved one is read
-  through the schema, so a field it lacks has the schema's default."""
+  """The experiment config: given, or the one the run saved (`run.resolve_run(None,
+  workdir)`: WORKDIR/config.json), or the one saved with a converted checkpoint (cheap: no
+  weights are read). A saved one is read through the schema, so a field it lacks has the
+  schema's default; a config read back is a copy the caller may change (say, its sampler)."""
   if bool(workdir) == bool(checkpoint_path):
     raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint "
                      "(a converted weights checkpoint).")
@@ -200,7 +202,7 @@ def resolve_config(config: ml_collections.ConfigDict | None, workdir: str | None
     return config
   if workdir:
     try:
-      return checkpoint.read_run_config(workdir)
+      return ml_collections.ConfigDict(run_lib.resolve_run(None, workdir).config)
     except FileNotFoundError as e:
       raise ValueError(str(e)) from None
   return checkpoint.converted_config(checkpoint_path)

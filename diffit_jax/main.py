@@ -93,16 +93,15 @@ def dry_run(config, workdir: str | None, overrides: Sequence[str], *, num_device
   """`--dry_run`: prints the model summary and, with `memory`, the train step's per-device
   memory over `num_devices` virtual CPU devices (0: the devices present), or its plan per
   chip on the TPU slice `tpu_slice` (compiled by libtpu, no TPU needed); trains nothing."""
-  from diffit_jax import finetune, train  # pylint: disable=g-import-not-at-top
+  from diffit_jax import run as run_lib  # pylint: disable=g-import-not-at-top
 
   if tpu_slice:  # a misspelt slice or a missing libtpu is said before any work
     from diffit_jax import tpu  # pylint: disable=g-import-not-at-top
     tpu.parse_slice(tpu_slice)
     tpu.library_path()
-  finetune.adopt_architecture(config, workdir, overrides)  # config.init_from's network
-  if config_lib.left_to_data(config):  # a dry run reads no data unless it must
-    train.fit_to_data(config)
-  train.validate_config(config)
+  # The run training would resolve, but no data read unless the config leaves fields to
+  # it, and of config.init_from only its architecture.
+  config = run_lib.resolve_run(config, workdir, overrides, dry_run=True).config
   print(model_summary(config), flush=True)
   if tpu_slice:
     from diffit_jax import plan  # pylint: disable=g-import-not-at-top

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from diffit_jax import config_lib, train
+from diffit_jax import run as run_lib
 from diffit_jax.data import latents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,16 +106,16 @@ def test_the_public_api_refuses_unknown_fields_and_other_models_fields():
   config.optimizer.learnig_rate = 1e-3
   with pytest.raises(config_lib.ConfigError, match=re.escape(
       "did you mean config.optimizer.learning_rate?")):
-    train.validate_config(config)
+    run_lib.validate_config(config)
   config = config_lib.load_config(MNIST)
   config.model.variant = "S/2"  # a latent model's field on an image model
   with pytest.raises(config_lib.ConfigError, match="config.model.variant is not a field of "
                      "the 'image' model"):
-    train.validate_config(config)
+    run_lib.validate_config(config)
   config = config_lib.load_config(MNIST)
   del config.ema["rampup_ratio"]
   with pytest.raises(config_lib.ConfigError, match="config.ema.rampup_ratio is missing"):
-    train.validate_config(config)
+    run_lib.validate_config(config)
 
 
 def test_a_saved_config_reads_back_through_the_schema(tmp_path):

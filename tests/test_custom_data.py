@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffit_jax import config_lib, train
+from diffit_jax import config_lib
+from diffit_jax import run as run_lib
 from test_train import CACHE_DIR  # JAX's persistent compilation cache of the training tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,11 +111,11 @@ def test_allow_resize_is_the_explicit_way_to_resize(dataset):
   config = config_lib.load_config(os.path.join(ROOT, "configs", "ffhq64.py:runlocal"))
   config.data.name = f"folder:{dataset}"
   with pytest.raises(config_lib.ConfigError, match="config.data.allow_resize"):
-    train.fit_to_data(config)
+    run_lib.fit_to_data(config)
   config.data.allow_resize = True
-  info = train.fit_to_data(config)
+  info = run_lib.fit_to_data(config)
   assert info.stored_shape == (SIDE, SIDE, 3) and info.example_shape == (64, 64, 3)
-  train.validate_config(config)
+  run_lib.validate_config(config)
 
 
 def test_the_fields_left_to_the_dataset_are_filled_or_refused(dataset):
@@ -123,12 +124,12 @@ def test_the_fields_left_to_the_dataset_are_filled_or_refused(dataset):
       "config.data.image_size=0", "config.data.channels=0", "config.model.image_size=0",
       "config.model.in_channels=0", "config.model.out_channels=0", "config.model.num_classes=-1"]
   with pytest.raises(config_lib.ConfigError, match="leave these fields to the dataset"):
-    train.validate_config(config)  # e.g. sampling from the preset without the run's config
+    run_lib.validate_config(config)  # e.g. sampling from the preset without the run's config
   config.data.name = f"folder:{dataset}"
-  train.fit_to_data(config)
+  run_lib.fit_to_data(config)
   assert config_lib.left_to_data(config) == []
   assert (config.model.image_size, config.model.num_classes) == (SIDE, 2)
-  train.validate_config(config)
+  run_lib.validate_config(config)
   # A class-conditional preset on a dataset without classes says what to change.
   config = config_lib.load_config(PRESET + ":classes")
   with pytest.raises(config_lib.ConfigError, match="config.model.num_classes=0"):

@@ -29,7 +29,8 @@ import pytest
 from PIL import Image
 
 from diffit_jax import checkpoint as checkpoint_lib
-from diffit_jax import files, logging_utils, train
+from diffit_jax import files, guards, logging_utils, train
+from diffit_jax import run as run_lib
 from diffit_jax import sharding as sharding_lib
 # The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
 from test_train import (REPO, TINY_FLAGS, compilation_cache_dir, run_main,  # noqa: F401
@@ -366,7 +367,7 @@ def test_resume_skips_a_checkpoint_with_nan_weights(trained, tmp_path):
   state["ema_params"] = jax.tree.map(lambda x: x * np.nan, state["ema_params"])
   ckpt.save(8, state)
   ckpt.wait_until_finished()
-  is_finite = train.make_state_check(setup, mesh)
+  is_finite = guards.make_state_check(setup.shardings, mesh)
   step, restored = ckpt.restore_latest(
       abstract, check=lambda s: None if is_finite(train.TrainState(**s)) else "NaN")
   ckpt.close()
@@ -381,7 +382,7 @@ def test_keep_checkpoints_zero_is_refused_before_anything_is_written(runs):
   assert "config.keep_checkpoints=0" in run["out"], run["out"]
   assert not run["workdir"].exists()
   with pytest.raises(ValueError, match="keep_checkpoints=-2"):
-    train.validate_config(tiny_config(keep_checkpoints=-2))
+    run_lib.validate_config(tiny_config(keep_checkpoints=-2))
 
 
 # ----------------------------------------------------------------------------------------

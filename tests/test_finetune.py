@@ -24,6 +24,7 @@ from flax import nnx, traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
 from diffit_jax import checkpoint, finetune, logging_utils, sharding, train
+from diffit_jax import run as run_lib
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert import export
 from diffit_jax.convert.diffit import convert_diffit
@@ -451,7 +452,7 @@ def test_train_and_evaluate_ignores_sys_argv(official, tmp_path, monkeypatch):
   def stop(config):  # the step after the architecture is adopted; nothing more is needed
     raise Adopted(config.model.depth)
 
-  monkeypatch.setattr(train, "fit_to_data", stop)
+  monkeypatch.setattr(run_lib, "fit_to_data", stop)
   with pytest.raises(Adopted) as adopted:
     train.train_and_evaluate(latent_config(official.path, depth=3), str(tmp_path / "a"))
   assert adopted.value.args == (2,)  # the source's depth

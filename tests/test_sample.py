@@ -278,7 +278,7 @@ def tiny_latent(tmp_path, num_classes=5):
 def test_fid_hook_images_are_the_sample_commands(tmp_path):
   """The trainer's periodic FID and `sample` draw the same uint8 images from the same
   weights, seed and labels (a latent model: ADM's truncation to uint8, through the VAE)."""
-  from diffit_jax import inference, train
+  from diffit_jax import ema_samples, inference, train
   from diffit_jax import sharding as sharding_lib
   cfg, ckpt, _ = tiny_latent(tmp_path)
   cfg.eval.update(num_samples=5, batch_size=4)
@@ -293,9 +293,9 @@ def test_fid_hook_images_are_the_sample_commands(tmp_path):
     seen.append(np.concatenate(list(batches)))
     return {"fid": 1.0}
 
-  assert train.evaluate_fid(cfg, pipeline, ema_params, step, evaluator) == {"eval/fid": 1.0}
+  assert ema_samples.evaluate_fid(cfg, pipeline, ema_params, step, evaluator) == {"eval/fid": 1.0}
   path = sample.run(None, checkpoint_path=ckpt, out=str(tmp_path / "s"), num_samples=5,
-                    batch_size=4, labels="random", seed=train.FID_SEED + step)
+                    batch_size=4, labels="random", seed=ema_samples.FID_SEED + step)
   images, _ = load(path)
   assert seen[0].dtype == np.uint8 and seen[0].shape == images.shape == (5, 16, 16, 3)
   np.testing.assert_array_equal(seen[0], images)

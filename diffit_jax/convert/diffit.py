@@ -195,6 +195,27 @@ def detect_model(state: dict[str, np.ndarray], source: str = "checkpoint"
   if conv is None:
     guessed.update({"in_channels", "patch_size"})
 
+  grid, window, heads = _token_grid(shape, block_keys, source, guessed)
+  fc1 = shape(*block_keys("mlp.fc1.weight"))  # (mlp_hidden, D)
+  mlp_ratio = fc1[0] / hidden if fc1 else 4.0
+  if fc1 is None:
+    guessed.add("mlp_ratio")
+  final = shape("final_layer.linear.weight")  # (p*p*C_out, D)
+  out_channels = final[0] // (patch * patch) if final else 2 * in_channels
+  if final is None:
+    guessed.add("learn_sigma")
+  table_y = shape("y_embedder.embedding_table.weight")  # (classes + 1, D)
+  num_classes = table_y[0] - 1 if table_y else 0
+  return dict(
+      input_size=grid * patch, in_channels=in_channels, num_classes=num_classes,
+      learn_sigma=out_channels != in_channels, mlp_ratio=mlp_ratio,
+      window_size=0 if window == grid else window,
+      depth=blocks[-1] + 1, hidden_size=hidden, num_heads=heads, patch_size=patch), guessed
+
+
+def _token_grid(shape, block_keys, source: str, guessed: set[str]) -> tuple[int, int, int]:
+  """(token grid side, window side, heads) of `detect_model`, from pos_embed and the blocks'
+  relative position tables; adds the fields no tensor determined to `guessed`."""
   table = shape(*block_keys("attn.relative_position_bias_table"))  # ((2w-1)^2, heads)
   rpi = shape(*block_keys(RPI_SUFFIX))  # (w^2, w^2)
   if table is not None:
@@ -216,23 +237,7 @@ def detect_model(state: dict[str, np.ndarray], source: str = "checkpoint"
     raise ConversionError(f"{source}: neither pos_embed nor any relative_position_bias_table "
                           "is present, so the token grid cannot be determined; it is not a "
                           "complete latent DiffiT state dict.")
-  window = grid if window is None else window
-
-  fc1 = shape(*block_keys("mlp.fc1.weight"))  # (mlp_hidden, D)
-  mlp_ratio = fc1[0] / hidden if fc1 else 4.0
-  if fc1 is None:
-    guessed.add("mlp_ratio")
-  final = shape("final_layer.linear.weight")  # (p*p*C_out, D)
-  out_channels = final[0] // (patch * patch) if final else 2 * in_channels
-  if final is None:
-    guessed.add("learn_sigma")
-  table_y = shape("y_embedder.embedding_table.weight")  # (classes + 1, D)
-  num_classes = table_y[0] - 1 if table_y else 0
-  return dict(
-      input_size=grid * patch, in_channels=in_channels, num_classes=num_classes,
-      learn_sigma=out_channels != in_channels, mlp_ratio=mlp_ratio,
-      window_size=0 if window == grid else window,
-      depth=blocks[-1] + 1, hidden_size=hidden, num_heads=heads, patch_size=patch), guessed
+  return grid, grid if window is None else window, heads
 
 
 def _side(candidate: int, count: int, count_of, what: str, source: str) -> int:

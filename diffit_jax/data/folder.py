@@ -595,21 +595,7 @@ def build_folder_dataset(
   num_threads = num_threads or min(16, os.cpu_count() or 1)
   files, class_names, ignored, unread = scan_folder(src, unconditional)
 
-  # Pass 1: headers only. Finds unreadable and odd-sized files before anything is written.
-  lines = logging_utils.ProgressLines("checking images", len(files))
-  probes = []
-  for probe in _ordered_map(lambda f: _probe(os.path.join(src, f[0])), files, num_threads):
-    probes.append(probe)
-    lines.update()
-  sizes = collections.Counter(size for size, _ in probes if size is not None)
-  expected = sizes.most_common(1)[0][0] if sizes and resolution is None else None
-  good, problems = [], []
-  for (rel, label), (size, problem) in zip(files, probes):
-    problem = problem or _size_problem(size, expected, resolution, allow_upscale)
-    if problem:
-      problems.append((rel, problem))
-    else:
-      good.append((rel, label))
+  good, problems, expected = _check_images(src, files, num_threads, resolution, allow_upscale)
   if strict and (unread or problems):
     what = [f"{len(unread)} entries cannot be read as images"] if unread else []
     what += [f"{len(problems)} of {len(files)} images are unusable"] if problems else []
@@ -628,7 +614,38 @@ def build_folder_dataset(
                 "resolution": resolution, "channels": channels,
                 "center_crop": "adm" if resolution else None, "allow_upscale": allow_upscale})
 
-  dataset_name = _dataset_name(dst, name)
+  num_written = _write_dataset(plan, dst, _dataset_name(dst, name), len(files))
+  return BuildReport(
+      dataset_dir=dst, num_written=num_written, image_shape=plan.image_shape,
+      class_names=class_names, class_counts=plan.class_counts, skipped=plan.skipped,
+      ignored=ignored)
+
+
+def _check_images(src: str, files: list[tuple[str, int]], num_threads: int,
+                  resolution: int | None, allow_upscale: bool
+                  ) -> tuple[list[tuple[str, int]], list[tuple[str, str]], Any]:
+  """Pass 1 of a build, headers only: (usable files, (file, problem) pairs, the size all
+  images must share when there is no `resolution`), before anything is written."""
+  lines = logging_utils.ProgressLines("checking images", len(files))
+  probes = []
+  for probe in _ordered_map(lambda f: _probe(os.path.join(src, f[0])), files, num_threads):
+    probes.append(probe)
+    lines.update()
+  sizes = collections.Counter(size for size, _ in probes if size is not None)
+  expected = sizes.most_common(1)[0][0] if sizes and resolution is None else None
+  good, problems = [], []
+  for (rel, label), (size, problem) in zip(files, probes):
+    problem = problem or _size_problem(size, expected, resolution, allow_upscale)
+    if problem:
+      problems.append((rel, problem))
+    else:
+      good.append((rel, label))
+  return good, problems, expected
+
+
+def _write_dataset(plan: _Plan, dst: str, dataset_name: str, num_files: int) -> int:
+  """Pass 2 of a build: writes `plan` to a temporary folder, then swaps it in as `dst`
+  (after removing what killed builds of `dst` left); returns the number of images written."""
   builder_cls = types.new_class(
       "FolderDataset", (_FolderBuilder,), {"skip_registration": True},
       lambda ns: ns.update(name=dataset_name))
@@ -642,9 +659,11 @@ def build_folder_dataset(
   try:
     builder = builder_cls(plan=plan, data_dir=tmp, file_format="array_record")
     builder.download_and_prepare()
-    num_written = sum(plan.class_counts) if class_names else builder.info.splits[SPLIT].num_examples
+    num_written = (sum(plan.class_counts) if plan.class_names
+                   else builder.info.splits[SPLIT].num_examples)
     if num_written == 0:
-      raise FolderDatasetError(f"None of the {len(files)} images in {src} is usable:", plan.skipped)
+      raise FolderDatasetError(f"None of the {num_files} images in {plan.src} is usable:",
+                               plan.skipped)
     if os.path.exists(dst):  # overwrite: swap in, then drop the old dataset.
       old = _temp_name(dst, "old")
       os.rename(dst, old)
@@ -654,7 +673,4 @@ def build_folder_dataset(
       os.rename(builder.data_dir, dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return BuildReport(
-      dataset_dir=dst, num_written=num_written, image_shape=plan.image_shape,
-      class_names=class_names, class_counts=plan.class_counts, skipped=plan.skipped,
-      ignored=ignored)
+  return num_written

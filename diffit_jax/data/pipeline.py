@@ -30,7 +30,7 @@ Fields of `config.data` read here (declared, with their defaults, by the schema,
     case for ImageNet). Ignored for latents (their shape is stored).
   channels: int, 1 or 3; grey is tiled to RGB and RGB reduced to luma as needed; 0 takes
     the stored images' channels. Ignored for latents.
-  allow_resize: bool, read by the trainer (`train.fit_to_data`): unless True, a run whose
+  allow_resize: bool, read by the run set-up (`run.fit_to_data`): unless True, a run whose
     image_size differs from the size all stored images share is refused at start.
   split: str, the tfds split.
   random_flip: bool, random horizontal flip (latents: pick the stored mirror at
