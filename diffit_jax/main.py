@@ -62,7 +62,8 @@ MEMORY_NOTE = (
     "own reserve, the data pipeline, sampling or FID. On a GPU or TPU it is that compiler's "
     "own plan (an H200 ran its steps within a few percent of their plans). XLA:CPU plans "
     "more temporaries than a GPU's compiler for the same step: read a CPU estimate as an "
-    "upper bound (measurements: docs/performance.md, \"Will it fit\").")
+    "upper bound (measurements: docs/performance.md, \"Will it fit\"); for a TPU, "
+    "--dry_run_tpu=SLICE gives the TPU compiler's own plan from any machine.")
 
 
 def train_step_memory_summary(config, num_devices: int) -> str:
