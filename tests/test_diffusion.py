@@ -16,6 +16,7 @@ import pytest
 
 from diffit_jax import config_lib, diffusion
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
+from helpers import nhwc
 
 # ----------------------------------------------------------------------------------------------
 # Schedules.
@@ -126,10 +127,6 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
-def _nhwc(x):
-  return np.transpose(x.numpy(), (0, 2, 3, 1))
-
-
 @pytest.mark.parametrize("respacing", ["", "50"])
 def test_ddpm_learned_range_step_matches_diffusers(respacing):
   import torch
@@ -147,17 +144,16 @@ def test_ddpm_learned_range_step_matches_diffusers(respacing):
                           np.tanh(rng.standard_normal((2, 4, 4, 3)))], -1).astype(np.float32)
     gen = torch.Generator().manual_seed(k)
     theirs = ref.step(_nchw(out), t_orig, _nchw(x), generator=gen)
-    noise = _nhwc(torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(k)))
+    noise = nhwc(torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(k)))
     x_prev, x0 = samplers.ddpm_step(sched, jnp.asarray(out), jnp.asarray(x), k,
                                     jnp.asarray(noise))
-    np.testing.assert_allclose(np.asarray(x0), _nhwc(theirs.pred_original_sample),
+    np.testing.assert_allclose(np.asarray(x0), nhwc(theirs.pred_original_sample),
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_prev), _nhwc(theirs.prev_sample),
+    np.testing.assert_allclose(np.asarray(x_prev), nhwc(theirs.prev_sample),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_ddim_step_matches_diffusers():
-  import torch
   from diffusers import DDIMScheduler
   sched = respace.create_schedule("linear", 1000, "ddim50")
   ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
@@ -171,9 +167,9 @@ def test_ddim_step_matches_diffusers():
     theirs = ref.step(_nchw(eps), t_orig, _nchw(x), eta=0.5, variance_noise=_nchw(noise))
     x_prev, x0 = samplers.ddim_step(sched, jnp.asarray(eps), jnp.asarray(x), k,
                                     jnp.asarray(noise), eta=0.5, var_type="fixed_small")
-    np.testing.assert_allclose(np.asarray(x0), _nhwc(theirs.pred_original_sample),
+    np.testing.assert_allclose(np.asarray(x0), nhwc(theirs.pred_original_sample),
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_prev), _nhwc(theirs.prev_sample),
+    np.testing.assert_allclose(np.asarray(x_prev), nhwc(theirs.prev_sample),
                                rtol=1e-4, atol=1e-4)
 
 

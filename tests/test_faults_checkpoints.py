@@ -2,7 +2,7 @@
 where a run can inject the fault, else through the public API.
 
 Each test copies one shared, trained workdir (checkpoints 2, 4 and 6 of the tiny network of
-tests/test_train.py; one metrics row per step) and breaks it the way disks, users and
+`helpers.tiny_config`; one metrics row per step) and breaks it the way disks, users and
 optimizers do: a flipped byte, a truncated or deleted file, weights blown up to Inf/NaN, a
 kill -9 between checkpoints, a config that would keep no checkpoint. The run must then
 resume from the newest intact checkpoint (bitwise as if nothing had happened), or stop
@@ -19,7 +19,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -31,9 +30,8 @@ from PIL import Image
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import files, logging_utils, train
 from diffit_jax import sharding as sharding_lib
-# The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
-from test_train import (REPO, TINY_FLAGS, compilation_cache_dir, run_main,  # noqa: F401
-                        subprocess_env, tiny_config)
+from helpers import (MNIST_RUNLOCAL, TINY_FLAGS, run_main, run_module, subprocess_env,
+                     tiny_config)
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
 
@@ -63,7 +61,6 @@ def copy_run(trained, tmp_path) -> str:
 
 RESUME_FLAGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
                 "--config.keep_checkpoints=3", "--config.sample_every_steps=0")
-MNIST_RUNLOCAL = os.path.join(REPO, "configs", "mnist_demo.py:runlocal")  # as run_main's
 
 
 def start_resume(workdir, steps, *flags):
@@ -213,10 +210,8 @@ def damaged_run_metadata(trained, root) -> dict:
   with open(metrics_path, "w") as f:
     f.writelines(lines[:3] + ['{"step": 4, "train/lo\x00\x00\n'] + lines[3:])
   open(os.path.join(step_dir(workdir, 6), checkpoint_lib.INTEGRITY_FILE), "w").close()
-  sampled = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
-       "--batch_size=2", f"--out={root / 'damaged_metadata_samples'}"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  sampled = run_module("diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
+                       "--batch_size=2", f"--out={root / 'damaged_metadata_samples'}")
   return dict(workdir=workdir, config_text=config_text, lines=lines, sampled=sampled,
               out=resume(workdir, 8))
 
@@ -261,7 +256,7 @@ def disk_full_during_checkpoint(trained, root, run_on_small_disk) -> dict:
              f"--workdir={mnt / 'run'}", *TINY_FLAGS, *RESUME_FLAGS, "--config.num_train_steps=8"]
   size_kb = files.tree_bytes(trained) // 1024 + 2048
   proc = run_on_small_disk(DISK_FULL_SCRIPT.replace('"$@"', shlex.join(command)), mnt, size_kb,
-                           subprocess_env(TRAINED=trained, OUT=str(out)), cwd=REPO, timeout=900)
+                           subprocess_env(TRAINED=trained, OUT=str(out)), timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return dict(listing=proc.stdout, **{name: (out / f"{name}.txt").read_text()
                                       for name in ("nospace", "precheck", "midwrite", "freed")},
