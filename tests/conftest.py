@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 # again in the next command.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from helpers import REPO, installed_env  # noqa: E402  (imports JAX)
+from helpers import REPO, installed_env  # noqa: E402  (imports JAX and diffit_jax)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,12 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
+
+from diffit_jax import checkpoint
+from diffit_jax.config_lib import load_config
+from diffit_jax.data import latents
+from diffit_jax.models.vae import AutoencoderKL, VAEConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_RUNLOCAL = os.path.join(REPO, "configs", "mnist_demo.py:runlocal")
@@ -36,7 +42,6 @@ def tiny_config(model=None, **overrides):
   `overrides` set top-level fields. An unconditional network (`num_classes=0`) samples
   unguided.
   """
-  from diffit_jax.config_lib import load_config
   config = load_config(MNIST_RUNLOCAL)
   config.model.update(TINY_MODEL)
   config.model.update(model or {})
@@ -111,7 +116,6 @@ def write_latents(directory, n, *, shape=(8, 8, 4), num_classes=None, num_writer
   i, or i % num_classes with `num_classes` (0: no labels, label 0), which also writes the
   dataset's info file.
   """
-  from diffit_jax.data import latents
   rng = np.random.default_rng(seed)
   size = (n, 2, *shape)
   means = (rng.normal(size=size) if mean is None else np.full(size, mean)).astype(dtype)
@@ -129,10 +133,6 @@ def write_latents(directory, n, *, shape=(8, 8, 4), num_classes=None, num_writer
 def write_tiny_vae(path):
   """A VAE of two levels (8x8 latents of 16x16 images) with its initial random weights,
   saved at `path` as `convert vae` saves one; returns the module."""
-  from flax import nnx
-
-  from diffit_jax import checkpoint
-  from diffit_jax.models.vae import AutoencoderKL, VAEConfig
   config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
   vae = AutoencoderKL(config, rngs=nnx.Rngs(0))
   checkpoint.save_weights(str(path), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),

@@ -16,7 +16,7 @@ import pytest
 
 from diffit_jax import config_lib, diffusion
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
-from helpers import nhwc
+from helpers import assert_trees_equal, nhwc
 
 # ----------------------------------------------------------------------------------------------
 # Schedules.
@@ -450,8 +450,8 @@ def test_from_config_builds_the_configured_process():
   process = diffusion.from_config(config)
   assert isinstance(process, diffusion.ADM) and process.name == "adm"
   assert (process.var_type, process.pred_type, process.num_timesteps) == ("learned_range", "v", 50)
-  jax.tree.map(np.testing.assert_array_equal, process.schedule,
-               respace.create_schedule("cosine", 50))
+  assert_trees_equal(process.schedule,
+                     respace.create_schedule("cosine", 50))
   t = np.asarray(process.sample_t(jax.random.key(0), 1000))
   assert t.dtype == np.int32 and t.min() == 0 and t.max() == 49
   config.diffusion.learn_sigma = False
@@ -515,5 +515,5 @@ def test_adm_schedule_is_built_on_first_use_outside_any_trace():
   assert not isinstance(vars(process)["schedule"].betas, jax.core.Tracer)  # concrete
   second = jax.jit(lambda *a: 2 * loss(*a))(x0, jnp.asarray(t), noise)
   np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, process.schedule,
-               respace.create_schedule("linear", 100))
+  assert_trees_equal(process.schedule,
+                     respace.create_schedule("linear", 100))

@@ -30,8 +30,8 @@ from PIL import Image
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import files, logging_utils, train
 from diffit_jax import sharding as sharding_lib
-from helpers import (MNIST_RUNLOCAL, TINY_FLAGS, run_main, run_module, subprocess_env,
-                     tiny_config)
+from helpers import (MNIST_RUNLOCAL, TINY_FLAGS, assert_trees_equal, run_main, run_module,
+                     subprocess_env, tiny_config)
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
 
@@ -288,7 +288,7 @@ def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(traine
 
   # Samplers and exporters: the newest intact EMA, or a clear error for the broken step.
   ema, _ = checkpoint_lib.load_run_params(run["before"])
-  jax.tree.map(np.testing.assert_array_equal, ema, checkpoint_lib.load_run_params(trained, 4)[0])
+  assert_trees_equal(ema, checkpoint_lib.load_run_params(trained, 4)[0])
   with pytest.raises(checkpoint_lib.CorruptCheckpointError, match="ema_params/.*crc32"):
     checkpoint_lib.load_run_params(run["before"], step=6)
 
@@ -298,8 +298,8 @@ def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(traine
   assert lines_with(out, "Resuming from"), out
   assert lines_with(out, "Resuming from")[0].endswith("/4."), out
   assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
   assert os.path.isdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR, "6"))  # kept aside
   assert_one_row_per_step(workdir, 8)
 
@@ -314,8 +314,8 @@ def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, 
   assert "different model" not in out and "TensorStore" not in out, out
   assert lines_with(out, "Resuming from")[0].endswith("/2."), out
   for step in (4, 6):  # rewritten, identical to the originals
-    jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, step)[0],
-                 checkpoint_lib.load_run_params(trained, step)[0])
+    assert_trees_equal(checkpoint_lib.load_run_params(workdir, step)[0],
+                       checkpoint_lib.load_run_params(trained, step)[0])
 
 
 def test_no_intact_checkpoint_stops_with_one_clear_line(runs):
@@ -439,8 +439,8 @@ def test_a_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(train
   assert lines_with(run["third"], "Resuming from")[0].endswith("/6."), run["third"]
   assert_one_row_per_step(run["workdir"], 8)
   assert not os.path.exists(os.path.join(run["workdir"], files.LOCK_FILE))  # released at exit
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(run["workdir"], 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(run["workdir"], 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
 
 
 def test_damaged_config_metrics_and_integrity_record(trained, runs):
@@ -472,8 +472,8 @@ def test_damaged_config_metrics_and_integrity_record(trained, runs):
   assert "Traceback" not in out, out
   for step in (6, 8):  # step 6 recomputed bit for bit from 4
     assert checkpoint_lib.verify_integrity(step_dir(workdir, step)) is None
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
 
 
 def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(trained, runs):
@@ -504,6 +504,6 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(trained, r
   workdir = run["workdir"]
   assert not [name for name in os.listdir(workdir) if ".tmp" in name], os.listdir(workdir)
   assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
   assert_one_row_per_step(workdir, 8)

@@ -25,7 +25,7 @@ from diffit_jax import checkpoint, finetune, logging_utils, sharding, train
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert import export
 from diffit_jax.convert.diffit import convert_diffit
-from helpers import LATENT_RUNLOCAL, rel, run_module, tiny_config, write_latents
+from helpers import LATENT_RUNLOCAL, assert_trees_equal, rel, run_module, tiny_config, write_latents
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -307,7 +307,7 @@ def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
                                         checkpoint_every_steps=2), resumed)
   again = train.train_and_evaluate(tiny_config(num_train_steps=4, init_from=pretrained,
                                                 checkpoint_every_steps=2), resumed)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(final))
+  assert_trees_equal(again, final)
   assert ([r["train/loss"] for r in logging_utils.read_metrics(resumed)]
           == [r["train/loss"] for r in logging_utils.read_metrics(straight)])
 

@@ -25,7 +25,7 @@ from diffit_jax.convert.__main__ import main as convert_main
 from diffit_jax.convert.safetensors_io import ConversionError, check_keys, read_safetensors, strip_prefixes
 from diffit_jax.convert.vae import load_vae
 from diffit_jax.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig, from_latent
-from helpers import nhwc, rel
+from helpers import assert_trees_equal, nhwc, rel
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -187,7 +187,7 @@ def test_ldm_names_give_the_same_weights(tiny, tmp_path):
   assert checkpoint.load_metadata(tmp_path / "ldm")["naming"] == "ldm"
   got = nnx.to_pure_dict(nnx.state(load_vae(tmp_path / "ldm"), nnx.Param))
   want = nnx.to_pure_dict(nnx.state(load_vae(converted), nnx.Param))
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert_trees_equal(got, want)
 
 
 # --- Bad sources fail before anything is written ---------------------------------------------
