@@ -1,14 +1,29 @@
-"""Test-wide set-up: eight host CPU devices so mesh and sharding tests run anywhere, and a
-free local port for multi-process tests."""
+"""Test-wide set-up and the fixtures several test modules use.
+
+Eight host CPU devices, so that mesh and sharding tests run anywhere, and JAX's persistent
+compilation cache, for the test process and (through the environment) every command a test
+starts: on a small CPU most of a test's time is XLA compiling, and many tests compile the
+same programs (the tiny network's train step, its samplers). Plain helpers are in
+tests/helpers.py.
+"""
 
 import os
 import socket
 
 import pytest
 
-# Must be set before JAX initialises its backends.
+# In the user's own cache folder: JAX trusts its cache, so not a world-writable /tmp path.
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffit_jax", "xla_test_cache")
+# Must be set before JAX is imported (its config reads them then) and initialises backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+# Every program, not only those that take a second to compile: a command a test starts
+# compiles dozens of small ones (its sampler, its metrics, its data pipeline's), each one
+# again in the next command.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from helpers import REPO, installed_env  # noqa: E402  (imports JAX and diffit_jax)
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +54,9 @@ fill() {
 
 @pytest.fixture(scope="session")
 def run_on_small_disk(mount_namespace):
-  """`run(script, mnt, size_kb, env) -> CompletedProcess`: a bash script run with a tmpfs of
-  `size_kb` mounted at `mnt` ($MNT), and `fill N` to leave N KB free on it. None where no
-  mount namespace can be made (the test then skips, saying so)."""
+  """`run(script, mnt, size_kb, env) -> CompletedProcess`: a bash script run from the
+  repository with a tmpfs of `size_kb` mounted at `mnt` ($MNT), and `fill N` to leave N KB
+  free on it. None where no mount namespace can be made (the test then skips, saying so)."""
   import subprocess
 
   if mount_namespace is None:
@@ -51,7 +66,7 @@ def run_on_small_disk(mount_namespace):
     os.makedirs(mnt, exist_ok=True)
     body = (f'set -u\nmount -t tmpfs -o size={size_kb}k tmpfs "$MNT"\n'
             + FILL_SHELL_FUNCTION + script + '\numount "$MNT"\n')
-    return subprocess.run([*mount_namespace, "bash", "-c", body],
+    return subprocess.run([*mount_namespace, "bash", "-c", body], cwd=REPO,
                           env={**env, "MNT": str(mnt)}, capture_output=True, text=True,
                           **kwargs)
 
@@ -86,15 +101,6 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------------------
 # diffit_jax as a user gets it: a wheel, installed into a fresh virtual environment.
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def installed_env() -> dict[str, str]:
-  """The environment of a command run with the installed wheel: no checkout on any path."""
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-  env["PYTHONNOUSERSITE"] = "1"
-  return env
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 # As if not installed: `import grain` fails, `importlib.util.find_spec("grain")` is None.
 BLOCKER = '''
 import sys
@@ -29,10 +30,10 @@ def test_smoke_run_measures_every_case_without_the_input_pipeline(tmp_path):
   site.mkdir()
   (site / "sitecustomize.py").write_text(BLOCKER)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(site), ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+      [str(site), REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   out = tmp_path / "results"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "accelerator_check.py"), "--smoke",
+      [sys.executable, os.path.join(REPO, "experiments", "accelerator_check.py"), "--smoke",
        "--out_dir", str(out)], env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((out / "accelerator_smoke.json").read_text())
@@ -123,7 +124,7 @@ def test_smoke_run_measures_every_case_without_the_input_pipeline(tmp_path):
 
 
 def _experiments():
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
   import accelerator_check  # pylint: disable=g-import-not-at-top
   return accelerator_check
 

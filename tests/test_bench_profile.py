@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from helpers import REPO
+
+sys.path.insert(0, os.path.join(REPO, "experiments"))
 import bench_profile as bp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 HLO = '''HloModule jit_train_step, is_scheduled=true, entry_computation_layout={(f32[8,8]{1,0})->f32[8,8]{1,0}}

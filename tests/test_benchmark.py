@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 # experiments/ is not a package: its scripts import each other as top-level modules.
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
 import bench_model  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 

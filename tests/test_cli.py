@@ -11,6 +11,7 @@ import pytest
 from diffit_jax import evaluate
 from diffit_jax.convert import __main__ as convert_cli
 from diffit_jax.data import __main__ as data_cli
+from helpers import run_module
 
 
 def _one_error_line(capsys, *fragments):
@@ -73,15 +74,8 @@ def test_flags_parse_afresh_on_every_call(tmp_path, capsys):
 
 def test_main_prints_no_tpu_backend_line_on_cpu():
   """JAX's INFO "Unable to initialize backend 'tpu': ... libtpu.so" is not shown on a CPU."""
-  import os
-  import subprocess
-  import sys
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.main", "--config=configs/mnist_demo.py:runlocal",
-       "--dry_run", "--nodry_run_memory"], cwd=root, capture_output=True, text=True,
-      timeout=300, check=False)
+  result = run_module("diffit_jax.main", "--config=configs/mnist_demo.py:runlocal",
+                      "--dry_run", "--nodry_run_memory", timeout=300)
   assert result.returncode == 0, result.stderr
   assert "trainable_params" in result.stdout
   assert "Unable to initialize backend" not in result.stderr, result.stderr

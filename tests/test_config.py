@@ -11,47 +11,26 @@ the command line, whether a config file sets it or not.
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from diffit_jax import config_lib, train
 from diffit_jax import run as run_lib
-from diffit_jax.data import latents
+from helpers import (LATENT_RUNLOCAL, REPO, TINY_LATENT_MODEL, TINY_MODEL_FLAGS, run_module,
+                     user_error, write_latents)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-MNIST = os.path.join(ROOT, "configs", "mnist_demo.py")
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+MNIST = os.path.join(REPO, "configs", "mnist_demo.py")
 # A one-step run of a 9.5 K-parameter network: what today's code would train, quickly.
-TINY_RUN = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
-            "--config.model.time_dim=32", "--config.model.frequency_size=16",
-            "--config.model.head_dim=16", "--config.model.num_groups=4",
-            "--config.batch_size=8", "--config.num_train_steps=1", "--config.log_every_steps=1",
-            "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0"]
-
-
-def run_cli(module, *args, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def user_error(result) -> str:
-  """The one `error:` line of a refused command (exit status 2, no traceback)."""
-  output = result.stdout + result.stderr
-  assert result.returncode == 2, output
-  assert "Traceback" not in output and "FATAL" not in output, output
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), output
-  return errors[0]
+TINY_RUN = [*TINY_MODEL_FLAGS, "--config.batch_size=8", "--config.num_train_steps=1",
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
+            "--config.sample_every_steps=0"]
 
 
 def train_cli(workdir, *args, config=MNIST + ":runlocal", devices=1):
-  return run_cli("diffit_jax.main", f"--config={config}", f"--workdir={workdir}", *TINY_RUN,
-                 *args, devices=devices)
+  return run_module("diffit_jax.main", f"--config={config}", f"--workdir={workdir}", *TINY_RUN,
+                    *args, devices=devices)
 
 
 def typo_config(tmp_path) -> str:
@@ -93,10 +72,10 @@ def test_every_config_holds_exactly_the_schema_fields():
 
 
 def test_fields_a_config_file_does_not_set_can_be_overridden():
-  result = run_cli("diffit_jax.main", "--config=configs/cifar10.py:runlocal", "--dry_run",
-                   "--nodry_run_memory", "--config.data.shuffle=False",
-                   "--config.data.worker_buffer_size=2", "--config.diffusion.num_timesteps=10",
-                   "--config.sampler.eta=0.5")
+  result = run_module("diffit_jax.main", "--config=configs/cifar10.py:runlocal", "--dry_run",
+                      "--nodry_run_memory", "--config.data.shuffle=False",
+                      "--config.data.worker_buffer_size=2", "--config.diffusion.num_timesteps=10",
+                      "--config.sampler.eta=0.5", devices=1)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "trainable_params:" in result.stdout
 
@@ -148,11 +127,11 @@ def test_a_saved_config_reads_back_through_the_schema(tmp_path):
 
 
 def test_an_unknown_config_arg_is_refused_naming_the_valid_ones():
-  error = user_error(run_cli("diffit_jax.main", "--config=configs/cifar10.py:bogus",
-                             "--dry_run", "--nodry_run_memory"))
+  error = user_error(run_module("diffit_jax.main", "--config=configs/cifar10.py:bogus",
+                                "--dry_run", "--nodry_run_memory", devices=1))
   assert "'bogus'" in error and "runlocal" in error, error
   with pytest.raises(config_lib.ConfigError, match="runlocal"):
-    config_lib.load_config(os.path.join(ROOT, "configs", "ffhq64.py:runlcoal"))
+    config_lib.load_config(os.path.join(REPO, "configs", "ffhq64.py:runlcoal"))
 
 
 def test_runlocal_shrinks_the_training_grids_not_the_sampler():
@@ -203,11 +182,8 @@ def test_bad_values_are_refused_before_the_workdir(tmp_path, field, value):
   assert not workdir.exists()
 
 
-LATENT = os.path.join(ROOT, "configs", "imagenet256_latent.py:runlocal")
 # configs/imagenet256_latent.py:runlocal with a 2-block network on 8x8x4 latents.
-TINY_LATENT_RUN = ["--config.model.variant=custom", "--config.model.depth=2",
-                   "--config.model.hidden_size=32", "--config.model.num_heads=2",
-                   "--config.model.patch_size=2", "--config.model.input_size=8",
+TINY_LATENT_RUN = [*(f"--config.model.{key}={value}" for key, value in TINY_LATENT_MODEL.items()),
                    "--config.data.num_workers=0", "--config.batch_size=8",
                    "--config.num_train_steps=1", "--config.sample_every_steps=0"]
 
@@ -215,12 +191,7 @@ TINY_LATENT_RUN = ["--config.model.variant=custom", "--config.model.depth=2",
 def unlabelled_latents(path) -> str:
   """A latent dataset of 16 records of 8x8x4 latents without class labels (as `encode`
   writes for a folder without class sub-folders)."""
-  rng = np.random.default_rng(0)
-  with latents.LatentShardWriter(str(path), 0, 1) as writer:
-    for _ in range(16):
-      writer.write(rng.normal(size=(2, 8, 8, 4)).astype(np.float16),
-                   np.full((2, 8, 8, 4), -2.0, np.float16))
-  latents.write_info(str(path), num_classes=0)
+  write_latents(path, 16, num_classes=0, logvar=-2.0)
   return str(path)
 
 
@@ -243,8 +214,9 @@ def unlabelled_latents(path) -> str:
 def test_an_unconditional_latent_run_is_told_every_field_at_start(tmp_path, overrides, wanted):
   data = unlabelled_latents(tmp_path / "latents")
   workdir = tmp_path / "run"
-  error = user_error(run_cli("diffit_jax.main", f"--config={LATENT}", f"--workdir={workdir}",
-                             f"--config.data.name=latents:{data}", *TINY_LATENT_RUN, *overrides))
+  error = user_error(run_module(
+      "diffit_jax.main", f"--config={LATENT_RUNLOCAL}", f"--workdir={workdir}",
+      f"--config.data.name=latents:{data}", *TINY_LATENT_RUN, *overrides, devices=1))
   for field in wanted:
     assert field in error, error
   assert "guidance_scale=1" not in error, error
@@ -256,28 +228,29 @@ def test_an_unconditional_latent_run_is_told_every_field_at_start(tmp_path, over
 
 
 def test_main_without_workdir_is_one_error_line():
-  error = user_error(run_cli("diffit_jax.main", "--config=configs/mnist_demo.py"))
+  error = user_error(run_module("diffit_jax.main", "--config=configs/mnist_demo.py", devices=1))
   assert "--workdir" in error, error
 
 
 def test_encode_command_of_the_latent_config_docstring_parses(tmp_path):
   """The `Encode:` line of configs/imagenet256_latent.py: its flags exist (the run then
   stops at the missing VAE, with one line)."""
-  with open(os.path.join(ROOT, "configs", "imagenet256_latent.py")) as f:
+  with open(os.path.join(REPO, "configs", "imagenet256_latent.py")) as f:
     line = next(l for l in f if l.startswith("Encode:"))
   args = line.split("python -m diffit_jax.encode", 1)[1].split()
   args = [a.replace("VAE_DIR", str(tmp_path / "no_vae")).replace(
       "data/in256_latents", str(tmp_path / "latents")) for a in args]
   args = [a for a in args if not a.startswith("--data=")] + ["--data=mnist_demo", "--limit=2"]
-  error = user_error(run_cli("diffit_jax.encode", *args))
+  error = user_error(run_module("diffit_jax.encode", *args, devices=1))
   assert "no_vae" in error, error
   assert "Unknown command line flag" not in error
 
 
 def test_encode_usage_errors_are_one_line():
-  error = user_error(run_cli("diffit_jax.encode", "--config=configs/imagenet256_latent.py"))
+  error = user_error(run_module("diffit_jax.encode", "--config=configs/imagenet256_latent.py",
+                                devices=1))
   assert "config" in error, error
-  error = user_error(run_cli("diffit_jax.encode", "--data=mnist_demo"))
+  error = user_error(run_module("diffit_jax.encode", "--data=mnist_demo", devices=1))
   assert "--vae" in error and "--out" in error, error
 
 
@@ -286,11 +259,11 @@ def test_the_missing_vae_advice_is_a_command_convert_takes(tmp_path):
   (it then stops at the missing --src, with one line)."""
   from diffit_jax import inference  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError) as advice:
-    inference.make_decoder(config_lib.load_config(LATENT), None, None)
+    inference.make_decoder(config_lib.load_config(LATENT_RUNLOCAL), None, None)
   command = re.search(r"`python -m diffit_jax\.convert (vae [^`]*)`", str(advice.value))
   assert command, advice.value
   args = [a.replace("DIR", str(tmp_path / "vae")).replace("sd-vae-ft-ema",
                                                          str(tmp_path / "no_vae"))
           for a in command.group(1).split()]
-  error = user_error(run_cli("diffit_jax.convert", *args))
+  error = user_error(run_module("diffit_jax.convert", *args, devices=1))
   assert "no_vae" in error and "does not exist" in error, error

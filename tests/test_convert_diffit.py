@@ -35,24 +35,15 @@ from diffit_jax.convert.safetensors_io import ConversionError, read_safetensors
 from diffit_jax.diffusion.guidance import (Guidance, cfg_forward, forward_with_cfg,
                                            guidance_weight)
 from diffit_jax.inference import nnx_apply_fn
+from helpers import REPO, nhwc, rel, subprocess_env
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TOL = 1e-5
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
 SMALL = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
              mlp_ratio=4.0, num_classes=NUM_CLASSES, learn_sigma=True)
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def nhwc(t) -> np.ndarray:
-  return t.detach().permute(0, 2, 3, 1).numpy()  # (B, C, H, W) -> (B, H, W, C)
 
 
 def randomize_(model, seed: int = 0):
@@ -408,7 +399,7 @@ def test_a_full_disk_stops_the_conversion_with_one_line(small_state, tmp_path, r
   src = save(small_state, tmp_path / "small.safetensors")
   script = ('fill 64\n"$PYTHON" -m diffit_jax.convert diffit --src="$SRC" --out="$MNT/ckpt" '
             '> "$OUT/full.txt" 2>&1; echo "rc=$?"; ls -a "$MNT"')
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, SRC=src, OUT=str(tmp_path))
+  env = subprocess_env(PYTHON=sys.executable, SRC=src, OUT=str(tmp_path))
   proc = run_on_small_disk(script, tmp_path / "mnt", 4096, env, timeout=300)
   full = (tmp_path / "full.txt").read_text()
   assert "rc=2" in proc.stdout and "Traceback" not in full, (proc.stdout, full)

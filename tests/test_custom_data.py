@@ -9,8 +9,6 @@ the workdir exists, unless `config.data.allow_resize` asks for the resize.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,36 +16,15 @@ from PIL import Image
 
 from diffit_jax import config_lib
 from diffit_jax import run as run_lib
-from test_train import CACHE_DIR  # JAX's persistent compilation cache of the training tests
+from helpers import REPO, TINY_MODEL_FLAGS, run_module, user_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET = os.path.join(ROOT, "configs", "custom_folder.py")
+PRESET = os.path.join(REPO, "configs", "custom_folder.py")
 SIDE = 16  # the dataset's resolution; every config in configs/ would say otherwise
 # A 9.5 K-parameter one-stage network, two steps, samples of two Heun steps.
-TINY_RUN = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
-            "--config.model.time_dim=32", "--config.model.frequency_size=16",
-            "--config.model.head_dim=16", "--config.model.num_groups=4",
-            "--config.data.num_workers=0", "--config.batch_size=8",
+TINY_RUN = [*TINY_MODEL_FLAGS, "--config.data.num_workers=0", "--config.batch_size=8",
             "--config.num_train_steps=2", "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=0", "--config.sample_every_steps=0",
             "--config.sampler.num_steps=2"]
-
-
-def run_cli(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def user_error(result) -> str:
-  """The one `error:` line of a refused command (exit status 2, no traceback)."""
-  output = result.stdout + result.stderr
-  assert result.returncode == 2, output
-  assert "Traceback" not in output, output
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, output
-  return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +39,16 @@ def dataset(tmp_path_factory) -> str:
       pixels[..., label] = 255  # one colour per class
       Image.fromarray(pixels).save(root / "images" / name / f"{i}.png")
   dst = str(root / "dataset")
-  result = run_cli("diffit_jax.data", "build", f"--src={root / 'images'}", f"--out={dst}")
+  result = run_module("diffit_jax.data", "build", f"--src={root / 'images'}", f"--out={dst}",
+                      devices=1)
   assert result.returncode == 0, result.stdout + result.stderr
   return dst
 
 
 def test_custom_folder_journey_takes_the_resolution_from_the_dataset(dataset, tmp_path):
   workdir = tmp_path / "run"
-  result = run_cli("diffit_jax.main", f"--config={PRESET}:classes", f"--workdir={workdir}",
-                   f"--config.data.name=folder:{dataset}", *TINY_RUN)
+  result = run_module("diffit_jax.main", f"--config={PRESET}:classes", f"--workdir={workdir}",
+                      f"--config.data.name=folder:{dataset}", *TINY_RUN, devices=1)
   assert result.returncode == 0, result.stdout + result.stderr
   with open(workdir / "config.json") as f:
     saved = json.load(f)
@@ -80,8 +58,8 @@ def test_custom_folder_journey_takes_the_resolution_from_the_dataset(dataset, tm
   assert model["num_classes"] == 2  # cats, dogs
   # The run's config.json is all `sample` needs.
   out = tmp_path / "samples"
-  result = run_cli("diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
-                   "--batch_size=2", f"--out={out}")
+  result = run_module("diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
+                      "--batch_size=2", f"--out={out}", devices=1)
   assert result.returncode == 0, result.stdout + result.stderr
   with np.load(out / f"samples_2x{SIDE}x{SIDE}x3.npz") as samples:
     assert samples["arr_0"].shape == (2, SIDE, SIDE, 3)
@@ -99,16 +77,17 @@ def test_custom_folder_journey_takes_the_resolution_from_the_dataset(dataset, tm
 def test_a_resolution_mismatch_is_refused_before_the_workdir(dataset, tmp_path, config,
                                                               overrides, wanted):
   workdir = tmp_path / "run"
-  error = user_error(run_cli(
-      "diffit_jax.main", f"--config={os.path.join(ROOT, 'configs', config)}",
-      f"--workdir={workdir}", f"--config.data.name=folder:{dataset}", *TINY_RUN, *overrides))
+  error = user_error(run_module(
+      "diffit_jax.main", f"--config={os.path.join(REPO, 'configs', config)}",
+      f"--workdir={workdir}", f"--config.data.name=folder:{dataset}", *TINY_RUN, *overrides,
+      devices=1))
   for part in wanted:
     assert part in error, error
   assert not workdir.exists()
 
 
 def test_allow_resize_is_the_explicit_way_to_resize(dataset):
-  config = config_lib.load_config(os.path.join(ROOT, "configs", "ffhq64.py:runlocal"))
+  config = config_lib.load_config(os.path.join(REPO, "configs", "ffhq64.py:runlocal"))
   config.data.name = f"folder:{dataset}"
   with pytest.raises(config_lib.ConfigError, match="config.data.allow_resize"):
     run_lib.fit_to_data(config)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffit_jax.data import __main__ as data_cli
 from diffit_jax.data import folder, latents, mnist, pipeline, transforms
+from helpers import run_module, subprocess_env, write_latents
 
 
 def _save(path, array):
@@ -135,8 +136,7 @@ def test_folder_build_user_errors(tmp_path):
 
 
 def _data_cli(*args):
-  return subprocess.run([sys.executable, "-m", "diffit_jax.data", *map(str, args)],
-                        capture_output=True, text=True, timeout=120, check=False)
+  return run_module("diffit_jax.data", *args, timeout=120)
 
 
 def _by_label(dst):
@@ -475,8 +475,8 @@ def test_reading_a_built_dataset_in_grain_workers_logs_no_opencv_note(tmp_path):
       "num_workers=1)\n"
       "  batch = next(pipeline.create_train_iterator(config, global_batch_size=2, seed=0))\n"
       "  print(batch['image'].shape)\n")
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, check=False)
+  result = subprocess.run([sys.executable, str(script)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr
   assert "(2, 8, 8, 3)" in result.stdout
   assert "OpenCV" not in result.stderr, result.stderr
@@ -630,22 +630,10 @@ def test_pipeline_with_a_worker_process_matches_in_process():
 # Latent records.
 
 
-def _write_latents(directory, n, dtype=np.float16, num_writers=2, h=4, w=4):
-  """Writes n records over `num_writers` shards; label = record id; returns the arrays."""
-  rng = np.random.default_rng(0)
-  means = rng.normal(size=(n, 2, h, w, 4)).astype(dtype)
-  logvars = rng.normal(size=(n, 2, h, w, 4)).astype(dtype)
-  for shard in range(num_writers):
-    with latents.LatentShardWriter(directory, shard, num_writers) as writer:
-      for i in range(shard, n, num_writers):
-        writer.write(means[i], logvars[i], label=i)
-  return means, logvars
-
-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_latent_records_round_trip(tmp_path, dtype):
   directory = str(tmp_path / "latents")
-  means, logvars = _write_latents(directory, 10, dtype)
+  means, logvars = write_latents(directory, 10, shape=(4, 4, 4), num_writers=2, dtype=dtype)
   paths = latents.shard_paths(directory)
   assert [os.path.basename(p) for p in paths] == [
       "latents-00000-of-00002.array_record", "latents-00001-of-00002.array_record"]
@@ -662,7 +650,7 @@ def test_latent_records_round_trip(tmp_path, dtype):
 
 def test_latent_shards_incomplete_or_partial_are_refused(tmp_path):
   directory = str(tmp_path / "latents")
-  _write_latents(directory, 4, num_writers=3)
+  write_latents(directory, 4, shape=(4, 4, 4), num_writers=3)
   os.remove(os.path.join(directory, "latents-00001-of-00003.array_record"))
   with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
     latents.shard_paths(directory)
@@ -723,7 +711,7 @@ def test_pipeline_latents_sample_fresh_latents_and_mirrors(tmp_path):
 
 def test_pipeline_latent_shards_partition_records(tmp_path):
   directory = str(tmp_path / "latents")
-  _write_latents(directory, 20, num_writers=3, h=2, w=2)
+  write_latents(directory, 20, shape=(2, 2, 4), num_writers=3)
   config = _mnist_config(name=f"latents:{directory}")
   seen = []
   for index in range(2):
@@ -746,7 +734,8 @@ def test_a_second_build_of_the_same_out_is_refused(class_folder, tmp_path):
   holder = subprocess.Popen(
       [sys.executable, "-c", "import time; from diffit_jax import files; "
        f"files.FolderLock({str(dst) + '.lock'!r}, what='dataset build', advice='-').acquire(); "
-       "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+       "print('held', flush=True); time.sleep(600)"], env=subprocess_env(),
+      stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
     result = _data_cli("build", f"--src={class_folder}", f"--out={dst}")
@@ -777,7 +766,7 @@ def test_a_full_disk_stops_the_build_with_one_line(tmp_path, run_on_small_disk):
   rng = np.random.default_rng(0)
   for i in range(12):
     _save(str(tmp_path / "src" / f"{i}.png"), _noise_image(rng, 128, 128))
-  env = dict(os.environ, PYTHON=sys.executable, SRC=str(tmp_path / "src"), OUT=str(tmp_path))
+  env = subprocess_env(PYTHON=sys.executable, SRC=str(tmp_path / "src"), OUT=str(tmp_path))
   proc = run_on_small_disk(FULL_DATASET_SCRIPT, tmp_path / "mnt", 2048, env, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   full = (tmp_path / "full.txt").read_text()

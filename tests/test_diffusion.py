@@ -16,6 +16,7 @@ import pytest
 
 from diffit_jax import config_lib, diffusion
 from diffit_jax.diffusion import edm, gaussian, guidance, respace, samplers
+from helpers import assert_trees_equal, nhwc
 
 # ----------------------------------------------------------------------------------------------
 # Schedules.
@@ -126,10 +127,6 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
-def _nhwc(x):
-  return np.transpose(x.numpy(), (0, 2, 3, 1))
-
-
 @pytest.mark.parametrize("respacing", ["", "50"])
 def test_ddpm_learned_range_step_matches_diffusers(respacing):
   import torch
@@ -147,17 +144,16 @@ def test_ddpm_learned_range_step_matches_diffusers(respacing):
                           np.tanh(rng.standard_normal((2, 4, 4, 3)))], -1).astype(np.float32)
     gen = torch.Generator().manual_seed(k)
     theirs = ref.step(_nchw(out), t_orig, _nchw(x), generator=gen)
-    noise = _nhwc(torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(k)))
+    noise = nhwc(torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(k)))
     x_prev, x0 = samplers.ddpm_step(sched, jnp.asarray(out), jnp.asarray(x), k,
                                     jnp.asarray(noise))
-    np.testing.assert_allclose(np.asarray(x0), _nhwc(theirs.pred_original_sample),
+    np.testing.assert_allclose(np.asarray(x0), nhwc(theirs.pred_original_sample),
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_prev), _nhwc(theirs.prev_sample),
+    np.testing.assert_allclose(np.asarray(x_prev), nhwc(theirs.prev_sample),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_ddim_step_matches_diffusers():
-  import torch
   from diffusers import DDIMScheduler
   sched = respace.create_schedule("linear", 1000, "ddim50")
   ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
@@ -171,9 +167,9 @@ def test_ddim_step_matches_diffusers():
     theirs = ref.step(_nchw(eps), t_orig, _nchw(x), eta=0.5, variance_noise=_nchw(noise))
     x_prev, x0 = samplers.ddim_step(sched, jnp.asarray(eps), jnp.asarray(x), k,
                                     jnp.asarray(noise), eta=0.5, var_type="fixed_small")
-    np.testing.assert_allclose(np.asarray(x0), _nhwc(theirs.pred_original_sample),
+    np.testing.assert_allclose(np.asarray(x0), nhwc(theirs.pred_original_sample),
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_prev), _nhwc(theirs.prev_sample),
+    np.testing.assert_allclose(np.asarray(x_prev), nhwc(theirs.prev_sample),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -456,8 +452,8 @@ def test_from_config_builds_the_configured_process():
   process = diffusion.from_config(config)
   assert isinstance(process, diffusion.ADM) and process.name == "adm"
   assert (process.var_type, process.pred_type, process.num_timesteps) == ("learned_range", "v", 50)
-  jax.tree.map(np.testing.assert_array_equal, process.schedule,
-               respace.create_schedule("cosine", 50))
+  assert_trees_equal(process.schedule,
+                     respace.create_schedule("cosine", 50))
   t = np.asarray(process.sample_t(jax.random.key(0), 1000))
   assert t.dtype == np.int32 and t.min() == 0 and t.max() == 49
   config.diffusion.learn_sigma = False
@@ -521,5 +517,5 @@ def test_adm_schedule_is_built_on_first_use_outside_any_trace():
   assert not isinstance(vars(process)["schedule"].betas, jax.core.Tracer)  # concrete
   second = jax.jit(lambda *a: 2 * loss(*a))(x0, jnp.asarray(t), noise)
   np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, process.schedule,
-               respace.create_schedule("linear", 100))
+  assert_trees_equal(process.schedule,
+                     respace.create_schedule("linear", 100))

@@ -1,30 +1,17 @@
 """Tests of `python -m diffit_jax.encode`: posterior records match the VAE, sharded or not."""
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from diffit_jax import checkpoint, encode
+from diffit_jax import encode
 from diffit_jax.data import latents, mnist, pipeline, transforms
-from diffit_jax.models.vae import AutoencoderKL, VAEConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
-
-
-def tiny_vae_checkpoint(path):
-  vae = AutoencoderKL(TINY, rngs=nnx.Rngs(0))
-  checkpoint.save_weights(str(path), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),
-                          metadata={"kind": "vae", "config": TINY.to_dict()})
-  return vae
+from helpers import run_module, write_tiny_vae
 
 
 def test_encode_matches_vae_and_trains_from_records(tmp_path):
-  vae = tiny_vae_checkpoint(tmp_path / "vae")
+  vae = write_tiny_vae(tmp_path / "vae")
   cfg = pipeline.get_default_data_config()
   cfg.update(name="mnist_demo", image_size=32, channels=3)
   dst = str(tmp_path / "latents")
@@ -55,8 +42,7 @@ def _latent_cfg(dst):
 
 
 def test_encode_cli_reports_bad_input(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.encode", f"--vae={tmp_path}/missing", "--data=mnist_demo",
-       "--resolution=32", f"--out={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True)
+  result = run_module("diffit_jax.encode", f"--vae={tmp_path}/missing", "--data=mnist_demo",
+                      "--resolution=32", f"--out={tmp_path}/out")
   assert result.returncode == 2 and "error:" in result.stderr
   assert not os.path.exists(tmp_path / "out" / latents.shard_filename(0, 1))

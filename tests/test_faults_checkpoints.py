@@ -2,7 +2,7 @@
 where a run can inject the fault, else through the public API.
 
 Each test copies one shared, trained workdir (checkpoints 2, 4 and 6 of the tiny network of
-tests/test_train.py; one metrics row per step) and breaks it the way disks, users and
+`helpers.tiny_config`; one metrics row per step) and breaks it the way disks, users and
 optimizers do: a flipped byte, a truncated or deleted file, weights blown up to Inf/NaN, a
 kill -9 between checkpoints, a config that would keep no checkpoint. The run must then
 resume from the newest intact checkpoint (bitwise as if nothing had happened), or stop
@@ -19,7 +19,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -32,9 +31,8 @@ from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import files, guards, logging_utils, train
 from diffit_jax import run as run_lib
 from diffit_jax import sharding as sharding_lib
-# The tiny network's CLI flags and config; the persistent XLA cache (an autouse fixture).
-from test_train import (REPO, TINY_FLAGS, compilation_cache_dir, run_main,  # noqa: F401
-                        subprocess_env, tiny_config)
+from helpers import (MNIST_RUNLOCAL, TINY_FLAGS, assert_trees_equal, run_main, run_module,
+                     subprocess_env, tiny_config)
 
 STEPS = (2, 4, 6)  # the checkpoints of the shared workdir
 
@@ -64,7 +62,6 @@ def copy_run(trained, tmp_path) -> str:
 
 RESUME_FLAGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
                 "--config.keep_checkpoints=3", "--config.sample_every_steps=0")
-MNIST_RUNLOCAL = os.path.join(REPO, "configs", "mnist_demo.py:runlocal")  # as run_main's
 
 
 def start_resume(workdir, steps, *flags):
@@ -214,10 +211,8 @@ def damaged_run_metadata(trained, root) -> dict:
   with open(metrics_path, "w") as f:
     f.writelines(lines[:3] + ['{"step": 4, "train/lo\x00\x00\n'] + lines[3:])
   open(os.path.join(step_dir(workdir, 6), checkpoint_lib.INTEGRITY_FILE), "w").close()
-  sampled = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
-       "--batch_size=2", f"--out={root / 'damaged_metadata_samples'}"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  sampled = run_module("diffit_jax.sample", f"--workdir={workdir}", "--num_samples=2",
+                       "--batch_size=2", f"--out={root / 'damaged_metadata_samples'}")
   return dict(workdir=workdir, config_text=config_text, lines=lines, sampled=sampled,
               out=resume(workdir, 8))
 
@@ -261,7 +256,7 @@ def disk_full_during_checkpoint(trained, root, run_on_small_disk) -> dict:
              f"--workdir={mnt / 'run'}", *TINY_FLAGS, *RESUME_FLAGS, "--config.num_train_steps=8"]
   size_kb = files.tree_bytes(trained) // 1024 + 2048
   proc = run_on_small_disk(DISK_FULL_SCRIPT.replace('"$@"', shlex.join(command)), mnt, size_kb,
-                           subprocess_env(TRAINED=trained, OUT=str(out)), cwd=REPO, timeout=900)
+                           subprocess_env(TRAINED=trained, OUT=str(out)), timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return dict(listing=proc.stdout, **{name: (out / f"{name}.txt").read_text()
                                       for name in ("nospace", "precheck", "midwrite", "freed")},
@@ -293,7 +288,7 @@ def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(traine
 
   # Samplers and exporters: the newest intact EMA, or a clear error for the broken step.
   ema, _ = checkpoint_lib.load_run_params(run["before"])
-  jax.tree.map(np.testing.assert_array_equal, ema, checkpoint_lib.load_run_params(trained, 4)[0])
+  assert_trees_equal(ema, checkpoint_lib.load_run_params(trained, 4)[0])
   with pytest.raises(checkpoint_lib.CorruptCheckpointError, match="ema_params/.*crc32"):
     checkpoint_lib.load_run_params(run["before"], step=6)
 
@@ -303,8 +298,8 @@ def test_flipped_byte_in_newest_ema_falls_back_to_the_previous_checkpoint(traine
   assert lines_with(out, "Resuming from"), out
   assert lines_with(out, "Resuming from")[0].endswith("/4."), out
   assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
   assert os.path.isdir(os.path.join(workdir, checkpoint_lib.REJECTED_DIR, "6"))  # kept aside
   assert_one_row_per_step(workdir, 8)
 
@@ -319,8 +314,8 @@ def test_truncated_and_deleted_files_fall_back_to_an_intact_checkpoint(trained, 
   assert "different model" not in out and "TensorStore" not in out, out
   assert lines_with(out, "Resuming from")[0].endswith("/2."), out
   for step in (4, 6):  # rewritten, identical to the originals
-    jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, step)[0],
-                 checkpoint_lib.load_run_params(trained, step)[0])
+    assert_trees_equal(checkpoint_lib.load_run_params(workdir, step)[0],
+                       checkpoint_lib.load_run_params(trained, step)[0])
 
 
 def test_no_intact_checkpoint_stops_with_one_clear_line(runs):
@@ -444,8 +439,8 @@ def test_a_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(train
   assert lines_with(run["third"], "Resuming from")[0].endswith("/6."), run["third"]
   assert_one_row_per_step(run["workdir"], 8)
   assert not os.path.exists(os.path.join(run["workdir"], files.LOCK_FILE))  # released at exit
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(run["workdir"], 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(run["workdir"], 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
 
 
 def test_damaged_config_metrics_and_integrity_record(trained, runs):
@@ -477,8 +472,8 @@ def test_damaged_config_metrics_and_integrity_record(trained, runs):
   assert "Traceback" not in out, out
   for step in (6, 8):  # step 6 recomputed bit for bit from 4
     assert checkpoint_lib.verify_integrity(step_dir(workdir, step)) is None
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
 
 
 def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(trained, runs):
@@ -509,6 +504,6 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(trained, r
   workdir = run["workdir"]
   assert not [name for name in os.listdir(workdir) if ".tmp" in name], os.listdir(workdir)
   assert checkpoint_lib.TrainCheckpointer(workdir).all_steps() == [4, 6, 8]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_run_params(workdir, 6)[0],
-               checkpoint_lib.load_run_params(trained, 6)[0])
+  assert_trees_equal(checkpoint_lib.load_run_params(workdir, 6)[0],
+                     checkpoint_lib.load_run_params(trained, 6)[0])
   assert_one_row_per_step(workdir, 8)

@@ -15,6 +15,7 @@ import types
 import pytest
 
 from diffit_jax import cli, files, logging_utils
+from helpers import subprocess_env
 
 
 def write_holder(path, **fields):
@@ -41,7 +42,7 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
     other = subprocess.run(
         [sys.executable, "-c", "from diffit_jax import files; "
          f"files.FolderLock({str(path)!r}, what='x', advice='go elsewhere').acquire()"],
-        capture_output=True, text=True)
+        env=subprocess_env(), capture_output=True, text=True)
     assert other.returncode == 1 and "FolderInUseError" in other.stderr
     assert "go elsewhere" in other.stderr
   assert not path.exists()

@@ -6,13 +6,12 @@ latent DiffiT: 8x8 latents, 4x4 tokens, depth 2, width 32, 2 heads, 10 classes).
 state at step 0 is built the way the trainer builds it (`finetune.load_source`, then
 `train.create_train_state`, then `finetune.start_from`) and compared with the source
 tensor by tensor and with the reference's outputs. The image-space tests train the tiny
-MNIST network of `tests/test_train.py` for real.
+MNIST network of `helpers.tiny_config` for real.
 """
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -21,41 +20,21 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx, traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 
 from diffit_jax import checkpoint, finetune, logging_utils, sharding, train
 from diffit_jax import run as run_lib
 from diffit_jax.config_lib import load_config
 from diffit_jax.convert import export
 from diffit_jax.convert.diffit import convert_diffit
-from diffit_jax.data import latents
+from helpers import LATENT_RUNLOCAL, assert_trees_equal, rel, run_module, tiny_config, write_latents
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffit_jax", "xla_test_cache")
 TOL = 1e-5
 SOURCE = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
               mlp_ratio=4.0, num_classes=10, learn_sigma=True)
 NULL = SOURCE["num_classes"]
-TINY_IMAGE = dict(channels=(16,), num_blocks=(1,), time_dim=32, frequency_size=16, head_dim=16,
-                  num_groups=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir():
-  previous = jax.config.jax_compilation_cache_dir
-  compilation_cache.set_cache_dir(CACHE_DIR)
-  compilation_cache.reset_cache()
-  yield
-  compilation_cache.set_cache_dir(previous)
-  compilation_cache.reset_cache()
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def flat(tree) -> dict:
@@ -102,7 +81,7 @@ def official(tmp_path_factory):
 
 
 def latent_config(init_from: str, **model):
-  config = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"))
+  config = load_config(LATENT_RUNLOCAL)
   config.model.update(variant="custom", **{k: v for k, v in SOURCE.items()
                                             if k not in ("learn_sigma", "mlp_ratio")})
   config.model.update(model)
@@ -230,27 +209,19 @@ def test_resize_bicubic_matches_pytorch():
 
 def tiny_latents(folder, num_classes: int) -> str:
   """A latent data set of 8 zero 8x8x4 latents in `folder`; returns its path."""
-  data = str(folder)
-  with latents.LatentShardWriter(data, 0, 1) as writer:
-    for i in range(8):
-      writer.write(np.zeros((2, 8, 8, 4), np.float16), np.zeros((2, 8, 8, 4), np.float16), i)
-  latents.write_info(data, num_classes=num_classes)
-  return data
+  write_latents(folder, 8, num_classes=num_classes, mean=0.0, logvar=0.0)
+  return str(folder)
 
 
 def test_mismatched_source_is_refused_by_the_cli_before_anything_runs(official, tmp_path):
   data = tiny_latents(tmp_path / "latents", num_classes=5)
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "diffit_jax.main",
-         "--config=" + os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"),
-         f"--workdir={workdir}", f"--config.init_from={official.path}",
-         f"--config.data.name=latents:{data}", "--config.model.variant=custom",
-         "--config.model.depth=3", "--config.model.hidden_size=48", "--config.model.num_heads=2",
-         "--config.model.patch_size=2", "--config.model.input_size=8",
-         "--config.model.num_classes=5"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_module(
+      "diffit_jax.main", f"--config={LATENT_RUNLOCAL}", f"--workdir={workdir}",
+      f"--config.init_from={official.path}", f"--config.data.name=latents:{data}",
+      "--config.model.variant=custom", "--config.model.depth=3", "--config.model.hidden_size=48",
+      "--config.model.num_heads=2", "--config.model.patch_size=2", "--config.model.input_size=8",
+      "--config.model.num_classes=5", timeout=300)
   assert proc.returncode == 2, proc.stdout + proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, proc.stderr
@@ -288,18 +259,6 @@ def test_sources_that_cannot_be_used_are_refused(official, tmp_path):
 # Training runs: image space from an earlier run, export of a latent fine-tune.
 
 
-def image_config(**fields):
-  config = load_config(os.path.join(REPO, "configs", "mnist_demo.py:runlocal"))
-  config.model.update(TINY_IMAGE)
-  config.batch_size = 8
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 0
-  config.sample_every_steps = 0
-  for key, value in fields.items():
-    config[key] = value
-  return config
-
-
 def first_loss(workdir) -> float:
   return logging_utils.read_metrics(str(workdir))[0]["train/loss"]
 
@@ -307,11 +266,11 @@ def first_loss(workdir) -> float:
 def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
   pretrained = str(tmp_path / "pretrained")
   trained = train.train_and_evaluate(
-      image_config(num_train_steps=40, log_every_steps=10, checkpoint_every_steps=20),
+      tiny_config(num_train_steps=40, log_every_steps=10, checkpoint_every_steps=20),
       pretrained)
 
   # Weights only, from the EMA by default, from the raw weights or an older step on request.
-  config = image_config(init_from=pretrained)
+  config = tiny_config(init_from=pretrained)
   unused = str(tmp_path / "unused")
   for init_from, weights, expected in [
       (pretrained, "ema", trained.ema_params), (pretrained, "params", trained.params),
@@ -337,31 +296,26 @@ def test_image_run_continued_starts_lower_and_resumes_exactly(tmp_path):
     checkpoint.load_run_params(damaged, 40, which="params")
 
   scratch = str(tmp_path / "scratch")
-  train.train_and_evaluate(image_config(num_train_steps=4), scratch)
+  train.train_and_evaluate(tiny_config(num_train_steps=4), scratch)
   straight = str(tmp_path / "finetuned")
-  final = train.train_and_evaluate(image_config(num_train_steps=4, init_from=pretrained),
+  final = train.train_and_evaluate(tiny_config(num_train_steps=4, init_from=pretrained),
                                    straight)
   assert first_loss(straight) < 0.8 * first_loss(scratch)
 
   # Stopped after 2 steps and run again: it resumes from its own checkpoint, not the source.
   resumed = str(tmp_path / "resumed")
-  train.train_and_evaluate(image_config(num_train_steps=2, init_from=pretrained,
+  train.train_and_evaluate(tiny_config(num_train_steps=2, init_from=pretrained,
                                         checkpoint_every_steps=2), resumed)
-  again = train.train_and_evaluate(image_config(num_train_steps=4, init_from=pretrained,
+  again = train.train_and_evaluate(tiny_config(num_train_steps=4, init_from=pretrained,
                                                 checkpoint_every_steps=2), resumed)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(final))
+  assert_trees_equal(again, final)
   assert ([r["train/loss"] for r in logging_utils.read_metrics(resumed)]
           == [r["train/loss"] for r in logging_utils.read_metrics(straight)])
 
 
 def test_export_of_a_finetuned_latent_run_loads_into_the_official_code(official, tmp_path):
   data = str(tmp_path / "latents")
-  rng = np.random.default_rng(0)
-  with latents.LatentShardWriter(data, 0, 1) as writer:
-    for i in range(16):
-      writer.write(rng.normal(size=(2, 8, 8, 4)).astype(np.float16),
-                   np.full((2, 8, 8, 4), -2.0, np.float16), label=i % 3)
-  latents.write_info(data, num_classes=3)
+  write_latents(data, 16, num_classes=3, logvar=-2.0)
   config = latent_config(official.path, num_classes=3)
   config.data.update(name="latents:" + data, num_workers=0)
   config.batch_size, config.num_train_steps, config.log_every_steps = 8, 2, 1
@@ -418,23 +372,17 @@ def test_dry_run_reads_only_the_header_of_a_safetensors_source(official, tmp_pat
   data = open(official.path, "rb").read()
   header_end = 8 + int.from_bytes(data[:8], "little")
   truncated.write_bytes(data[:header_end + 16])
-  cmd = [sys.executable, "-m", "diffit_jax.main",
-         "--config=" + os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"),
-         f"--config.init_from={truncated}",
-         f"--config.data.name=latents:{tiny_latents(tmp_path / 'latents', num_classes=10)}",
-         "--config.model.input_size=8", "--config.model.num_classes=10"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  dry = subprocess.run([*cmd, "--dry_run", "--nodry_run_memory"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+  flags = [f"--config={LATENT_RUNLOCAL}", f"--config.init_from={truncated}",
+           f"--config.data.name=latents:{tiny_latents(tmp_path / 'latents', num_classes=10)}",
+           "--config.model.input_size=8", "--config.model.num_classes=10"]
+  dry = run_module("diffit_jax.main", *flags, "--dry_run", "--nodry_run_memory", timeout=300)
   assert dry.returncode == 0, dry.stdout + dry.stderr
   assert "depth=2" in dry.stderr and "hidden_size=32" in dry.stderr, dry.stderr
   want = sum(v.size for v in official.params.values())
   assert f"trainable_params: {want}" in dry.stdout, dry.stdout
   # The real run reads the weights, and refuses the file in one line before writing anything.
   workdir = tmp_path / "run"
-  run = subprocess.run([*cmd, f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  run = run_module("diffit_jax.main", *flags, f"--workdir={workdir}", timeout=300)
   assert run.returncode == 2, run.stdout + run.stderr
   errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "cannot read as safetensors" in errors[0], run.stderr

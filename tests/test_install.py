@@ -15,25 +15,21 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import installed_env
+from helpers import TINY_MODEL_FLAGS, installed_env
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
 
-# In the user's own cache folder (JAX trusts its cache), shared with tests/test_train.py.
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffit_jax", "xla_test_cache")
 # configs/mnist_demo.py:runlocal shrunk to a 10 K-parameter network and a few steps.
-TINY_FLAGS = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
-              "--config.model.time_dim=32", "--config.model.frequency_size=16",
-              "--config.model.head_dim=16", "--config.model.num_groups=4",
-              "--config.batch_size=8", "--config.num_train_steps=2",
+TINY_FLAGS = [*TINY_MODEL_FLAGS, "--config.batch_size=8", "--config.num_train_steps=2",
               "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
               "--config.sample_every_steps=0", "--config.sampler.num_steps=2"]
 
 
 def run(python, module, *args, cwd):
-  """`python -m module args` in `cwd`, on the CPU; the finished process."""
-  env = dict(installed_env(), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR)
+  """`python -m module args` in `cwd`, on the CPU (with the suite's compilation cache, as
+  every command the tests start); the finished process."""
+  env = dict(installed_env(), JAX_PLATFORMS="cpu")
   return subprocess.run([python, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=600)
 

@@ -15,9 +15,9 @@ from flax import nnx
 from diffit_jax import config_lib, models
 from diffit_jax.config_lib import load_config
 from diffit_jax.models import cpu_kernels, embeddings, latent, tmsa
+from helpers import REPO, run_module, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 
 
 def tiny_latent(**kw):
@@ -394,7 +394,7 @@ def analytic_latent_params(depth, d, heads, p, c_in, input_size, num_classes, le
 
 @pytest.mark.parametrize("variant", ["S/2", "B/2", "L/2", "XL/2", "XL/4", "B/8"])
 def test_latent_param_counts_match_analytic(variant):
-  cfg = load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py"))
+  cfg = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py"))
   cfg.model.variant = variant
   model = nnx.eval_shape(lambda: models.build_model(cfg.model, rngs=nnx.Rngs(0)))
   v = latent.latent_variant(variant)
@@ -404,7 +404,7 @@ def test_latent_param_counts_match_analytic(variant):
 
 def test_exact_official_param_counts():
   for name, expected in [("imagenet256_latent.py", 561_035_232), ("imagenet512_latent.py", 562_382_816)]:
-    cfg = load_config(os.path.join(ROOT, "configs", name))
+    cfg = load_config(os.path.join(REPO, "configs", name))
     model = nnx.eval_shape(lambda: models.build_model(cfg.model, rngs=nnx.Rngs(0)))
     assert models.count_params(model) == expected
 
@@ -427,17 +427,15 @@ def test_every_config_loads_and_builds(path):
 def test_unknown_variant_and_model_name_errors():
   with pytest.raises(ValueError, match="unknown latent DiffiT variant"):
     latent.latent_variant("XXL/2")
-  cfg = load_config(os.path.join(ROOT, "configs", "cifar10.py"))
+  cfg = load_config(os.path.join(REPO, "configs", "cifar10.py"))
   cfg.model.name = "unet"
   with pytest.raises(ValueError, match="use 'latent' or 'image'"):
     models.model_kwargs(cfg.model)
 
 
 def test_dry_run_cli_prints_exact_count():
-  out = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.main", "--config=configs/imagenet256_latent.py",
-       "--dry_run", "--nodry_run_memory"], cwd=ROOT, capture_output=True, text=True,
-      check=True).stdout
+  out = run_module("diffit_jax.main", "--config=configs/imagenet256_latent.py", "--dry_run",
+                   "--nodry_run_memory", check=True).stdout
   assert "trainable_params: 561035232" in out
   gflops = float(out.split("gflops_per_forward:")[1].split()[0])
   assert 230 < gflops < 245  # 28 blocks ~ 118.4 GMACs (docs/paper_notes.md) = ~237 GFLOPs
@@ -449,8 +447,8 @@ def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():
     return subprocess.Popen(
         [sys.executable, "-m", "diffit_jax.main", "--config=configs/mnist_demo.py",
          "--dry_run", "--dry_run_devices=8", "--config.batch_size=16",
-         "--config.mesh.fsdp_min_size=1024", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+         "--config.mesh.fsdp_min_size=1024", *overrides], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
   def estimate(process):
     out, err = process.communicate(timeout=600)
@@ -465,7 +463,7 @@ def test_dry_run_estimates_memory_per_device_over_a_virtual_mesh():
   fsdp_total, fsdp_state = estimate(sharded)
   # Weights, EMA and Adam moments: 4 copies of the parameters, replicated on every device.
   params = 4 * 4 * models.count_params(nnx.eval_shape(lambda: models.build_model(
-      load_config(os.path.join(ROOT, "configs", "mnist_demo.py")).model,
+      load_config(os.path.join(REPO, "configs", "mnist_demo.py")).model,
       rngs=nnx.Rngs(0)))) / 2 ** 30
   assert state >= 0.99 * params  # (printed to 3 decimals)
   assert fsdp_state < 0.5 * state and fsdp_total < total

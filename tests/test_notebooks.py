@@ -10,7 +10,6 @@ traceback.
 """
 
 import glob
-import importlib
 import json
 import os
 import shutil
@@ -18,12 +17,13 @@ import sys
 
 import pytest
 
+from helpers import REPO
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 CELL_TIMEOUT_S = 600
 SMOKE_SWITCH = 'os.environ.get("DIFFIT_SMOKE") == "1"'
 
@@ -33,7 +33,7 @@ def ids(path: str) -> str:
 
 
 def test_notebooks_exist():
-  assert NOTEBOOKS, f"no notebooks in {os.path.join(ROOT, 'notebooks')}"
+  assert NOTEBOOKS, f"no notebooks in {os.path.join(REPO, 'notebooks')}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
@@ -107,7 +107,7 @@ def test_notebook_01_fetches_the_weights_from_the_hub_by_name(tmp_path, monkeypa
   hub.__spec__ = importlib.machinery.ModuleSpec("huggingface_hub", None)
   hub.hf_hub_download = hf_hub_download
   monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-  nb = nbformat.read(os.path.join(ROOT, "notebooks", "01_sample_official_checkpoint.ipynb"),
+  nb = nbformat.read(os.path.join(REPO, "notebooks", "01_sample_official_checkpoint.ipynb"),
                      as_version=4)
   (cell,) = [c for c in nb.cells if c.get("id") == "weights"]
   scope = {"os": os, "importlib": importlib, "shutil": shutil, "SMOKE": False,

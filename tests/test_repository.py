@@ -23,7 +23,8 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 
 # (name, pattern, why it is not allowed)
 FORBIDDEN = [
@@ -55,7 +56,7 @@ CITED_DOC = re.compile(r"(?<![\w./-])docs/[\w.-]+\.md\b")
 
 def tracked_files() -> list[str]:
   try:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
                          check=True).stdout
   except (OSError, subprocess.CalledProcessError):
     pytest.skip("not a git checkout (e.g. an unpacked archive): nothing to enumerate")
@@ -65,7 +66,7 @@ def tracked_files() -> list[str]:
 def read_text(path: str) -> str | None:
   """The file's text, or None for a binary, non-UTF-8 or deleted file."""
   try:
-    with open(os.path.join(ROOT, path), "rb") as f:
+    with open(os.path.join(REPO, path), "rb") as f:
       data = f.read()
   except FileNotFoundError:
     return None

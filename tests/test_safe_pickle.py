@@ -7,8 +7,6 @@ global, and that every user error is one `error: ...` line with exit status 2.
 
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 
 from diffit_jax.convert import inception, safe_pickle
 from diffit_jax.convert.safetensors_io import ConversionError
+from helpers import run_module
 
 
 class _Shell:
@@ -29,8 +28,7 @@ class _Shell:
 
 
 def _convert(*args):
-  return subprocess.run([sys.executable, "-m", "diffit_jax.convert", *map(str, args)],
-                        capture_output=True, text=True, timeout=120, check=False)
+  return run_module("diffit_jax.convert", *args, timeout=120)
 
 
 def _assert_user_error(result, *fragments):

@@ -12,18 +12,11 @@ from flax import nnx
 
 from diffit_jax import checkpoint, files, models, sample
 from diffit_jax.config_lib import load_config
+from helpers import (REPO, TINY_LATENT_MODEL, run_module, subprocess_env, tiny_config,
+                     write_tiny_vae)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(num_classes=10):
-  cfg = load_config(os.path.join(ROOT, "configs", "mnist_demo.py:runlocal"))
-  cfg.model.update(channels=(16, 16), num_blocks=(1, 1), time_dim=32, frequency_size=16,
-                   head_dim=16, num_groups=4, image_size=16, num_classes=num_classes)
-  cfg.sampler.num_steps = 2
-  if not num_classes:
-    cfg.sampler.guidance.scale = 1.0
-  return cfg
+# `tiny_config` with two stages, on 16x16 digits.
+TWO_STAGES = dict(channels=(16, 16), num_blocks=(1, 1), image_size=16)
 
 
 def random_params(cfg, seed=0):
@@ -55,13 +48,12 @@ def write_config_file(path, cfg):
 
 
 def run_cli(*flags):
-  return subprocess.run([sys.executable, "-m", "diffit_jax.sample", *flags], cwd=ROOT,
-                        capture_output=True, text=True)
+  return run_module("diffit_jax.sample", *flags)
 
 
 @pytest.fixture(scope="module")
 def conditional_checkpoint(tmp_path_factory):
-  return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "cond", tiny_config())
+  return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "cond", tiny_config(TWO_STAGES))
 
 
 def load(path):
@@ -107,11 +99,11 @@ def test_bad_arguments_fail_before_sampling(conditional_checkpoint, tmp_path):
   with pytest.raises(ValueError, match="Unknown sampler 'plms'"):
     sample.run(None, checkpoint_path=conditional_checkpoint, out=str(tmp_path),
                sampler_overrides={"name": "plms"})
-  wrong = tiny_config()
+  wrong = tiny_config(TWO_STAGES)
   wrong.model.channels = (16, 32)
   with pytest.raises(ValueError, match="do not match config.model"):
     sample.run(wrong, checkpoint_path=conditional_checkpoint, out=str(tmp_path))
-  uncond = write_checkpoint(tmp_path / "uncond", tiny_config(num_classes=0))
+  uncond = write_checkpoint(tmp_path / "uncond", tiny_config(dict(TWO_STAGES, num_classes=0)))
   with pytest.raises(ValueError, match="class-conditional"):
     sample.run(None, checkpoint_path=uncond, out=str(tmp_path),
                sampler_overrides={"guidance.scale": 3.0})
@@ -120,16 +112,12 @@ def test_bad_arguments_fail_before_sampling(conditional_checkpoint, tmp_path):
 
 
 def test_cli_end_to_end(conditional_checkpoint, tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
-       f"--out={tmp_path}", "--num_samples=5", "--batch_size=8", "--labels=4"],
-      cwd=ROOT, capture_output=True, text=True)
+  result = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path}",
+                   "--num_samples=5", "--batch_size=8", "--labels=4")
   assert result.returncode == 0, result.stderr
   images, labels = load(tmp_path / "samples_5x16x16x1.npz")
   assert images.shape == (5, 16, 16, 1) and list(labels) == [4] * 5
-  bad = subprocess.run(
-      [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
-       f"--out={tmp_path}", "--sampler=plms"], cwd=ROOT, capture_output=True, text=True)
+  bad = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path}", "--sampler=plms")
   assert bad.returncode == 2 and "Unknown sampler" in bad.stderr
   (tmp_path / "a_file").write_text("")
   not_a_folder = run_cli(f"--checkpoint={conditional_checkpoint}", f"--out={tmp_path / 'a_file'}")
@@ -144,14 +132,13 @@ def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
   out = tmp_path / "multi"
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i))
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                         JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "diffit_jax.sample", f"--checkpoint={conditional_checkpoint}",
          f"--out={out}", "--num_samples=7", "--batch_size=6", "--labels=cycle", "--seed=1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   try:
     outs = [p.communicate(timeout=300)[0] for p in procs]
   finally:
@@ -174,17 +161,17 @@ def test_two_processes_match_one(conditional_checkpoint, tmp_path, free_port):
       "00000000_00000006.npz", "00000006_00000007.npz", "manifest.json"]
 
 
-def test_latent_model_decodes_through_the_vae(tmp_path):
-  from diffit_jax.models.vae import AutoencoderKL, VAEConfig
-  vae_config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
-  vae = AutoencoderKL(vae_config, rngs=nnx.Rngs(0))
-  checkpoint.save_weights(str(tmp_path / "vae"), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),
-                          metadata={"kind": "vae", "config": vae_config.to_dict()})
-  cfg = load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py"))
-  cfg.model.update(variant="custom", depth=1, hidden_size=32, num_heads=2, patch_size=2,
-                   input_size=8, num_classes=5)
+def tiny_latent_config(num_classes=5):
+  """configs/imagenet256_latent.py (ADM) with a 1-block network on 8x8 latents, 3 steps."""
+  cfg = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py"))
+  cfg.model.update(TINY_LATENT_MODEL, depth=1, num_classes=num_classes)
   cfg.sampler.num_steps = 3
-  ckpt = write_checkpoint(tmp_path / "diffit", cfg)
+  return cfg
+
+
+def test_latent_model_decodes_through_the_vae(tmp_path):
+  write_tiny_vae(tmp_path / "vae")
+  ckpt = write_checkpoint(tmp_path / "diffit", tiny_latent_config())
   with pytest.raises(ValueError, match="need the SD VAE"):
     sample.run(None, checkpoint_path=ckpt, out=str(tmp_path / "s"))
   path = sample.run(None, checkpoint_path=ckpt, vae=str(tmp_path / "vae"), out=str(tmp_path / "s"),
@@ -197,7 +184,7 @@ def test_latent_model_decodes_through_the_vae(tmp_path):
 def test_parts_of_older_weights_are_not_reused(tmp_path):
   """Training went on from step 20 to 30: the same command must draw from the step-30
   weights, not join the step-20 batches it finds in OUT/parts."""
-  cfg = tiny_config()
+  cfg = tiny_config(TWO_STAGES)
   workdir, out = tmp_path / "run", tmp_path / "eval"
   write_train_checkpoint(workdir, cfg, step=20, seed=0)
   flags = [f"--config={write_config_file(tmp_path / 'tiny.py', cfg)}", f"--workdir={workdir}",
@@ -219,7 +206,7 @@ def test_parts_of_older_weights_are_not_reused(tmp_path):
 
 def test_workdir_config_is_the_one_the_run_saved(tmp_path):
   """`--workdir` alone samples with WORKDIR/config.json, exactly as with --config."""
-  cfg = tiny_config()
+  cfg = tiny_config(TWO_STAGES)
   workdir = tmp_path / "run"
   write_train_checkpoint(workdir, cfg, step=2, seed=0)
   common = dict(workdir=str(workdir), num_samples=2, batch_size=2, labels="cycle")
@@ -262,15 +249,8 @@ def test_damaged_parts_are_recomputed(conditional_checkpoint, tmp_path):
 
 def tiny_latent(tmp_path, num_classes=5):
   """(config, checkpoint, vae): a 1-block latent DiffiT (ADM) and a tiny VAE, both random."""
-  from diffit_jax.models.vae import AutoencoderKL, VAEConfig
-  vae_config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
-  vae = AutoencoderKL(vae_config, rngs=nnx.Rngs(0))
-  checkpoint.save_weights(str(tmp_path / "vae"), nnx.to_pure_dict(nnx.state(vae, nnx.Param)),
-                          metadata={"kind": "vae", "config": vae_config.to_dict()})
-  cfg = load_config(os.path.join(ROOT, "configs", "imagenet256_latent.py"))
-  cfg.model.update(variant="custom", depth=1, hidden_size=32, num_heads=2, patch_size=2,
-                   input_size=8, num_classes=num_classes)
-  cfg.sampler.num_steps = 3
+  write_tiny_vae(tmp_path / "vae")
+  cfg = tiny_latent_config(num_classes)
   cfg.vae = str(tmp_path / "vae")
   return cfg, write_checkpoint(tmp_path / "diffit", cfg), str(tmp_path / "vae")
 
@@ -315,7 +295,7 @@ def test_respacing_flag_picks_adms_ddim_steps(tmp_path):
   with pytest.raises(ValueError, match="not both"):
     sample.run(None, out=str(tmp_path / "x"),
                sampler_overrides={"num_steps": 5, "respacing": "ddim5"}, **common)
-  image_ckpt = write_checkpoint(tmp_path / "image", tiny_config())
+  image_ckpt = write_checkpoint(tmp_path / "image", tiny_config(TWO_STAGES))
   with pytest.raises(ValueError, match="EDM model samples on its own sigma grid"):
     sample.run(None, checkpoint_path=image_ckpt, out=str(tmp_path / "y"),
                sampler_overrides={"respacing": "ddim5"})
@@ -343,8 +323,8 @@ def test_runlocal_shrinks_only_the_training_grids():
   from diffit_jax.diffusion import SamplerConfig
   for name, steps in (("mnist_demo", 12), ("cifar10", 18), ("ffhq64", 40),
                       ("imagenet256_latent", 250), ("imagenet512_latent", 250)):
-    full = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-    local = load_config(os.path.join(ROOT, "configs", f"{name}.py:runlocal"))
+    full = load_config(os.path.join(REPO, "configs", f"{name}.py"))
+    local = load_config(os.path.join(REPO, "configs", f"{name}.py:runlocal"))
     assert local.sampler.to_dict() == full.sampler.to_dict(), name
     assert SamplerConfig.from_config(local).steps == steps, name
     assert 0 < local.sample_grid.num_steps < steps, name
@@ -362,7 +342,7 @@ def test_an_out_another_sampler_writes_is_refused(conditional_checkpoint, tmp_pa
       [sys.executable, "-c", "import sys, time; from diffit_jax import files; "
        f"files.FolderLock({str(out / files.LOCK_FILE)!r}, what='sampler', advice='-').acquire(); "
        "print('held', flush=True); time.sleep(600)"],
-      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
     flags = [f"--checkpoint={conditional_checkpoint}", f"--out={out}", "--num_samples=3",
@@ -420,8 +400,8 @@ def test_a_full_disk_stops_sampling_with_one_line_and_it_resumes(conditional_che
   flags = [f"--checkpoint={conditional_checkpoint}", "--num_samples=24", "--batch_size=4",
            "--labels=cycle", "--seed=2"]
   script = FULL_OUT_SCRIPT.replace('"$@"', " ".join(flags))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, OUT=str(tmp_path))
-  proc = run_on_small_disk(script, tmp_path / "mnt", 1024, env, cwd=ROOT, timeout=600)
+  env = subprocess_env(PYTHON=sys.executable, OUT=str(tmp_path))
+  proc = run_on_small_disk(script, tmp_path / "mnt", 1024, env, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   full = (tmp_path / "full.txt").read_text()
   assert "full rc=2" in proc.stdout and "Traceback" not in full, (proc.stdout, full)
@@ -442,8 +422,7 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
   real CLIs with one line naming the kind found and the command that writes the right one."""
   from diffit_jax import finetune, inference
   _, ckpt, vae = tiny_latent(tmp_path)
-  convert = lambda *flags: subprocess.run([sys.executable, "-m", "diffit_jax.convert", *flags],
-                                          cwd=ROOT, capture_output=True, text=True)
+  convert = lambda *flags: run_module("diffit_jax.convert", *flags)
   for result in [run_cli(f"--checkpoint={vae}", f"--out={tmp_path / 's'}"),
                  convert("export", f"--src={vae}", f"--out={tmp_path / 'e.safetensors'}")]:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -1,6 +1,6 @@
 """TensorBoard event files of a training run, read back by TensorBoard's own loader.
 
-The run (the tiny network of tests/test_train.py) writes its scalars and EMA sample grids
+The run (the tiny network of `helpers.tiny_config`) writes its scalars and EMA sample grids
 with tensorboardX; `tensorboard`'s `EventAccumulator` (what `tensorboard --logdir` runs
 without its Rust loader) reads them, checking every record's CRC, and must see the rows of
 `metrics.jsonl` and the pixels of `samples/step_XXXXXX.png`, also after a resume that logs
@@ -17,8 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import logging_utils, train
-# The tiny network's config and the persistent XLA cache (an autouse fixture).
-from test_train import compilation_cache_dir, tiny_config  # noqa: F401
+from helpers import tiny_config
 
 
 def load_events(workdir: str):

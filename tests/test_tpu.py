@@ -15,11 +15,8 @@ import sys
 import pytest
 
 from diffit_jax import tpu
+from helpers import MNIST_RUNLOCAL, REPO, TINY_MODEL_FLAGS, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
-        "--config.model.time_dim=32", "--config.model.frequency_size=16",
-        "--config.model.head_dim=16", "--config.model.num_groups=4"]
 MULTI_HOST, SINGLE_CHIP = "v4-16", "v5e-1"
 TRAIN = ["train step, jit, data parallel", "train step, shard_map", "train step, FSDP over 8 chips",
          "train step, latent, unrolled blocks", "train step, latent, scanned blocks + remat, bf16"]
@@ -37,8 +34,7 @@ def _libtpu():
 
 def _env():
   # JAX itself stays on the CPU; the compile-only TPU devices come from libtpu at this path.
-  return dict(os.environ, JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=_libtpu(),
-              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess_env(TPU_LIBRARY_PATH=_libtpu())
 
 
 def _start(*args):
@@ -76,10 +72,11 @@ def test_every_program_compiles_for_a_multi_host_slice_and_a_single_chip():
 
 
 def test_dry_run_tpu_prints_the_train_steps_and_the_samplers_plan_per_chip():
-  config = "--config=" + os.path.join(REPO, "configs", "mnist_demo.py:runlocal")
-  train = _start("-m", "diffit_jax.main", config, *TINY, "--config.batch_size=16",
+  config = "--config=" + MNIST_RUNLOCAL
+  train = _start("-m", "diffit_jax.main", config, *TINY_MODEL_FLAGS, "--config.batch_size=16",
                  f"--dry_run_tpu={MULTI_HOST}")
-  sample = _start("-m", "diffit_jax.sample", config, *TINY, "--config.sampler.num_steps=4",
+  sample = _start("-m", "diffit_jax.sample", config, *TINY_MODEL_FLAGS,
+                  "--config.sampler.num_steps=4",
                   f"--dry_run_tpu={SINGLE_CHIP}", "--batch_size=8", "--num_samples=50000")
   out, err = _finish(train)
   assert "trainable_params:" in out

@@ -1,17 +1,15 @@
 """Tests for the training loop: `diffit_jax.train`, its checkpoints, sharding, optimizer and EMA.
 
-Every run uses a one-stage image DiffiT of 9.5 K parameters (or a 2-block latent one)
-on the offline MNIST digits, batch 8. What dominates the time is XLA compiling the
-step on a small CPU, so the module turns on JAX's persistent compilation cache (in
-~/.cache/diffit_jax): runs whose step program is identical (resume, SIGTERM) then
-compile once, and a second `pytest` run is several times faster.
+Every run uses a one-stage image DiffiT of 9.5 K parameters (`helpers.tiny_config`, or a
+2-block latent one) on the offline MNIST digits, batch 8. What dominates the time is XLA
+compiling the step on a small CPU: with the suite's persistent compilation cache
+(tests/conftest.py), runs whose step program is identical (resume, SIGTERM) compile once,
+and a second `pytest` run is several times faster.
 """
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -19,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from flax import nnx
@@ -28,60 +25,8 @@ from diffit_jax import checkpoint as checkpoint_lib
 from diffit_jax import config_lib, diffusion, evaluation, files, logging_utils, models, optim, train
 from diffit_jax import sharding as sharding_lib
 from diffit_jax.config_lib import load_config
-from diffit_jax.data import latents
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# In the user's own cache folder: JAX trusts its cache, so not a world-writable /tmp path.
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffit_jax", "xla_test_cache")
-TINY_MODEL = dict(channels=(16,), num_blocks=(1,), time_dim=32, frequency_size=16, head_dim=16,
-                  num_groups=4)
-# The same settings as command-line overrides of configs/mnist_demo.py:runlocal.
-TINY_FLAGS = ["--config.model.channels=(16,)", "--config.model.num_blocks=(1,)",
-              "--config.model.time_dim=32", "--config.model.frequency_size=16",
-              "--config.model.head_dim=16", "--config.model.num_groups=4",
-              "--config.batch_size=8", "--config.sampler.num_steps=2",
-              "--config.sample_grid.per_class=2", "--config.sample_grid.scale=1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir():
-  previous = jax.config.jax_compilation_cache_dir
-  compilation_cache.set_cache_dir(CACHE_DIR)
-  compilation_cache.reset_cache()  # takes effect even if earlier tests already compiled
-  yield
-  compilation_cache.set_cache_dir(previous)
-  compilation_cache.reset_cache()
-
-
-def tiny_config(**overrides):
-  """configs/mnist_demo.py:runlocal with the tiny network; `overrides` set top-level fields."""
-  config = load_config(os.path.join(REPO, "configs", "mnist_demo.py:runlocal"))
-  config.model.update(TINY_MODEL)
-  config.batch_size = 8
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 0
-  config.sample_every_steps = 0
-  config.sampler.num_steps = 2
-  config.sample_grid.update(per_class=2, scale=1)
-  for key, value in overrides.items():
-    config[key] = value
-  return config
-
-
-def subprocess_env(**extra):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.update(extra)
-  return env
-
-
-def run_main(workdir, *flags, env=None, **kwargs):
-  cmd = [sys.executable, "-m", "diffit_jax.main",
-         "--config=" + os.path.join(REPO, "configs", "mnist_demo.py:runlocal"),
-         f"--workdir={workdir}", *TINY_FLAGS, *flags]
-  return subprocess.Popen(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
+from helpers import (LATENT_RUNLOCAL, TINY_LATENT_MODEL, assert_trees_equal, host, run_main,
+                     subprocess_env, tiny_config, write_latents)
 
 
 def ema_config(**fields):
@@ -96,14 +41,6 @@ def optimizer_config(**fields):
   config = config_lib.base_config().optimizer
   config.update(fields)
   return config
-
-
-def host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, host(a), host(b))
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,9 +114,8 @@ def test_public_loss_is_the_trainers_loss(name):
   if name == "edm":
     config = tiny_config()
   else:
-    config = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"))
-    config.model.update(variant="custom", depth=2, hidden_size=32, num_heads=2, patch_size=2,
-                        input_size=8, num_classes=3)
+    config = load_config(LATENT_RUNLOCAL)
+    config.model.update(TINY_LATENT_MODEL, num_classes=3)
   # The user's side: a model, the process, the batch's noise levels and noise.
   model = models.build_model(config.model, rngs=nnx.Rngs(params=config.seed))
   process = diffusion.from_config(config)
@@ -366,12 +302,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_latent_adm_training_with_samples_and_fid_hook(tmp_path, monkeypatch):
   """ADM hybrid loss on `latents:` records; EMA grids; the periodic-FID hook."""
   data_dir = str(tmp_path / "latents")
-  rng = np.random.default_rng(0)
-  with latents.LatentShardWriter(data_dir, 0, 1) as writer:
-    for i in range(16):
-      writer.write(rng.normal(size=(2, 8, 8, 4)).astype(np.float16),
-                   np.full((2, 8, 8, 4), -2.0, np.float16), label=i % 3)
-  latents.write_info(data_dir, num_classes=3)
+  write_latents(data_dir, 16, num_classes=3, logvar=-2.0)
 
   calls = []
 
@@ -386,10 +317,9 @@ def test_latent_adm_training_with_samples_and_fid_hook(tmp_path, monkeypatch):
 
   monkeypatch.setattr(evaluation, "Evaluator", FakeEvaluator)
 
-  config = load_config(os.path.join(REPO, "configs", "imagenet256_latent.py:runlocal"))
+  config = load_config(LATENT_RUNLOCAL)
   # Smaller than the table's smallest row (S/2, 33 M parameters).
-  config.model.update(variant="custom", depth=2, hidden_size=32, num_heads=2, patch_size=2,
-                      input_size=8, num_classes=3)
+  config.model.update(TINY_LATENT_MODEL, num_classes=3)
   config.data.update(name="latents:" + data_dir, num_workers=0)
   config.batch_size, config.num_train_steps, config.log_every_steps = 8, 2, 1
   config.checkpoint_every_steps, config.sample_every_steps = 0, 2

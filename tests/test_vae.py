@@ -25,6 +25,7 @@ from diffit_jax.convert.__main__ import main as convert_main
 from diffit_jax.convert.safetensors_io import ConversionError, check_keys, read_safetensors, strip_prefixes
 from diffit_jax.convert.vae import load_vae
 from diffit_jax.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig, from_latent
+from helpers import assert_trees_equal, nhwc, rel
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -32,15 +33,6 @@ diffusers = pytest.importorskip("diffusers")
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8)
 SD = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
 TOL = 1e-4
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def nhwc(t) -> np.ndarray:
-  return t.detach().permute(0, 2, 3, 1).numpy()  # (B, C, H, W) -> (B, H, W, C)
 
 
 def torch_vae(arch: dict, seed: int = 0):
@@ -195,7 +187,7 @@ def test_ldm_names_give_the_same_weights(tiny, tmp_path):
   assert checkpoint.load_metadata(tmp_path / "ldm")["naming"] == "ldm"
   got = nnx.to_pure_dict(nnx.state(load_vae(tmp_path / "ldm"), nnx.Param))
   want = nnx.to_pure_dict(nnx.state(load_vae(converted), nnx.Param))
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert_trees_equal(got, want)
 
 
 # --- Bad sources fail before anything is written ---------------------------------------------

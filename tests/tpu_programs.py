@@ -14,30 +14,21 @@ jax.config.update("jax_platforms", "cpu")  # JAX runs on the CPU; the TPU is onl
 
 from diffit_jax import config_lib, plan, sharding, tpu  # noqa: E402
 from diffit_jax.models.vae import VAEConfig  # noqa: E402
+from helpers import REPO, TINY_LATENT_MODEL, TINY_MODEL  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_IMAGE = dict(channels=(16,), num_blocks=(1,), time_dim=32, frequency_size=16, head_dim=16,
-                  num_groups=4)
-TINY_LATENT = dict(variant="custom", input_size=8, depth=2, hidden_size=32, num_heads=2,
-                   patch_size=2, num_classes=10)
+TINY_LATENT = dict(TINY_LATENT_MODEL, num_classes=10)
 TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
 
 
 def config(name: str, model: dict, **fields):
+  """configs/NAME.py:runlocal with a tiny `model`, batch 16 and the dotted `fields`."""
   c = config_lib.load_config(os.path.join(REPO, "configs", name + ".py:runlocal"))
   c.model.update(model)
-  c.batch_size = 16
-  for path, value in fields.items():
-    *parents, leaf = path.split(".")
-    node = c
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return c
+  return plan.with_fields(c, {"batch_size": 16, **fields})
 
 
 def image(**fields):
-  return config("mnist_demo", TINY_IMAGE, **fields)
+  return config("mnist_demo", TINY_MODEL, **fields)
 
 
 def latent(**fields):
