@@ -32,6 +32,12 @@ memory (340 img/s in 12.2 GiB): the way to larger per-device batches.
 `--config.model.dtype=bfloat16` computes in bf16 (weights stay float32), and then
 `attention="auto"` uses cuDNN's fused attention on NVIDIA GPUs (16% faster than XLA's).
 How much memory a run needs per device: `--dry_run` (docs/performance.md, "Will it fit").
+On TPU (the TPU compiler's own plans, `--dry_run_tpu=SLICE` from any machine; all figures in
+experiments/results/tpu_plans.md): `attention="auto"` is XLA's attention, and the defaults
+stay as they are. At batch 256 this step fits a v4-8 (29.2 of 32 GiB per chip) and a v5e-64
+(11.7 of 16); on a v5e-8 the compiler refuses it (16.6 GiB of temporaries, 15.75 usable),
+and `--config.model.remat=True --config.model.scan_blocks=True` (14.9 GiB), FSDP
+(`--config.mesh.fsdp=8 --config.mesh.data=1`, 15.3 GiB) or bf16 (14.9 GiB) each make it fit.
 """
 
 from diffit_jax import config_lib

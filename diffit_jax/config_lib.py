@@ -128,21 +128,9 @@ def mesh_config() -> ConfigDict:
   ))
 
 
-def base_config(model: str = "image") -> ConfigDict:
-  """Every field a run reads, with its default, for a `model` ("image" or "latent") network.
-
-  The configs in `configs/` start from this and override what differs.
-  """
-  if model not in MODEL_SCHEMAS:
-    raise ConfigError(f"config.model.name={model!r}; use one of {tuple(MODEL_SCHEMAS)}.")
-  config = ConfigDict()
-  config.seed = 0                  # weights init, data order, noise
-  # Fine-tuning (diffit_jax/finetune.py): first weights from an official .safetensors, a
-  # converted checkpoint or a training WORKDIR[@STEP]; "": from scratch. Weights only.
-  config.init_from = ""
-  config.init_from_params = "ema"  # which weights of a training run: "ema" | "params"
-  config.model = MODEL_SCHEMAS[model]()
-  config.diffusion = ConfigDict(dict(
+def diffusion_config() -> ConfigDict:
+  """`config.diffusion`: the diffusion process and its training loss."""
+  return ConfigDict(dict(
       name="edm",                  # "edm" (EDM's preconditioned loss) | "adm" (IDDPM's hybrid)
       class_dropout_prob=0.0,      # label dropout for classifier-free guidance
       sigma_data=0.5,              # edm only: data std
@@ -153,26 +141,11 @@ def base_config(model: str = "image") -> ConfigDict:
       prediction="eps",            # adm only: what the network predicts
       learn_sigma=False,           # adm only: learned-range variance (hybrid loss)
   ))
-  config.data = data_config()
-  config.vae = ""                  # latent models: a converted SD VAE, to decode sample grids
-  config.batch_size = 256          # global batch, split over every device
-  config.num_train_steps = 100_000
-  config.optimizer = ConfigDict(dict(
-      name="adam",                 # "adam" | "adamw"
-      learning_rate=1e-3,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,            # adamw only
-      warmup_steps=0,              # linear learning-rate warm-up (0: none)
-      grad_clip_norm=0.0,          # clip the global gradient norm (0: no clipping)
-  ))
-  config.ema = ConfigDict(dict(
-      decay=0.0,                   # constant EMA decay (e.g. 0.9999), or
-      halflife_kimg=0.0,           # EDM's half-life in thousands of images, and
-      rampup_ratio=0.0,            # its ramp-up (half-life <= ratio x images seen); 0: none
-  ))
-  config.sampler = ConfigDict(dict(
+
+
+def sampler_config() -> ConfigDict:
+  """`config.sampler`: the sampler of grids, FID and `python -m diffit_jax.sample`."""
+  return ConfigDict(dict(
       name="heun",                 # edm: "heun" | "euler" ...; adm: "ddpm" | "ddim"
       num_steps=18,
       respacing="",                # adm only: ADM's timestep_respacing ("ddim25", "10,15,20");
@@ -194,6 +167,43 @@ def base_config(model: str = "image") -> ConfigDict:
           interval=(),             # (lo, hi): guide only where lo < sigma <= hi; (): always
       )),
   ))
+
+
+def base_config(model: str = "image") -> ConfigDict:
+  """Every field a run reads, with its default, for a `model` ("image" or "latent") network.
+
+  The configs in `configs/` start from this and override what differs.
+  """
+  if model not in MODEL_SCHEMAS:
+    raise ConfigError(f"config.model.name={model!r}; use one of {tuple(MODEL_SCHEMAS)}.")
+  config = ConfigDict()
+  config.seed = 0                  # weights init, data order, noise
+  # Fine-tuning (diffit_jax/finetune.py): first weights from an official .safetensors, a
+  # converted checkpoint or a training WORKDIR[@STEP]; "": from scratch. Weights only.
+  config.init_from = ""
+  config.init_from_params = "ema"  # which weights of a training run: "ema" | "params"
+  config.model = MODEL_SCHEMAS[model]()
+  config.diffusion = diffusion_config()
+  config.data = data_config()
+  config.vae = ""                  # latent models: a converted SD VAE, to decode sample grids
+  config.batch_size = 256          # global batch, split over every device
+  config.num_train_steps = 100_000
+  config.optimizer = ConfigDict(dict(
+      name="adam",                 # "adam" | "adamw"
+      learning_rate=1e-3,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,            # adamw only
+      warmup_steps=0,              # linear learning-rate warm-up (0: none)
+      grad_clip_norm=0.0,          # clip the global gradient norm (0: no clipping)
+  ))
+  config.ema = ConfigDict(dict(
+      decay=0.0,                   # constant EMA decay (e.g. 0.9999), or
+      halflife_kimg=0.0,           # EDM's half-life in thousands of images, and
+      rampup_ratio=0.0,            # its ramp-up (half-life <= ratio x images seen); 0: none
+  ))
+  config.sampler = sampler_config()
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5_000  # 0: only at the end (and on SIGTERM)
   config.sample_every_steps = 10_000     # EMA sample grids in WORKDIR/samples; 0: none

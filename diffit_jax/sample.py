@@ -50,6 +50,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from diffit_jax import checkpoint, cli, config_lib, files, inference, logging_utils
 from diffit_jax import sharding as sharding_lib
@@ -189,7 +190,7 @@ def check_part(path: str, image_shape: tuple[int, ...], labels: np.ndarray | Non
 
 def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_samples=64,
         batch_size=64, labels="random", seed=0, sampler_overrides=None,
-        grid_scale=0, dry_run_tpu=None) -> str | None:
+        grid_scale=0) -> str | None:
   """Samples `num_samples` images; returns the path of the `.npz` written.
 
   With several processes (`config.distributed` or `JAX_COORDINATOR_ADDRESS`, ...; see
@@ -200,34 +201,14 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
   `sampler_overrides` maps `config.sampler` fields ("name", "num_steps", "respacing",
   "guidance.scale", ...) to values (None: keep). Every argument is checked (config,
   sampler, guidance, labels) before any weights load.
-
-  `dry_run_tpu` (a TPU slice, e.g. "v5e-1") prints the plan per chip of the sampler and
-  decoder at `batch_size` on that slice, compiled by libtpu, and returns None: nothing is
-  sampled, no weights are read, and `config` alone is enough.
   """
-  if not (dry_run_tpu and config is not None):
-    config = inference.resolve_config(config, workdir, checkpoint_path)
-  sampler_overrides = dict(sampler_overrides or {})
-  if sampler_overrides.get("num_steps") is not None:
-    if sampler_overrides.get("respacing") is not None:
-      raise ValueError("pass --num_steps (N evenly spread steps) or --respacing (ADM's "
-                       "timestep_respacing, e.g. ddim25), not both.")
-    sampler_overrides["respacing"] = ""  # N steps, whatever respacing the config holds
-  for key, value in sampler_overrides.items():
-    if value is not None:
-      target = config.sampler.guidance if key.startswith("guidance.") else config.sampler
-      target[key.removeprefix("guidance.")] = value
+  config = inference.resolve_config(config, workdir, checkpoint_path)
+  _apply_sampler_overrides(config, dict(sampler_overrides or {}))
   if num_samples < 1 or batch_size < 1:
     raise ValueError("--num_samples and --batch_size must be positive.")
   if grid_scale < 0:
     raise ValueError(f"--grid_scale={grid_scale}: use a positive scale, or 0 for automatic.")
   all_labels = draw_labels(labels, num_samples, config.model.num_classes, seed)
-  if dry_run_tpu:
-    from diffit_jax import plan  # pylint: disable=g-import-not-at-top
-    for line in plan.tpu_sampling_report(config, dry_run_tpu, batch_size,
-                                         num_samples=num_samples):
-      print(line, flush=True)
-    return None
 
   sharding_lib.initialize_distributed(config)  # several hosts: every process runs this same command
   chief = jax.process_index() == 0  # gathers every batch and writes all files
@@ -236,12 +217,7 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     raise ValueError(f"--out={out} is a file; pass a folder for the samples.")
   # One writer per --out: a second sampler into the same folder is refused here.
   with checkpoint.lock_for_run(out, what="sampler", advice="pass another --out"):
-    try:
-      mesh = sharding_lib.create_mesh(config.mesh)
-    except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
-      logging.warning("%s Sampling data parallel over the %d devices instead.", e,
-                      jax.device_count())
-      mesh = sharding_lib.create_mesh()
+    mesh = _sampling_mesh(config)
     graphdef, state = inference.abstract_network(config)
     pipeline = inference.Pipeline(config, mesh=mesh, graphdef=graphdef, vae=vae)
     vae_digest = (weights_digest(nnx.to_pure_dict(pipeline.vae_params))
@@ -262,15 +238,10 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
           "vae_sha256": vae_digest, "model": config.model.to_dict(),
           "sampler": dataclasses.asdict(pipeline.sampler.config), "labels": labels, "seed": seed,
           "num_samples": num_samples, "batch_size": batch_size})
-      for i, start in enumerate(starts):
-        if not os.path.exists(part_path(start)):
-          continue
-        why = check_part(part_path(start), (stop_of(start) - start, *pipeline.image_shape),
-                         None if all_labels is None else all_labels[start:stop_of(start)])
-        todo[i] = why is not None
-        if why:
-          logging.warning("Part %s is unreadable or incomplete (%s): recomputing it",
-                          part_path(start), why)
+      todo = _parts_to_draw([(part_path(a), stop_of(a) - a) for a in starts],
+                            pipeline.image_shape,
+                            None if all_labels is None else [all_labels[a:stop_of(a)]
+                                                             for a in starts])
     del params  # the host copy; the network holds its own
     if jax.process_count() > 1:
       todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
@@ -280,21 +251,12 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
       if not todo[i]:
         continue
       stop = stop_of(start)
-      # Every call has the full batch size (one compilation); the tail is cut off after.
-      indices = np.arange(start, start + batch_size)
-      batch_labels = (None if all_labels is None else
-                      np.resize(all_labels, indices.size + start)[start:])
-      images = sharding_lib.to_host(pipeline.images(state, batch_labels, indices, seed))
-      images = images[:stop - start]
-      batch_labels = None if batch_labels is None else batch_labels[:stop - start]
+      images, batch_labels = _draw_batch(pipeline, state, all_labels, start, stop, batch_size,
+                                         seed)
       done += 1
       if not chief:
         continue
-      part = part_path(start)
-      tmp = part + ".tmp.npz"
-      with files.writing(part, images.nbytes, resume=RESUME_NOTE, remove_on_failure=(tmp,)):
-        np.savez(tmp, images=images, labels=np.zeros(0) if batch_labels is None else batch_labels)
-        os.replace(tmp, part)
+      _save_part(part_path(start), images, batch_labels)
       line = logging_utils.format_progress(done, progress.total_steps, {}, progress.update(done),
                                            unit=("batch", "batches"))
       logging.info("%s | %d/%d images", line, stop, num_samples)
@@ -306,6 +268,77 @@ def run(config, *, workdir=None, checkpoint_path=None, vae=None, out=None, num_s
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("diffit_jax:sample_done")
     return path
+
+
+def plan_on_tpu(config, tpu_slice: str, *, workdir=None, checkpoint_path=None, batch_size=64,
+                num_samples=0, sampler_overrides=None) -> None:
+  """`--dry_run_tpu`: prints the plan per chip of the sampler and decoder at `batch_size` on
+  the TPU slice `tpu_slice` (e.g. "v5e-1"), compiled by libtpu on this machine; nothing is
+  sampled and no weights are read (a `config` alone is enough)."""
+  from diffit_jax import plan  # pylint: disable=g-import-not-at-top
+  if config is None:
+    config = inference.resolve_config(config, workdir, checkpoint_path)
+  _apply_sampler_overrides(config, dict(sampler_overrides or {}))
+  if batch_size < 1:
+    raise ValueError("--batch_size must be positive.")
+  for line in plan.tpu_sampling_report(config, tpu_slice, batch_size, num_samples=num_samples):
+    print(line, flush=True)
+
+
+def _draw_batch(pipeline, state, all_labels, start: int, stop: int, batch_size: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Samples start..stop-1 (images on the host, and their labels)."""
+  # Every call has the full batch size (one compilation); the tail is cut off after.
+  indices = np.arange(start, start + batch_size)
+  labels = None if all_labels is None else np.resize(all_labels, indices.size + start)[start:]
+  images = sharding_lib.to_host(pipeline.images(state, labels, indices, seed))
+  return images[:stop - start], None if labels is None else labels[:stop - start]
+
+
+def _save_part(part: str, images: np.ndarray, labels: np.ndarray | None) -> None:
+  tmp = part + ".tmp.npz"
+  with files.writing(part, images.nbytes, resume=RESUME_NOTE, remove_on_failure=(tmp,)):
+    np.savez(tmp, images=images, labels=np.zeros(0) if labels is None else labels)
+    os.replace(tmp, part)
+
+
+def _apply_sampler_overrides(config, overrides: dict) -> None:
+  """Sets the `config.sampler` fields of `overrides` ("name", "guidance.scale", ...; None:
+  keep); --num_steps means that many evenly spread steps, whatever respacing was set."""
+  if overrides.get("num_steps") is not None:
+    if overrides.get("respacing") is not None:
+      raise ValueError("pass --num_steps (N evenly spread steps) or --respacing (ADM's "
+                       "timestep_respacing, e.g. ddim25), not both.")
+    overrides["respacing"] = ""
+  for key, value in overrides.items():
+    if value is not None:
+      target = config.sampler.guidance if key.startswith("guidance.") else config.sampler
+      target[key.removeprefix("guidance.")] = value
+
+
+def _sampling_mesh(config) -> Mesh:
+  """The run's mesh, or data parallelism over the devices here when it needs more."""
+  try:
+    return sharding_lib.create_mesh(config.mesh)
+  except ValueError as e:  # trained on more devices (config.mesh.fsdp) than this machine has
+    logging.warning("%s Sampling data parallel over the %d devices instead.", e,
+                    jax.device_count())
+    return sharding_lib.create_mesh()
+
+
+def _parts_to_draw(parts: list[tuple[str, int]], image_shape: tuple[int, ...],
+                   labels: list[np.ndarray] | None) -> np.ndarray:
+  """Which of the (path, size) parts must be drawn: missing, unreadable or incomplete ones
+  (a damaged one is logged and drawn again)."""
+  todo = np.ones(len(parts), bool)
+  for i, (path, size) in enumerate(parts):
+    if not os.path.exists(path):
+      continue
+    why = check_part(path, (size, *image_shape), None if labels is None else labels[i])
+    todo[i] = why is not None
+    if why:
+      logging.warning("Part %s is unreadable or incomplete (%s): recomputing it", path, why)
+  return todo
 
 
 def write_samples(out: str, parts: list[str], num_samples: int, *, with_labels: bool,
@@ -344,10 +377,14 @@ def from_flags(args: flags.FlagValues) -> None:
                "guidance.schedule": args.guidance_schedule}
   if args.dry_run_tpu:
     jax.config.update("jax_platforms", "cpu")  # the TPU is only compiled for
+    plan_on_tpu(config, args.dry_run_tpu, workdir=args.workdir, checkpoint_path=args.checkpoint,
+                batch_size=args.batch_size, num_samples=args.num_samples,
+                sampler_overrides=overrides)
+    return
   run(config, workdir=args.workdir, checkpoint_path=args.checkpoint, vae=args.vae,
       out=args.out, num_samples=args.num_samples, batch_size=args.batch_size,
       labels=args.labels, seed=args.seed, sampler_overrides=overrides,
-      grid_scale=args.grid_scale, dry_run_tpu=args.dry_run_tpu)
+      grid_scale=args.grid_scale)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

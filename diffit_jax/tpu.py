@@ -159,8 +159,8 @@ def compile_only_devices(tpu_slice: Slice | str) -> list[Any]:
   jax.devices()  # start the ordinary backends while libtpu is still out of JAX's sight
   # Without a TPU present libtpu asks the cloud's metadata server who it is and prints
   # a page of warnings; these say "no server, one local worker" instead. libtpu also
-  # takes /tmp/libtpu_lockfile so that one process owns a TPU: with nothing to own, any
-  # number of compiling processes may load it side by side.
+  # takes a lock file in the temporary folder so that one process owns a TPU: with nothing
+  # to own, any number of compiling processes may load it side by side.
   for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                      ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
@@ -170,6 +170,8 @@ def compile_only_devices(tpu_slice: Slice | str) -> list[Any]:
   os.environ["TPU_LIBRARY_PATH"] = path  # read once, when libtpu is loaded
   try:
     kwargs = {"chips_per_host_bounds": (1, 1, 1)} if tpu_slice.num_chips == 1 else {}
+    if tpu_slice.chip.cores_per_name == 2:  # both cores of a chip as one device, as JAX runs
+      kwargs["chip_config_name"] = "megacore"
     topology = topologies.get_topology_desc(
         platform="tpu", topology_name=tpu_slice.topology, **kwargs)
   finally:
@@ -177,8 +179,7 @@ def compile_only_devices(tpu_slice: Slice | str) -> list[Any]:
       del os.environ["TPU_LIBRARY_PATH"]
     else:
       os.environ["TPU_LIBRARY_PATH"] = previous
-  # v4 and v5p list both TensorCores of a chip; a program runs on a chip ("megacore").
-  devices = [d for d in topology.devices if getattr(d, "core_on_chip", 0) == 0]
+  devices = list(topology.devices)
   if len(devices) != tpu_slice.num_chips:
     raise RuntimeError(f"libtpu described {tpu_slice.topology} with {len(devices)} chips, "
                        f"expected {tpu_slice.num_chips}; this is a bug.")

@@ -131,6 +131,24 @@ def _train_row(r: dict) -> str:
           f"{r['strategy']} | {r['batch']} | {figures} {r['compile_s']:.0f} |")
 
 
+def summary(rows: list[dict]) -> list[str]:
+  """One line per slice: GiB per chip of each way to hold the XL/2-256 step ("no": refused)."""
+  cols = [(d, st) for d in ("float32", "bfloat16") for st in STRATEGIES]
+  lines = ["| XL/2-256, global batch 256 | " + " | ".join(
+      f"{'fp32' if d == 'float32' else 'bf16'} {st}" for d, st in cols) + " |",
+           "|" + "---|" * (len(cols) + 1)]
+  by_key = {r["key"]: r for r in rows}
+  for slice_name in TRAIN_SLICES:
+    cells = []
+    for d, st in cols:
+      r = by_key.get(f"train XL/2-256 {d} {slice_name} {st}")
+      cells.append("not yet" if r is None else "no (refused)" if r.get("refused")
+                   else f"{r['total_gib']:.1f} GiB")
+    chip = tpu.parse_slice(slice_name).chip
+    lines.append(f"| {slice_name} ({chip.hbm_gib:g} GiB/chip) | " + " | ".join(cells) + " |")
+  return lines
+
+
 def markdown(rows: list[dict], machine: dict) -> str:
   lines = ["# TPU plans (libtpu's compiler on a CPU machine; no TPU ran)", "",
            f"libtpu {machine.get('libtpu', '?')}, jax {jax.__version__}. Per chip: the "
@@ -141,7 +159,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
            "step, x the network evaluations for a sampler); the bytes of scanned blocks "
            "(the remat rows) see one block, so those bounds are the FLOPs' alone, not "
            "comparable with the others' (remat's extra forward adds about a third to them).",
-           ""]
+           "", "## Summary: per-chip plan of the XL/2-256 train step", "", *summary(rows), ""]
   header = ["| config | dtype | slice | chips (hosts) | strategy | batch | state GiB | "
             "temporaries GiB | total GiB / HBM | fits | bound img/s | compile s |",
             "|" + "---|" * 12]
@@ -186,7 +204,7 @@ def main() -> None:
           if k not in have and (not args.keys or any(s in k for s in args.keys.split(",")))]
   cache = {}
   devices_of = lambda name: cache.setdefault(name, tpu.compile_only_devices(name))
-  machine = machine_info({"libtpu": tpu.LIBTPU_VERSION, "library": tpu.library_path()})
+  machine = machine_info({"libtpu": tpu.LIBTPU_VERSION})
   for i, (key, row) in enumerate(todo[:args.max_rows or None]):
     start = time.perf_counter()
     print(f"[tpu_plans] {i + 1}/{len(todo)} {key} ...", flush=True)

@@ -91,7 +91,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 #             bfloat16 compute (`config.model.dtype`); float32 accumulation inside.
 #   "auto"    "einsum" on CPU; "cudnn" on NVIDIA GPUs of compute capability >= 8.0
 #             (Ampere and newer) with 16-bit compute, where it made the XL/2 bf16 train
-#             step 16% faster than "xla" on an H200 (experiments/results/); else "xla".
+#             step 16% faster than "xla" on an H200 (experiments/results/); else "xla"
+#             (TPUs: XLA's attention, which every TPU plan in experiments/results/ uses).
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
