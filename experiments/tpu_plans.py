@@ -9,7 +9,8 @@ sampler of the 50,000-sample FID protocol with its VAE decode on a v5e-8 and one
 and the fine-tune recipe (`configs/finetune_latent.py`) on one chip. Each row is the plan
 per chip and the roofline bound from the compiler's FLOPs and bytes (a bound, not a
 measurement). Rows are appended to experiments/results/tpu_plans.json as they finish, and
-a run skips the rows already there, so a long table can be built over several runs.
+a run skips the rows already there, so a long table can be built over several runs; the
+README's summary and docs/performance.md's tables are rewritten from them at the end.
 An XL/2 row compiles in about 5 minutes on 2 CPU cores.
 """
 
@@ -188,6 +189,25 @@ def markdown(rows: list[dict], machine: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+DOCS_START = "<!-- tpu_plans: from experiments/results/tpu_plans.json -->"
+DOCS_END = "<!-- /tpu_plans -->"
+
+
+def update_docs(rows: list[dict], machine: dict) -> None:
+  """Puts the summary into README.md and the tables into docs/performance.md, between the
+  DOCS_START / DOCS_END markers there."""
+  sections = markdown(rows, machine).split("\n## ", 1)[1]  # without the page's title
+  for name, text in (("README.md", "\n".join(summary(rows))),
+                     (os.path.join("docs", "performance.md"),
+                      ("### " + sections.replace("\n## ", "\n### ")).rstrip())):
+    path = os.path.join(ROOT, name)
+    with open(path) as f:
+      page = f.read()
+    start, end = page.index(DOCS_START), page.index(DOCS_END)
+    with open(path, "w") as f:
+      f.write(page[:start] + f"{DOCS_START}\n{text}\n" + page[end:])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", choices=("train", "sampling", "finetune"), default=None)
@@ -213,6 +233,7 @@ def main() -> None:
     figure = f"{r['total_gib']:.2f} GiB per chip" if r["total_gib"] is not None else r["refused"]
     print(f"[tpu_plans]   {figure}, {time.perf_counter() - start:.0f} s", flush=True)
     write_results(RESULTS_DIR, NAME, {"machine": machine, "rows": done}, markdown(done, machine))
+  update_docs(done, machine)
 
 
 if __name__ == "__main__":
