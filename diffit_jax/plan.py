@@ -222,11 +222,14 @@ def with_unrolled_work(plan: Plan, flops: float, bytes_accessed: float = 0.0, *,
                        partial_bytes=partial_bytes)
 
 
-def with_train_step_work(plan: Plan, config: ml_collections.ConfigDict,
-                         per_device_batch: int) -> Plan:
-  """`with_unrolled_work` for a train step: the unrolled forward's FLOPs (XLA's count) x 3,
-  since the backward pass multiplies each matmul twice (remat's extra forward not counted)."""
-  flops = 3 * models.forward_flops(config.model) * per_device_batch
+def with_train_step_work(plan: Plan, config: ml_collections.ConfigDict, per_device_batch: int,
+                         forward_flops: float | None = None) -> Plan:
+  """`with_unrolled_work` for a train step: the unrolled forward's FLOPs (XLA's count, or
+  `forward_flops` when already known) x 3, since the backward pass multiplies each matmul
+  twice (remat's extra forward not counted)."""
+  if forward_flops is None:
+    forward_flops = models.forward_flops(config.model)
+  flops = 3 * forward_flops * per_device_batch
   scanned = config.model.name == "latent" and bool(config.model.scan_blocks)
   return with_unrolled_work(plan, flops, partial_bytes=scanned)
 
@@ -255,13 +258,13 @@ def tpu_lines(plan: Plan, tpu_slice: tpu.Slice, *, items: int, item: str = "img"
   """The plan per chip against the chip's HBM, and the roofline bound of `items` per call."""
   chip = tpu_slice.chip
   need = plan.total + plan.code
-  fits = "fits" if need <= chip.hbm_gib * GIB else "DOES NOT FIT"
+  verdict = "fits" if fits(plan, tpu_slice) else "DOES NOT FIT"
   seconds = roofline_seconds(plan, chip.peak_tflops, chip.hbm_gbps)
   compute = plan.flops / (chip.peak_tflops * 1e12)
   memory = plan.bytes_accessed / (chip.hbm_gbps * 1e9)
   rate = f"{items / seconds:,.1f} {item}/s" if seconds else "no bound"
   return [
-      f"  per chip: {need / GIB:.2f} of {chip.hbm_gib:g} GiB HBM, {fits}: state and batch "
+      f"  per chip: {need / GIB:.2f} of {chip.hbm_gib:g} GiB HBM, {verdict}: state and batch "
       f"{plan.arguments / GIB:.3f} + XLA temporaries {plan.temporaries / GIB:.3f} + outputs not "
       f"donated {(plan.outputs - plan.aliased) / GIB:.3f} + the program {plan.code / GIB:.3f} GiB",
       f"  per chip per call: {plan.flops / 1e12:.3f} TFLOP and {plan.bytes_accessed / 1e9:.2f} "
@@ -346,11 +349,13 @@ def tpu_train_report(config: ml_collections.ConfigDict, slice_name: str):
   tpu_slice = tpu.parse_slice(slice_name)
   devices = tpu.compile_only_devices(tpu_slice)
 
+  forward = models.forward_flops(config.model)  # the same network in every candidate
+
   def compiled(config):
     mesh = sharding_lib.create_mesh(config.mesh, devices)
     p = compile_plan_or_refusal(train_step(config, mesh))
     if isinstance(p, Plan):
-      p = with_train_step_work(p, config, int(config.batch_size) // mesh.size)
+      p = with_train_step_work(p, config, int(config.batch_size) // mesh.size, forward)
     return mesh, p
 
   mesh, p = compiled(config)

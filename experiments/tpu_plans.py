@@ -93,10 +93,10 @@ def measure(row: dict, devices_of) -> dict:
       p = plan.with_unrolled_work(p, *plan.sampler_work(config, row["batch"] // mesh.size))
     d = plan.compile_plan_or_refusal(plan.vae_decode(config, mesh, row["batch"]))
     items = row["batch"]
-    out["decode"] = plan_dict(d, chip)
+    out["decode"] = plan_dict(d, tpu_slice)
     out["sampler"] = dict(name=config.sampler.name, num_steps=int(config.sampler.num_steps),
                           guidance=float(config.sampler.guidance.scale))
-  out.update(plan_dict(p, chip))
+  out.update(plan_dict(p, tpu_slice))
   if out["bound_s"] is not None:
     seconds = out["bound_s"] + (out.get("decode", {}).get("bound_s") or 0.0)
     out["bound_items_per_s"] = items / seconds if seconds else None
@@ -105,7 +105,7 @@ def measure(row: dict, devices_of) -> dict:
   return out
 
 
-def plan_dict(p: plan.Plan | plan.DoesNotFitError, chip: tpu.Chip) -> dict:
+def plan_dict(p: plan.Plan | plan.DoesNotFitError, tpu_slice: tpu.Slice) -> dict:
   if isinstance(p, plan.DoesNotFitError):  # the TPU compiler refuses what exceeds the HBM
     return dict(fits=False, refused=p.reason, compile_s=round(p.compile_seconds, 1),
                 state_gib=None, temp_gib=None, program_gib=None, total_gib=None, bound_s=None,
@@ -113,9 +113,10 @@ def plan_dict(p: plan.Plan | plan.DoesNotFitError, chip: tpu.Chip) -> dict:
   gib = lambda b: round(b / plan.GIB, 3)
   return dict(state_gib=gib(p.arguments), temp_gib=gib(p.temporaries),
               program_gib=gib(p.code), total_gib=gib(p.total + p.code),
-              fits=p.total + p.code <= chip.hbm_gib * plan.GIB, tflops=p.flops / 1e12,
+              fits=plan.fits(p, tpu_slice), tflops=p.flops / 1e12,
               gb_accessed=p.bytes_accessed / 1e9,
-              bound_s=plan.roofline_seconds(p, chip.peak_tflops, chip.hbm_gbps),
+              bound_s=plan.roofline_seconds(p, tpu_slice.chip.peak_tflops,
+                                            tpu_slice.chip.hbm_gbps),
               flops_only=p.partial_bytes,
               compile_s=round(p.compile_seconds, 1))
 
